@@ -1,0 +1,26 @@
+"""Small config: trains on a 2-core CPU in minutes and reaches the Phase 1 targets.
+
+    python -m phase1_jax.train --config configs/small.py
+"""
+from phase1_jax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.exp_name = 'phase1_small'
+  config.data.train_samples = 4000
+  config.data.val_samples = 200
+  config.data.max_seq_len = 128
+  config.model.vocab_size = 512
+  config.model.d_model = 128
+  config.model.num_heads = 4
+  config.model.num_layers = 4
+  config.model.num_unique_layers = 2
+  config.model.mlp_dim = 512
+  config.model.dropout_rate = 0.0
+  config.train.batch_size = 32
+  config.train.num_epochs = 10
+  config.train.learning_rate = 1e-3
+  config.train.warmup_steps = 100
+  config.eval.bleu_samples = 200
+  return config

@@ -1,0 +1,59 @@
+"""grain pipelines over a page source: shuffled training epochs, ordered evaluation batches.
+
+Batches are dicts of numpy arrays with a leading batch axis (see SyntheticPages for keys, shapes
+and dtypes). An epoch's order is a function of (seed, epoch), so the iterator of epoch e at
+position k is reproducible from those three numbers alone (and grain's iterator state holds k).
+"""
+from __future__ import annotations
+
+import grain
+import ml_collections
+import numpy as np
+
+from phase1_jax.data import synthetic
+
+
+def page_spec(config: ml_collections.ConfigDict) -> synthetic.PageSpec:
+  d, m = config.data, config.model
+  return synthetic.PageSpec(
+      max_seq_len=d.max_seq_len, num_semantic_classes=m.num_semantic_classes,
+      num_element_types=m.num_element_types, grid_rows=d.grid_rows, grid_cols=d.grid_cols,
+      feature_dim=d.feature_dim, feature_noise=d.feature_noise, text_visibility=d.text_visibility,
+      min_sections=d.min_sections, max_sections=d.max_sections,
+      max_elements_per_section=d.max_elements_per_section,
+      max_words_per_element=d.max_words_per_element)
+
+
+def make_source(config: ml_collections.ConfigDict, split: str):
+  """The random-access page source of a split ('train' or 'val')."""
+  n = {'train': config.data.train_samples, 'val': config.data.val_samples}[split]
+  return synthetic.SyntheticPages(page_spec(config), num_samples=n, seed=config.data.seed,
+                                  split=split)
+
+
+def steps_per_epoch(source, batch_size: int) -> int:
+  return len(source) // batch_size
+
+
+def train_iterator(source, *, batch_size: int, seed: int, epoch: int):
+  """Epoch `epoch`'s shuffled, full batches as a checkpointable grain iterator."""
+  ds = grain.MapDataset.source(source).shuffle(seed=seed * 100_003 + epoch)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+  return iter(ds.to_iter_dataset(read_options=read))
+
+
+def eval_batches(source, *, batch_size: int, limit: int | None = None):
+  """Pages in order, in batches of exactly `batch_size` so one compiled eval step serves all: the
+  last batch is padded by repeating its final page, and `page_mask_B` marks the real pages.
+  Yields (batch, num_real_pages)."""
+  n = len(source) if limit is None else min(limit, len(source))
+  ds = grain.MapDataset.source(source)[:n].batch(batch_size, drop_remainder=False)
+  for batch in ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)):
+    real = len(batch['inputs'])
+    batch['page_mask'] = np.arange(batch_size) < real
+    if real < batch_size:
+      batch = {k: v if k == 'page_mask' else
+               np.concatenate([v, np.repeat(v[-1:], batch_size - real, axis=0)])
+               for k, v in batch.items()}
+    yield batch, real

@@ -1,0 +1,165 @@
+"""Pre-LN decoder layers and the shared backbone that applies them with cross-layer weight sharing."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from phase1_jax.model.attention import attend
+
+
+class MultiHeadAttention(nnx.Module):
+  """Self-attention (fused QKV) or cross-attention (Q from x, fused KV from the memory)."""
+
+  def __init__(self, d_model: int, num_heads: int, *, cross: bool, dtype, rngs: nnx.Rngs):
+    self.num_heads, self.cross = num_heads, cross
+    lin = lambda i, o: nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    if cross:
+      self.q, self.kv = lin(d_model, d_model), lin(d_model, 2 * d_model)
+    else:
+      self.qkv = lin(d_model, 3 * d_model)
+    self.out = lin(d_model, d_model)
+
+  def __call__(self, x_BxTxD, memory_BxSxD=None, kv_mask_BxS=None, *, causal: bool = False,
+               kind: str = 'dense'):
+    b, t, d = x_BxTxD.shape
+    heads = lambda y: y.reshape(*y.shape[:2], self.num_heads, d // self.num_heads)
+    if self.cross:
+      q_BxTxNxH = heads(self.q(x_BxTxD))
+      k_BxSxD, v_BxSxD = jnp.split(self.kv(memory_BxSxD), 2, axis=-1)
+    else:
+      q_BxTxD, k_BxSxD, v_BxSxD = jnp.split(self.qkv(x_BxTxD), 3, axis=-1)
+      q_BxTxNxH = heads(q_BxTxD)
+    out_BxTxNxH = attend(q_BxTxNxH, heads(k_BxSxD), heads(v_BxSxD), kv_mask_BxS, causal=causal,
+                         kind=kind)
+    return self.out(out_BxTxNxH.reshape(b, t, d))
+
+  def _heads(self, y):
+    return y.reshape(*y.shape[:2], self.num_heads, -1)
+
+  def memory_kv(self, memory_BxSxD):
+    """Cross-attention keys and values of the memory, computed once per sequence."""
+    k_BxSxD, v_BxSxD = jnp.split(self.kv(memory_BxSxD), 2, axis=-1)
+    return self._heads(k_BxSxD), self._heads(v_BxSxD)
+
+  def cross_step(self, x_BxTxD, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS):
+    """Cross-attention against precomputed memory keys/values."""
+    b, t, d = x_BxTxD.shape
+    out = attend(self._heads(self.q(x_BxTxD)), k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
+    return self.out(out.reshape(b, t, d))
+
+  def self_step(self, x_Bx1xD, cache_k_BxLxNxH, cache_v_BxLxNxH, pos):
+    """One decoding position `pos`: write its key/value into the cache, attend over 0..pos."""
+    b, _, d = x_Bx1xD.shape
+    q, k, v = (self._heads(y) for y in jnp.split(self.qkv(x_Bx1xD), 3, axis=-1))
+    cache_k_BxLxNxH = jax.lax.dynamic_update_slice_in_dim(cache_k_BxLxNxH, k, pos, axis=1)
+    cache_v_BxLxNxH = jax.lax.dynamic_update_slice_in_dim(cache_v_BxLxNxH, v, pos, axis=1)
+    visible_BxL = jnp.broadcast_to(jnp.arange(cache_k_BxLxNxH.shape[1]) <= pos,
+                                   cache_k_BxLxNxH.shape[:2])
+    out = attend(q, cache_k_BxLxNxH, cache_v_BxLxNxH, visible_BxL)
+    return self.out(out.reshape(b, 1, d)), cache_k_BxLxNxH, cache_v_BxLxNxH
+
+
+class DecoderLayer(nnx.Module):
+  """x + SelfAttn(LN(x)) -> + CrossAttn(LN(x), memory) -> + MLP(LN(x)); dropout on each branch."""
+
+  def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, dropout_rate: float, dtype,
+               attention_kind: str, rngs: nnx.Rngs):
+    norm = lambda: nnx.LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.self_norm, self.cross_norm, self.mlp_norm = norm(), norm(), norm()
+    self.self_attn = MultiHeadAttention(d_model, num_heads, cross=False, dtype=dtype, rngs=rngs)
+    self.cross_attn = MultiHeadAttention(d_model, num_heads, cross=True, dtype=dtype, rngs=rngs)
+    self.mlp_in = nnx.Linear(d_model, mlp_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.mlp_out = nnx.Linear(mlp_dim, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    # No stored RNG: keys come in as arguments so the layer can be scanned and shared.
+    self.dropout = nnx.Dropout(dropout_rate)
+    self.attention_kind = attention_kind
+
+  def __call__(self, x_BxTxD, token_mask_BxT, memory_BxSxD, memory_mask_BxS, dropout_key=None):
+    deterministic = dropout_key is None
+    keys = [None] * 3 if deterministic else list(jax.random.split(dropout_key, 3))
+    drop = lambda y, k: self.dropout(y, deterministic=deterministic, rngs=k)
+    h = self.self_attn(self.self_norm(x_BxTxD), kv_mask_BxS=token_mask_BxT, causal=True,
+                       kind=self.attention_kind)
+    x_BxTxD = x_BxTxD + drop(h, keys[0])
+    h = self.cross_attn(self.cross_norm(x_BxTxD), memory_BxSxD, memory_mask_BxS, kind='dense')
+    x_BxTxD = x_BxTxD + drop(h, keys[1])
+    return x_BxTxD + drop(self._mlp(x_BxTxD), keys[2])
+
+  def _mlp(self, x_BxTxD):
+    return self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x_BxTxD))))
+
+  def decode_step(self, x_Bx1xD, cache_k, cache_v, pos, memory_k, memory_v, memory_mask_BxS):
+    """The layer at one position with a KV cache (no dropout): (x, cache_k, cache_v)."""
+    h, cache_k, cache_v = self.self_attn.self_step(self.self_norm(x_Bx1xD), cache_k, cache_v, pos)
+    x_Bx1xD = x_Bx1xD + h
+    x_Bx1xD = x_Bx1xD + self.cross_attn.cross_step(self.cross_norm(x_Bx1xD), memory_k, memory_v,
+                                                   memory_mask_BxS)
+    return x_Bx1xD + self._mlp(x_Bx1xD), cache_k, cache_v
+
+
+class SharedDecoderBackbone(nnx.Module):
+  """`num_layers` applications of `num_unique_layers` distinct layers: application i uses i % U.
+
+  The U layers are stored stacked (every param has a leading axis U). With `scan=True` the
+  applications run under `lax.scan`, so compile time stays flat in depth; `remat=True` recomputes
+  each application's activations in the backward pass instead of storing them.
+  """
+
+  def __init__(self, *, num_layers: int, num_unique_layers: int, scan: bool = True,
+               remat: bool = False, rngs: nnx.Rngs, **layer_kwargs):
+    self.num_layers, self.num_unique_layers = num_layers, num_unique_layers
+    self.scan, self.remat = scan, remat
+
+    @nnx.split_rngs(splits=num_unique_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return DecoderLayer(rngs=rngs, **layer_kwargs)
+
+    self.layers = create(rngs)
+
+  def __call__(self, x_BxTxD, token_mask_BxT, memory_BxSxD, memory_mask_BxS, dropout_key=None):
+    graphdef, stacked = nnx.split(self.layers)
+    u = self.num_unique_layers
+
+    def apply(x, i, key):
+      params = jax.tree.map(lambda p: p[i % u] if isinstance(i, int)
+                            else jax.lax.dynamic_index_in_dim(p, i % u, keepdims=False), stacked)
+      return nnx.merge(graphdef, params)(x, token_mask_BxT, memory_BxSxD, memory_mask_BxS, key)
+
+    if self.remat:
+      apply = jax.checkpoint(apply, static_argnums=() if self.scan else (1,))
+    keys = (None if dropout_key is None else jax.random.split(dropout_key, self.num_layers))
+    if not self.scan:
+      for i in range(self.num_layers):
+        x_BxTxD = apply(x_BxTxD, i, None if keys is None else keys[i])
+      return x_BxTxD
+
+    def body(x, xs):
+      i, key = xs
+      return apply(x, i, key), None
+
+    x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (jnp.arange(self.num_layers), keys))
+    return x_BxTxD
+
+  def memory_kv(self, memory_BxSxD):
+    """Cross-attention K/V of the memory for each unique layer: two [U, B, S, N, H] arrays.
+    Applications sharing a layer share its memory K/V, so this is computed U times, not L."""
+    return nnx.vmap(lambda layer: layer.cross_attn.memory_kv(memory_BxSxD))(self.layers)
+
+  def decode_step(self, x_Bx1xD, cache, pos, memory_kv, memory_mask_BxS):
+    """All applications at one position. cache: (k, v), each [L, B, max_len, N, H]."""
+    graphdef, stacked = nnx.split(self.layers)
+    u = self.num_unique_layers
+    memory_k, memory_v = memory_kv
+
+    def body(x, xs):
+      i, cache_k, cache_v = xs
+      pick = lambda p: jax.lax.dynamic_index_in_dim(p, i % u, keepdims=False)
+      layer = nnx.merge(graphdef, jax.tree.map(pick, stacked))
+      x, cache_k, cache_v = layer.decode_step(x, cache_k, cache_v, pos, pick(memory_k),
+                                              pick(memory_v), memory_mask_BxS)
+      return x, (cache_k, cache_v)
+
+    x_Bx1xD, cache = jax.lax.scan(body, x_Bx1xD, (jnp.arange(self.num_layers), *cache))
+    return x_Bx1xD, cache

@@ -1,0 +1,102 @@
+"""Phase1Decoder: feature projection -> shared decoder backbone -> dual heads + element classifier."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from phase1_jax.model.decoder import SharedDecoderBackbone
+from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
+
+
+class Phase1Decoder(nnx.Module):
+  """Reads fused page features and writes markup, per-token semantics and element types.
+
+  __call__(features_BxPxF, feature_mask_BxP, inputs_BxT, dropout_key=None) -> dict with
+    detail_logits_BxTxV, semantic_logits_BxTxC, element_logits_BxE (all float32).
+  Token positions where inputs == pad_id are masked everywhere (attention keys, pooling).
+  """
+
+  def __init__(self, *, vocab_size: int, num_semantic_classes: int, num_element_types: int,
+               feature_dim: int, max_seq_len: int, d_model: int, num_heads: int, num_layers: int,
+               num_unique_layers: int, mlp_dim: int, dropout_rate: float = 0.0,
+               dtype=jnp.float32, attention_kind: str = 'dense', tie_detail_head: bool = True,
+               scan_layers: bool = True, remat: bool = False, pad_id: int = 0,
+               rngs: nnx.Rngs):
+    self.pad_id, self.dtype = pad_id, dtype
+    embed = lambda n: nnx.Embed(n, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.token_embed, self.position_embed = embed(vocab_size), embed(max_seq_len)
+    self.feature_proj = nnx.Linear(feature_dim, d_model, dtype=dtype, param_dtype=jnp.float32,
+                                   rngs=rngs)
+    norm = lambda: nnx.LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.memory_norm, self.final_norm = norm(), norm()
+    self.dropout = nnx.Dropout(dropout_rate)
+    self.backbone = SharedDecoderBackbone(
+        num_layers=num_layers, num_unique_layers=num_unique_layers, scan=scan_layers, remat=remat,
+        d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate,
+        dtype=dtype, attention_kind=attention_kind, rngs=rngs)
+    self.heads = DualGenerationHeads(d_model, vocab_size, num_semantic_classes,
+                                     tied=tie_detail_head, dtype=dtype, rngs=rngs)
+    self.element_classifier = ElementTypeClassifier(d_model, num_element_types, dtype=dtype,
+                                                    rngs=rngs)
+
+  def encode_memory(self, features_BxPxF):
+    """The decoder's memory: projected, normalized features [batch, patches, d_model]."""
+    return self.memory_norm(self.feature_proj(features_BxPxF.astype(self.dtype)))
+
+  def __call__(self, features_BxPxF, feature_mask_BxP, inputs_BxT, dropout_key=None):
+    token_mask_BxT = inputs_BxT != self.pad_id
+    t = inputs_BxT.shape[1]
+    x_BxTxD = self.token_embed(inputs_BxT) + self.position_embed(jnp.arange(t))[None]
+    keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    x_BxTxD = self.dropout(x_BxTxD, deterministic=dropout_key is None, rngs=keys[0])
+    memory_BxPxD = self.encode_memory(features_BxPxF)
+    h_BxTxD = self.backbone(x_BxTxD, token_mask_BxT, memory_BxPxD, feature_mask_BxP, keys[1])
+    h_BxTxD = self.final_norm(h_BxTxD)
+    detail_BxTxV, semantic_BxTxC = self.heads(h_BxTxD, self.token_embed.embedding[...])
+    return {
+        'detail_logits': detail_BxTxV,
+        'semantic_logits': semantic_BxTxC,
+        'element_logits': self.element_classifier(h_BxTxD, token_mask_BxT),
+    }
+
+  def init_decode_state(self, features_BxPxF, max_len: int):
+    """What decoding keeps per sequence: memory K/V per unique layer, empty self-attention caches."""
+    memory_kv = self.backbone.memory_kv(self.encode_memory(features_BxPxF))
+    u, b, _, n, h = memory_kv[0].shape
+    cache = jnp.zeros((self.backbone.num_layers, b, max_len, n, h), self.dtype)
+    return {'memory_kv': memory_kv, 'cache': (cache, cache)}
+
+  def decode_step(self, tokens_B, pos, decode_state, feature_mask_BxP):
+    """Logits for the position after `tokens_B` at position `pos`: (detail_BxV, semantic_BxC,
+    new decode_state). Equals __call__ on the whole prefix at position pos (tested)."""
+    x_Bx1xD = self.token_embed(tokens_B[:, None]) + self.position_embed(pos)[None, None]
+    h_Bx1xD, cache = self.backbone.decode_step(x_Bx1xD, decode_state['cache'], pos,
+                                               decode_state['memory_kv'], feature_mask_BxP)
+    detail, semantic = self.heads(self.final_norm(h_Bx1xD), self.token_embed.embedding[...])
+    return detail[:, 0], semantic[:, 0], {**decode_state, 'cache': cache}
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def parameter_report(model: Phase1Decoder, num_layers: int, num_unique_layers: int) -> dict:
+  """Parameters of this model against 'no sharing' (one block per application) and against
+  'two separate decoders' (one unshared decoder per generation head, as without a shared trunk)."""
+  total = count_params(model)
+  backbone = count_params(model.backbone)
+  per_block = backbone // num_unique_layers
+  no_sharing = total + per_block * (num_layers - num_unique_layers)
+  # A second full decoder for the semantic head: its own embeddings, projection, norms, blocks.
+  heads_and_classifier = count_params(model.heads) + count_params(model.element_classifier)
+  trunk_unshared = no_sharing - heads_and_classifier
+  two_decoders = 2 * trunk_unshared + heads_and_classifier
+  return {
+      'params': total,
+      'backbone_params': backbone,
+      'params_no_sharing': no_sharing,
+      'params_two_decoders': two_decoders,
+      'reduction_vs_no_sharing': 1 - total / no_sharing,
+      'reduction_vs_two_decoders': 1 - total / two_decoders,
+  }

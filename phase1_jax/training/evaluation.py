@@ -1,0 +1,129 @@
+"""Evaluation on a split: teacher-forced losses and metrics, greedy-decoded BLEU, target report."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from phase1_jax import metrics as metrics_lib
+from phase1_jax.config import METRIC_MODES
+from phase1_jax.data import pipeline, vocab
+from phase1_jax.training import parallel, reporting, state as state_lib
+from phase1_jax.training.checkpoint import Checkpointer
+from phase1_jax.training.step import LossSpec
+
+SCALAR_KEYS = ('loss', 'loss_detail', 'loss_semantic', 'loss_element', 'loss_consistency')
+
+
+def targets(config: ml_collections.ConfigDict) -> dict[str, float]:
+  e = config.eval
+  return {'bleu': e.bleu_target, 'element_f1': e.element_f1_target,
+          'semantic_accuracy': e.semantic_accuracy_target}
+
+
+def targets_score(values: dict, target_values: dict) -> float:
+  """Mean over targets of min(value / target, 1): 1.0 exactly when every target is met."""
+  return float(np.mean([min(values[k] / t, 1.0) if t > 0 else 1.0
+                        for k, t in target_values.items()]))
+
+
+def loss_spec(config: ml_collections.ConfigDict) -> LossSpec:
+  l = config.loss
+  weights = {k: l[f'{k}_weight'] for k in ('detail', 'semantic', 'element', 'consistency')}
+  return LossSpec(l.weighting, tuple(sorted(weights.items())), vocab.ELEMENT_OPEN_TAG_IDS)
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """Compiled eval step and greedy decoder for one model graph; call with params."""
+  config: ml_collections.ConfigDict
+  graphdef: object
+
+  def __post_init__(self):
+    c = self.config
+    self.eval_step = parallel.jit_eval_step(graphdef=self.graphdef, loss_spec=loss_spec(c))
+    self.decode = parallel.jit_greedy_decode(
+        graphdef=self.graphdef, max_len=c.data.max_seq_len, bos_id=vocab.BOS_ID,
+        eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID)
+    self.id_to_token = vocab.id_to_token(c.model.vocab_size)
+
+  def __call__(self, params, source) -> dict[str, float]:
+    c = self.config.eval
+    acc = metrics_lib.MetricAccumulator(threshold=c.element_threshold)
+    sums = dict.fromkeys(SCALAR_KEYS, 0.0)
+    token_correct = token_total = pages = 0
+    for batch, real in pipeline.eval_batches(source, batch_size=c.batch_size):
+      out = jax.device_get(self.eval_step(params, batch))
+      for k in SCALAR_KEYS:   # batch means over real pages: weight by page count
+        sums[k] += float(out[k]) * real
+      pages += real
+      acc.add_elements(out['element_probs'][:real], batch['element_labels'][:real])
+      acc.add_semantic(out['semantic_pred'][:real], batch['semantic_labels'][:real],
+                       batch['semantic_mask'][:real])
+      mask = batch['target_mask'][:real]
+      token_correct += int(((out['detail_pred'][:real] == batch['targets'][:real]) & mask).sum())
+      token_total += int(mask.sum())
+    result = {('val_loss' if k == 'loss' else f'val_{k}'): v / pages for k, v in sums.items()}
+    result.update(acc.result())
+    result['token_accuracy'] = token_correct / max(token_total, 1)
+    if c.bleu_samples:
+      start = time.perf_counter()
+      result['bleu'] = self.bleu(params, source, c.bleu_samples)
+      result['bleu_decode_seconds'] = time.perf_counter() - start
+    return result
+
+  def bleu(self, params, source, num_pages: int) -> float:
+    """Corpus BLEU (0..1) of greedy generations against the reference markup."""
+    hyps, refs = [], []
+    strings = lambda t: metrics_lib.tokens_to_strings(
+        t, self.id_to_token, eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
+    for batch, real in pipeline.eval_batches(source, batch_size=self.config.eval.batch_size,
+                                             limit=num_pages):
+      tokens = jax.device_get(self.decode(params, batch['features'], batch['feature_mask']))
+      hyps += strings(tokens[:real])
+      refs += strings(batch['targets'][:real])
+    return metrics_lib.bleu(hyps, refs)
+
+
+def with_targets(config, result: dict) -> dict:
+  """Adds targets_score and the pass/fail report (needs bleu; skipped without it)."""
+  t = targets(config)
+  if all(k in result for k in t):
+    result['targets_score'] = targets_score(result, t)
+  return result
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'best'):
+  """Restores the best (or latest) checkpoint of `workdir` and evaluates it on the val split.
+
+  Writes and returns evaluation_results.json's content.
+  """
+  source = pipeline.make_source(config, 'val')
+  tx, _ = state_lib.make_optimizer(config, pipeline.steps_per_epoch(
+      pipeline.make_source(config, 'train'), config.train.batch_size))
+  graphdef, _ = state_lib.create_train_state(config, tx)
+  best = config.checkpoint.best_metric
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f'{ckpt_dir}: no checkpoints directory (train first)')
+  with Checkpointer(ckpt_dir, best_metric=best, best_mode=METRIC_MODES[best]) as ckpt:
+    step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'{ckpt_dir}: no checkpoint to evaluate')
+    state, extra = ckpt.restore(step, state_lib.abstract_train_state(config, tx))
+  result = with_targets(config, Evaluator(config, graphdef)(state.params, source))
+  report = {
+      'checkpoint_step': step,
+      'epoch': extra.get('epoch'),
+      'split': 'val',
+      'num_pages': len(source),
+      'metrics': result,
+      'targets': metrics_lib.target_report(result, targets(config)) if 'bleu' in result else None,
+  }
+  reporting.atomic_write_json(os.path.join(workdir, 'evaluation_results.json'), report)
+  return report
