@@ -22,5 +22,7 @@ def get_config():
   config.train.num_epochs = 10
   config.train.learning_rate = 1e-3
   config.train.warmup_steps = 100
+  config.train.stop_when_targets_met = True
+  config.eval.batch_size = 100
   config.eval.bleu_samples = 200
   return config

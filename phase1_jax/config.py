@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from phase1_jax.data import vocab
+
 ATTENTION_KINDS = ('dense',)
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
 LOSS_WEIGHTINGS = ('fixed', 'uncertainty')
@@ -144,6 +146,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'model.d_model', 'model.num_heads', 'model.num_layers', 'model.num_unique_layers',
            'model.mlp_dim')
   m = config.model
+  if config.data.kind == 'synthetic':
+    for field, least, most in (('vocab_size', vocab.NUM_TOKENS, None),
+                               ('num_semantic_classes', 1, len(vocab.SEMANTIC_CLASSES)),
+                               ('num_element_types', 1, len(vocab.ELEMENT_TYPES))):
+      if m[field] < least:
+        raise _fail(f'model.{field}', f'must be >= {least} (the synthetic pages use that many)',
+                    m[field])
+      if most is not None and m[field] > most:
+        raise _fail(f'model.{field}', f'must be <= {most} (the synthetic pages know that many)',
+                    m[field])
   if m.d_model % m.num_heads:
     raise _fail('model.num_heads', f'must divide model.d_model ({m.d_model})', m.num_heads)
   if m.num_unique_layers > m.num_layers:

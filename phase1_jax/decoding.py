@@ -7,6 +7,13 @@ import jax.numpy as jnp
 from phase1_jax.model.phase1 import Phase1Decoder
 
 
+def _next_token(logits_BxV, done_B, *, bos_id: int, pad_id: int):
+  """Argmax over the tokens a page can contain (never PAD or BOS); PAD once a row is done."""
+  never = jnp.zeros(logits_BxV.shape[-1], bool).at[jnp.array([bos_id, pad_id])].set(True)
+  best_B = jnp.argmax(jnp.where(never, -jnp.inf, logits_BxV), axis=-1).astype(jnp.int32)
+  return jnp.where(done_B, pad_id, best_B)
+
+
 def greedy_decode(model: Phase1Decoder, features_BxPxF, feature_mask_BxP, *, max_len: int,
                   bos_id: int, eos_id: int, pad_id: int):
   """Greedy markup for each page: tokens_BxT (T = max_len), PAD after each row's EOS.
@@ -25,7 +32,7 @@ def greedy_decode(model: Phase1Decoder, features_BxPxF, feature_mask_BxP, *, max
   def body(carry):
     pos, prev_B, done_B, tokens_BxT, state = carry
     detail_BxV, _, state = model.decode_step(prev_B, pos, state, feature_mask_BxP)
-    next_B = jnp.where(done_B, pad_id, jnp.argmax(detail_BxV, axis=-1).astype(jnp.int32))
+    next_B = _next_token(detail_BxV, done_B, bos_id=bos_id, pad_id=pad_id)
     tokens_BxT = jax.lax.dynamic_update_slice_in_dim(tokens_BxT, next_B[:, None], pos, axis=1)
     return pos + 1, next_B, done_B | (next_B == eos_id), tokens_BxT, state
 
@@ -43,7 +50,7 @@ def greedy_decode_reference(model: Phase1Decoder, features_BxPxF, feature_mask_B
   done_B = jnp.zeros((b,), bool)
   for pos in range(max_len):
     logits_BxV = model(features_BxPxF, feature_mask_BxP, inputs_BxT)['detail_logits'][:, pos]
-    next_B = jnp.where(done_B, pad_id, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32))
+    next_B = _next_token(logits_BxV, done_B, bos_id=bos_id, pad_id=pad_id)
     tokens_BxT = tokens_BxT.at[:, pos].set(next_B)
     if pos + 1 < max_len:
       inputs_BxT = inputs_BxT.at[:, pos + 1].set(next_B)

@@ -26,18 +26,26 @@ class DualGenerationHeads(nnx.Module):
 
 
 class ElementTypeClassifier(nnx.Module):
-  """Multi-label element types of the page: masked mean and max pooling of the final states,
-  then a two-layer MLP to one logit per element type."""
+  """Multi-label element types of the page by masked attention pooling: each element type has a
+  learned query that attends over the valid positions' final states (so it can find the place
+  where its markup is), and its logit reads the pooled state.
+
+  [batch, seq, d_model] states + [batch, seq] mask -> [batch, num_element_types] float32 logits.
+  """
 
   def __init__(self, d_model: int, num_element_types: int, *, dtype, rngs: nnx.Rngs):
-    self.hidden = nnx.Linear(2 * d_model, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-    self.out = nnx.Linear(d_model, num_element_types, dtype=dtype, param_dtype=jnp.float32,
-                          rngs=rngs)
+    init = nnx.initializers.normal(d_model ** -0.5)
+    self.queries_ExD = nnx.Param(init(rngs.params(), (num_element_types, d_model), jnp.float32))
+    self.readout_ExD = nnx.Param(init(rngs.params(), (num_element_types, d_model), jnp.float32))
+    self.bias_E = nnx.Param(jnp.zeros((num_element_types,), jnp.float32))
+    self.dtype = dtype
 
   def __call__(self, h_BxTxD, token_mask_BxT):
-    m_BxTx1 = token_mask_BxT[..., None]
-    count_Bx1 = jnp.maximum(m_BxTx1.sum(axis=1), 1).astype(h_BxTxD.dtype)
-    mean_BxD = jnp.where(m_BxTx1, h_BxTxD, 0).sum(axis=1) / count_Bx1
-    max_BxD = jnp.where(m_BxTx1, h_BxTxD, jnp.finfo(h_BxTxD.dtype).min).max(axis=1)
-    h_BxD = jax.nn.gelu(self.hidden(jnp.concatenate([mean_BxD, max_BxD], axis=-1)))
-    return self.out(h_BxD).astype(jnp.float32)
+    h_BxTxD = h_BxTxD.astype(self.dtype)
+    scores_BxExT = jnp.einsum('btd,ed->bet', h_BxTxD, self.queries_ExD[...].astype(self.dtype),
+                              preferred_element_type=jnp.float32) * h_BxTxD.shape[-1] ** -0.5
+    scores_BxExT = jnp.where(token_mask_BxT[:, None, :], scores_BxExT, -1e30)
+    weights_BxExT = jax.nn.softmax(scores_BxExT, axis=-1).astype(self.dtype)
+    pooled_BxExD = jnp.einsum('bet,btd->bed', weights_BxExT, h_BxTxD)
+    return jnp.einsum('bed,ed->be', pooled_BxExD, self.readout_ExD[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32) + self.bias_E[...]

@@ -1,0 +1,137 @@
+"""phase1_jax.config: the shipped configs validate; each bad value raises a one-line ConfigError
+naming its field."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from conftest import REPO
+from phase1_jax import config as config_lib
+from phase1_jax.config import ConfigError, base_config, validate
+from phase1_jax.data import vocab
+
+
+def load_config_file(name):
+  """configs/<name>.py loaded by path (no ml_collections config flags), then get_config()."""
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_base_config_validates():
+  config = base_config()
+  validate(config)
+  assert config.model.d_model == 768 and config.model.num_layers == 6
+
+
+def test_small_config_validates():
+  config = load_config_file('small')
+  validate(config)
+  assert config.model.d_model == 128 and config.model.num_unique_layers == 2
+
+
+CONFIG_FILES = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem != '__init__')
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_every_config_file_validates(name):
+  config = load_config_file(name)
+  validate(config)
+  # The synthetic vocabulary fits in the model's.
+  assert config.model.vocab_size >= vocab.NUM_TOKENS
+
+
+def test_base_config_is_fresh_each_call():
+  a = base_config()
+  a.model.num_heads = 5
+  assert base_config().model.num_heads == 12
+
+
+def set_field(config, path, value):
+  *parents, leaf = path.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+# (overrides applied in order, the field the message must name)
+BAD = {
+    'heads_do_not_divide_d_model': ([('model.d_model', 128), ('model.num_heads', 5)],
+                                    'model.num_heads'),
+    'more_unique_layers_than_layers': ([('model.num_layers', 2), ('model.num_unique_layers', 3)],
+                                       'model.num_unique_layers'),
+    'more_sections_than_rows': ([('data.grid_rows', 4), ('data.max_sections', 5)],
+                                'data.max_sections'),
+    'min_sections_above_max': ([('data.min_sections', 9)], 'data.min_sections'),
+    'more_classes_than_pages_know': ([('model.num_semantic_classes', 51)],
+                                     'model.num_semantic_classes'),
+    'more_element_types_than_pages_know': ([('model.num_element_types', 31)],
+                                           'model.num_element_types'),
+    'negative_batch_size': ([('train.batch_size', -1)], 'train.batch_size'),
+    'zero_batch_size': ([('train.batch_size', 0)], 'train.batch_size'),
+    'negative_eval_batch_size': ([('eval.batch_size', -4)], 'eval.batch_size'),
+    'batch_larger_than_train_set': ([('data.train_samples', 8)], 'train.batch_size'),
+    'sparse_attention': ([('model.attention.kind', 'sparse')], 'model.attention.kind'),
+    'unknown_weighting': ([('loss.weighting', 'x')], 'loss.weighting'),
+    'negative_loss_weight': ([('loss.semantic_weight', -0.1)], 'loss.semantic_weight'),
+    'threshold_above_one': ([('eval.element_threshold', 1.5)], 'eval.element_threshold'),
+    'threshold_zero': ([('eval.element_threshold', 0.0)], 'eval.element_threshold'),
+    'unknown_best_metric': ([('checkpoint.best_metric', 'foo')], 'checkpoint.best_metric'),
+    'bleu_metric_without_bleu': ([('eval.bleu_samples', 0), ('checkpoint.best_metric', 'bleu')],
+                                 'checkpoint.best_metric'),
+    'zero_learning_rate': ([('train.learning_rate', 0.0)], 'train.learning_rate'),
+    'float16_compute': ([('model.compute_dtype', 'float16')], 'model.compute_dtype'),
+    'dropout_one': ([('model.dropout_rate', 1.0)], 'model.dropout_rate'),
+    'adam_b2_one': ([('train.adam_b2', 1.0)], 'train.adam_b2'),
+    'negative_noise': ([('data.feature_noise', -0.5)], 'data.feature_noise'),
+    'visibility_above_one': ([('data.text_visibility', 1.1)], 'data.text_visibility'),
+    'bool_as_int': ([('model.num_layers', True)], 'model.num_layers'),
+    'target_above_one': ([('eval.bleu_target', 30.0)], 'eval.bleu_target'),
+    'unknown_data_kind': ([('data.kind', 'webdataset')], 'data.kind'),
+}
+
+
+@pytest.mark.parametrize('overrides,field', list(BAD.values()), ids=list(BAD))
+def test_bad_value_raises_config_error_naming_field(overrides, field):
+  config = base_config()
+  for path, value in overrides:
+    set_field(config, path, value)
+  with pytest.raises(ConfigError) as info:
+    validate(config)
+  message = str(info.value)
+  assert f'config.{field}=' in message, message
+  assert '\n' not in message and message.strip() == message
+  assert isinstance(info.value, ValueError)
+
+
+def test_first_bad_field_is_reported():
+  config = base_config()
+  config.loss.weighting = 'x'
+  config.train.learning_rate = 0.0
+  with pytest.raises(ConfigError, match=r'config\.loss\.weighting='):
+    validate(config)
+
+
+def test_missing_field_named():
+  config = base_config()
+  del config.eval['element_threshold']
+  with pytest.raises(ConfigError, match=r'config\.eval\.element_threshold'):
+    validate(config)
+
+
+def test_vocab_smaller_than_synthetic_vocabulary_rejected():
+  config = base_config()
+  config.model.vocab_size = 64
+  with pytest.raises(ConfigError, match=r'config\.model\.vocab_size='):
+    validate(config)
+
+
+def test_compute_dtypes_listed():
+  assert set(config_lib.COMPUTE_DTYPES) == {'auto', 'float32', 'bfloat16'}
+  for name in config_lib.COMPUTE_DTYPES:
+    config = base_config()
+    config.model.compute_dtype = name
+    validate(config)

@@ -1,0 +1,205 @@
+"""phase1_jax.losses against values computed by hand in numpy (float64)."""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phase1_jax import losses
+
+B, T, V, C, E = 2, 3, 5, 3, 2
+# The open-tag token of element type e is vocabulary id ELEMENT_IDS[e].
+ELEMENT_IDS = np.array([1, 3])
+
+task_losses = jax.jit(losses.task_losses)
+
+
+def make_case(seed=0):
+  rng = np.random.default_rng(seed)
+  outputs = {
+      'detail_logits': rng.standard_normal((B, T, V)).astype(np.float32) * 2,
+      'semantic_logits': rng.standard_normal((B, T, C)).astype(np.float32) * 2,
+      'element_logits': rng.standard_normal((B, E)).astype(np.float32) * 2,
+  }
+  batch = {
+      'targets': np.array([[4, 1, 2], [3, 2, 0]], np.int32),
+      'target_mask': np.array([[1, 1, 1], [1, 1, 0]], bool),
+      'semantic_labels': np.array([[2, 0, 0], [1, 1, 0]], np.int32),
+      'semantic_mask': np.array([[1, 1, 0], [1, 0, 0]], bool),
+      'element_labels': np.array([[1, 0], [0, 1]], np.float32),
+  }
+  return outputs, batch
+
+
+def log_softmax(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def sigmoid(x):
+  return 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+
+
+def hand_losses(outputs, batch, pages):
+  """The four losses over the pages listed in `pages`, written out elementwise."""
+  lp = log_softmax(outputs['detail_logits'])
+  ls = log_softmax(outputs['semantic_logits'])
+  detail_sum = detail_n = sem_sum = sem_n = 0.0
+  bce, cons = [], []
+  for b in pages:
+    for t in range(T):
+      if batch['target_mask'][b, t]:
+        detail_sum -= lp[b, t, batch['targets'][b, t]]
+        detail_n += 1
+      if batch['semantic_mask'][b, t]:
+        sem_sum -= ls[b, t, batch['semantic_labels'][b, t]]
+        sem_n += 1
+    page_bce, page_cons = 0.0, 0.0
+    for e in range(E):
+      y, q = batch['element_labels'][b, e], sigmoid(outputs['element_logits'][b, e])
+      page_bce += -(y * np.log(q) + (1 - y) * np.log(1 - q))
+      # Noisy-or over the page's target positions of P(open tag of e).
+      absent = 1.0
+      for t in range(T):
+        if batch['target_mask'][b, t]:
+          absent *= 1 - np.exp(lp[b, t, ELEMENT_IDS[e]])
+      page_cons += ((1 - absent) - q) ** 2
+    bce.append(page_bce / E)
+    cons.append(page_cons / E)
+  return {'detail': detail_sum / detail_n, 'semantic': sem_sum / sem_n,
+          'element': np.mean(bce), 'consistency': np.mean(cons)}
+
+
+def test_masked_mean():
+  x = jnp.asarray([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])
+  mask = jnp.asarray([[True, False, True], [False, False, True]])
+  np.testing.assert_allclose(losses.masked_mean(x, mask), (1 + 4 + 32) / 3)
+  np.testing.assert_allclose(losses.masked_mean(x, mask.astype(jnp.float32)), (1 + 4 + 32) / 3)
+  # An empty mask gives 0, not NaN.
+  assert float(losses.masked_mean(x, jnp.zeros_like(mask))) == 0.0
+  chex.assert_type(losses.masked_mean(x.astype(jnp.bfloat16), mask), jnp.float32)
+
+
+def test_task_losses_by_hand():
+  outputs, batch = make_case()
+  got = task_losses(outputs, batch, jnp.asarray(ELEMENT_IDS))
+  want = hand_losses(outputs, batch, pages=[0, 1])
+  assert set(got) == set(losses.TASKS)
+  for k in losses.TASKS:
+    chex.assert_shape(got[k], ())
+    chex.assert_type(got[k], jnp.float32)
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+  assert all(want[k] > 0 for k in want)
+
+
+def test_implied_element_probs_is_noisy_or():
+  outputs, batch = make_case(1)
+  lp = jax.nn.log_softmax(jnp.asarray(outputs['detail_logits']))
+  got = losses.implied_element_probs(lp, jnp.asarray(batch['target_mask']),
+                                     jnp.asarray(ELEMENT_IDS))
+  p = np.exp(log_softmax(outputs['detail_logits']))[..., ELEMENT_IDS]   # B x T x E
+  m = batch['target_mask'][..., None]
+  want = 1 - np.prod(np.where(m, 1 - p, 1.0), axis=1)
+  chex.assert_shape(got, (B, E))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_page_mask_excludes_a_page_from_every_term():
+  outputs, batch = make_case(2)
+  batch = {**batch, 'page_mask': np.array([True, False])}
+  got = task_losses(outputs, batch, jnp.asarray(ELEMENT_IDS))
+  want = hand_losses(outputs, batch, pages=[0])
+  for k in losses.TASKS:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+  # Whatever the masked page holds, nothing changes.
+  rng = np.random.default_rng(3)
+  outputs2 = {k: v.copy() for k, v in outputs.items()}
+  for v in outputs2.values():
+    v[1] = 5 * rng.standard_normal(v[1].shape)
+  batch2 = {k: v.copy() for k, v in batch.items()}
+  batch2['targets'][1] = [0, 0, 1]
+  batch2['element_labels'][1] = 1 - batch2['element_labels'][1]
+  got2 = task_losses(outputs2, batch2, jnp.asarray(ELEMENT_IDS))
+  chex.assert_trees_all_close(got2, got, rtol=1e-6)
+  # ... while without the page mask page 1 does count.
+  unmasked = task_losses(outputs, {k: v for k, v in batch.items() if k != 'page_mask'},
+                         jnp.asarray(ELEMENT_IDS))
+  for k in losses.TASKS:
+    assert abs(float(unmasked[k]) - float(got[k])) > 1e-4, k
+
+
+def test_task_losses_float32_from_bfloat16_logits():
+  outputs, batch = make_case(4)
+  outputs16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in outputs.items()}
+  got = task_losses(outputs16, batch, jnp.asarray(ELEMENT_IDS))
+  want = hand_losses({k: np.asarray(v, np.float32) for k, v in outputs16.items()}, batch, [0, 1])
+  for k in losses.TASKS:
+    chex.assert_type(got[k], jnp.float32)
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+
+
+LOSSES = {'detail': 2.5, 'semantic': 1.25, 'element': 0.75, 'consistency': 0.125}
+WEIGHTS = {'detail': 0.4, 'semantic': 0.3, 'element': 0.2, 'consistency': 0.1}
+
+
+def test_combine_fixed_is_weighted_sum():
+  task = {k: jnp.float32(v) for k, v in LOSSES.items()}
+  weights = {'detail': 0.5, 'semantic': 0.25, 'element': 2.0, 'consistency': 4.0}
+  total, w = losses.combine(task, weighting='fixed', weights=weights)
+  np.testing.assert_allclose(total, 0.5 * 2.5 + 0.25 * 1.25 + 2.0 * 0.75 + 4.0 * 0.125, rtol=1e-6)
+  chex.assert_type(total, jnp.float32)
+  for k in losses.TASKS:
+    np.testing.assert_allclose(w[k], weights[k])
+    chex.assert_type(w[k], jnp.float32)
+
+
+S = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+
+
+def test_combine_uncertainty_formula():
+  task = {k: jnp.float32(v) for k, v in LOSSES.items()}
+  total, w = losses.combine(task, weighting='uncertainty', weights=WEIGHTS,
+                            log_vars_4=jnp.asarray(S))
+  l = np.array([LOSSES[k] for k in losses.TASKS])
+  np.testing.assert_allclose(total, np.sum(np.exp(-S) * l + S / 2), rtol=1e-6)
+  chex.assert_type(total, jnp.float32)
+  for i, k in enumerate(losses.TASKS):
+    np.testing.assert_allclose(w[k], np.exp(-S[i]), rtol=1e-6)
+    chex.assert_type(w[k], jnp.float32)
+
+
+def test_uncertainty_gradient_wrt_log_vars():
+  task = {k: jnp.float32(v) for k, v in LOSSES.items()}
+  grad = jax.grad(lambda s: losses.combine(task, weighting='uncertainty', weights=WEIGHTS,
+                                           log_vars_4=s)[0])(jnp.asarray(S))
+  chex.assert_tree_all_finite(grad)
+  chex.assert_type(grad, jnp.float32)
+  l = np.array([LOSSES[k] for k in losses.TASKS])
+  np.testing.assert_allclose(grad, -np.exp(-S) * l + 0.5, rtol=1e-6)
+
+
+def test_combine_unknown_weighting():
+  with pytest.raises(ValueError, match="'x'"):
+    losses.combine(LOSSES, weighting='x', weights=WEIGHTS)
+
+
+@pytest.mark.parametrize('weighting', ['fixed', 'uncertainty'])
+def test_multitask_loss_aux(weighting):
+  outputs, batch = make_case(5)
+  total, aux = jax.jit(lambda o, b, s: losses.multitask_loss(
+      o, b, element_token_ids_E=jnp.asarray(ELEMENT_IDS), weighting=weighting, weights=WEIGHTS,
+      log_vars_4=s))(outputs, batch, jnp.asarray(S))
+  want = hand_losses(outputs, batch, [0, 1])
+  w = ({k: WEIGHTS[k] for k in losses.TASKS} if weighting == 'fixed'
+       else {k: np.exp(-S[i]) for i, k in enumerate(losses.TASKS)})
+  extra = 0.0 if weighting == 'fixed' else S.sum() / 2
+  np.testing.assert_allclose(total, sum(w[k] * want[k] for k in losses.TASKS) + extra, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss'], total)
+  for k in losses.TASKS:
+    np.testing.assert_allclose(aux[f'loss_{k}'], want[k], rtol=1e-5)
+    np.testing.assert_allclose(aux[f'weight_{k}'], w[k], rtol=1e-6)
+  for v in jax.tree.leaves(aux):
+    chex.assert_type(v, jnp.float32)

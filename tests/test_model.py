@@ -1,0 +1,404 @@
+"""Model modules: shapes/dtypes, the shared backbone's fast paths against a hand-written loop,
+parameter counting, and the full model's masking, causality and dropout behaviour."""
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import PATCHES, SEQ, TINY, JittedModel, make_tiny, materialize
+from phase1_jax.model.decoder import DecoderLayer, MultiHeadAttention, SharedDecoderBackbone
+from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
+from phase1_jax.model.phase1 import count_params, parameter_report
+
+D, N, MLP, V, C, E = 32, 4, 64, 64, 5, 4
+B, T, S = 2, 8, 6
+LAYER_KW = dict(d_model=D, num_heads=N, mlp_dim=MLP, dropout_rate=0.2, attention_kind='dense')
+
+
+def sds(shape, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def abstract_call(make, *args, method='__call__', **kwargs):
+  """(params state, output shapes) of make().method(*args), without allocating or compiling."""
+  graphdef, state = nnx.split(nnx.eval_shape(make))
+
+  def call(state, *args):
+    return getattr(nnx.merge(graphdef, state), method)(*args, **kwargs)
+
+  return nnx.state(nnx.merge(graphdef, state), nnx.Param), jax.eval_shape(call, state, *args)
+
+
+def assert_params_float32(state):
+  leaves = jax.tree.leaves(state)
+  assert leaves
+  for leaf in leaves:
+    assert leaf.dtype == jnp.float32, leaf
+
+
+# ------------------------------------------------------------------------------ shapes / dtypes
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_attention_module_shapes(dtype):
+  rngs = lambda: nnx.Rngs(0)
+  params, out = abstract_call(lambda: MultiHeadAttention(D, N, cross=False, dtype=dtype,
+                                                         rngs=rngs()),
+                              sds((B, T, D)), None, sds((B, T), bool), causal=True)
+  chex.assert_shape(out, (B, T, D))
+  chex.assert_type(out, dtype)
+  assert_params_float32(params)
+  params, out = abstract_call(lambda: MultiHeadAttention(D, N, cross=True, dtype=dtype,
+                                                         rngs=rngs()),
+                              sds((B, T, D)), sds((B, S, D)), sds((B, S), bool))
+  chex.assert_shape(out, (B, T, D))
+  chex.assert_type(out, dtype)
+  assert_params_float32(params)
+  assert set(params) == {'q', 'kv', 'out'}
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_decoder_layer_and_backbone_shapes(dtype):
+  args = (sds((B, T, D), dtype), sds((B, T), bool), sds((B, S, D), dtype), sds((B, S), bool))
+  params, out = abstract_call(lambda: DecoderLayer(**LAYER_KW, dtype=dtype, rngs=nnx.Rngs(0)),
+                              *args)
+  chex.assert_shape(out, (B, T, D))
+  chex.assert_type(out, dtype)
+  assert_params_float32(params)
+  layer_shapes = [p.shape for p in jax.tree.leaves(params)]
+
+  params, out = abstract_call(
+      lambda: SharedDecoderBackbone(num_layers=5, num_unique_layers=3, rngs=nnx.Rngs(0),
+                                    dtype=dtype, **LAYER_KW), *args)
+  chex.assert_shape(out, (B, T, D))
+  chex.assert_type(out, dtype)
+  assert_params_float32(params)
+  # Every parameter is the layer's, stacked U = 3 times.
+  assert [p.shape for p in jax.tree.leaves(params)] == [(3, *s) for s in layer_shapes]
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('tied', [True, False])
+def test_generation_heads_shapes(dtype, tied):
+  params, (detail, semantic) = abstract_call(
+      lambda: DualGenerationHeads(D, V, C, tied=tied, dtype=dtype, rngs=nnx.Rngs(0)),
+      sds((B, T, D), dtype), sds((V, D)) if tied else None)
+  chex.assert_shape(detail, (B, T, V))
+  chex.assert_shape(semantic, (B, T, C))
+  chex.assert_type([detail, semantic], jnp.float32)
+  assert_params_float32(params)
+  assert ('detail' in params) == (not tied)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_element_classifier_shapes(dtype):
+  params, out = abstract_call(lambda: ElementTypeClassifier(D, E, dtype=dtype, rngs=nnx.Rngs(0)),
+                              sds((B, T, D), dtype), sds((B, T), bool))
+  chex.assert_shape(out, (B, E))
+  chex.assert_type(out, jnp.float32)
+  assert_params_float32(params)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_phase1_decoder_shapes_outputs_float32(dtype):
+  make = lambda: make_tiny(dtype=dtype)
+  params, out = abstract_call(make, sds((B, PATCHES, TINY['feature_dim'])),
+                              sds((B, PATCHES), bool), sds((B, SEQ), jnp.int32))
+  assert set(out) == {'detail_logits', 'semantic_logits', 'element_logits'}
+  chex.assert_shape(out['detail_logits'], (B, SEQ, TINY['vocab_size']))
+  chex.assert_shape(out['semantic_logits'], (B, SEQ, TINY['num_semantic_classes']))
+  chex.assert_shape(out['element_logits'], (B, TINY['num_element_types']))
+  chex.assert_type(list(out.values()), jnp.float32)
+  assert_params_float32(params)
+  # Decode state: memory K/V per unique layer, caches per application.
+  _, state = abstract_call(make, sds((B, PATCHES, TINY['feature_dim'])), max_len=10,
+                           method='init_decode_state')
+  u, l, h = TINY['num_unique_layers'], TINY['num_layers'], TINY['d_model'] // TINY['num_heads']
+  chex.assert_shape(list(state['memory_kv']), (u, B, PATCHES, TINY['num_heads'], h))
+  chex.assert_shape(list(state['cache']), (l, B, 10, TINY['num_heads'], h))
+
+
+def test_bfloat16_model_close_to_float32(tiny_model, tiny_forward, tiny_batch):
+  """Same float32 params, bfloat16 compute: float32 outputs close to the float32 model's."""
+  graphdef_bf16 = nnx.split(nnx.eval_shape(lambda: make_tiny(dtype=jnp.bfloat16)))[0]
+  model_bf16 = nnx.merge(graphdef_bf16, nnx.state(tiny_model))
+  assert_params_float32(nnx.state(model_bf16, nnx.Param))
+  args = (tiny_batch['features'], tiny_batch['feature_mask'], tiny_batch['inputs'])
+  out16, out32 = JittedModel(model_bf16)(*args), tiny_forward(*args)
+  for k in out32:
+    chex.assert_type(out16[k], jnp.float32)
+    chex.assert_tree_all_finite(out16[k])
+    rel = np.linalg.norm(out16[k] - out32[k]) / np.linalg.norm(out32[k])
+    assert rel < 5e-2, (k, rel)
+    assert rel > 0, k  # really computed in bfloat16
+
+
+def test_self_attention_module_matches_numpy():
+  """MultiHeadAttention(cross=False): fused QKV split into q | k | v, heads of D/N, causal +
+  key mask, output projection."""
+  mha = materialize(lambda: MultiHeadAttention(D, N, cross=False, dtype=jnp.float32,
+                                               rngs=nnx.Rngs(0)), seed=3)
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((B, T, D)).astype(np.float32)
+  mask = np.arange(T)[None] < np.array([[T], [5]])
+  out = jax.jit(lambda m, x, k: m(x, kv_mask_BxS=k, causal=True))(mha, x, mask)
+  w, b = np.asarray(mha.qkv.kernel[...]), np.asarray(mha.qkv.bias[...])
+  q, k, v = np.split(x @ w + b, 3, axis=-1)
+  split = lambda y: y.reshape(B, T, N, D // N)
+  q, k, v = split(q), split(k), split(v)
+  scores = np.einsum('btnh,bsnh->bnts', q, k) / np.sqrt(D // N)
+  allowed = (np.arange(T)[None, :] <= np.arange(T)[:, None])[None, None] & mask[:, None, None]
+  scores = np.where(allowed, scores, -np.inf)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  o = np.einsum('bnts,bsnh->btnh', p, v).reshape(B, T, D)
+  ref = o @ np.asarray(mha.out.kernel[...]) + np.asarray(mha.out.bias[...])
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------- shared backbone fast paths
+
+L, U = 3, 2
+
+
+def make_backbone(scan=True, remat=False):
+  return SharedDecoderBackbone(num_layers=L, num_unique_layers=U, scan=scan, remat=remat,
+                               rngs=nnx.Rngs(0), dtype=jnp.float32, **LAYER_KW)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _backbone_forward(graphdef, state, x, token_mask, memory, memory_mask, key):
+  """(deterministic output, output with dropout key)."""
+  model = nnx.merge(graphdef, state)
+  return model(x, token_mask, memory, memory_mask), model(x, token_mask, memory, memory_mask, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _backbone_grads(graphdef, state, x, token_mask, memory, memory_mask, key, weights):
+  """Gradients (with dropout) of a weighted sum of the output, w.r.t. params and the input."""
+  def loss(state, x):
+    return jnp.sum(nnx.merge(graphdef, state)(x, token_mask, memory, memory_mask, key) * weights)
+
+  return jax.grad(loss, argnums=(0, 1))(state, x)
+
+
+@jax.jit
+def _hand_loop(state, x, token_mask, memory, memory_mask, key):
+  """Application i applies unique layer i % U, sliced out of the stacked params by hand."""
+  layer_graphdef = nnx.split(nnx.eval_shape(
+      lambda: DecoderLayer(**LAYER_KW, dtype=jnp.float32, rngs=nnx.Rngs(0))))[0]
+  keys = jax.random.split(key, L)
+  outs = []
+  for k in (None, keys):
+    h = x
+    for i in range(L):
+      layer = nnx.merge(layer_graphdef, jax.tree.map(lambda p: p[i % U], state['layers']))
+      h = layer(h, token_mask, memory, memory_mask, None if k is None else k[i])
+    outs.append(h)
+  return outs
+
+
+def backbone_graphdef(scan, remat):
+  return nnx.split(nnx.eval_shape(lambda: make_backbone(scan, remat)))[0]
+
+
+@pytest.fixture(scope='module')
+def backbone_case():
+  state = nnx.state(materialize(make_backbone, seed=1))
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+  token_mask = jnp.asarray(np.arange(T)[None] < np.array([[T], [5]]))
+  memory = jnp.asarray(rng.standard_normal((B, S, D)), jnp.float32)
+  memory_mask = jnp.asarray(np.array([[1, 1, 0, 1, 0, 1], [1, 0, 0, 0, 0, 0]], bool))
+  args = (x, token_mask, memory, memory_mask, jax.random.key(5))
+  outputs = {(scan, remat): _backbone_forward(backbone_graphdef(scan, remat), state, *args)
+             for scan in (True, False) for remat in (False, True)}
+  return state, args, outputs
+
+
+def test_backbone_unique_layers_differ(backbone_case):
+  state, _, _ = backbone_case
+  kernel = state['layers']['mlp_in']['kernel'][...]
+  chex.assert_shape(kernel, (U, D, MLP))
+  assert not np.allclose(kernel[0], kernel[1])
+
+
+@pytest.mark.parametrize('variant', [(False, False), (True, True), (False, True)],
+                         ids=['unrolled', 'scan_remat', 'unrolled_remat'])
+def test_backbone_variants_equal_scan(backbone_case, variant):
+  _, _, outputs = backbone_case
+  chex.assert_trees_all_close(outputs[variant], outputs[True, False], rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_scan_equals_hand_loop(backbone_case):
+  state, args, outputs = backbone_case
+  det, drop = outputs[True, False]
+  ref_det, ref_drop = _hand_loop(state, *args)
+  np.testing.assert_allclose(det, ref_det, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(drop, ref_drop, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(det) - np.asarray(drop)).max() > 1e-2  # dropout really applied
+
+
+def test_backbone_remat_same_gradients(backbone_case):
+  state, args, _ = backbone_case
+  weights = jnp.asarray(np.random.default_rng(6).standard_normal((B, T, D)), jnp.float32)
+  plain = _backbone_grads(backbone_graphdef(True, False), state, *args, weights)
+  remat = _backbone_grads(backbone_graphdef(True, True), state, *args, weights)
+  chex.assert_trees_all_close(remat, plain, rtol=1e-5, atol=1e-5)
+  # Both unique layers get gradient (both are applied), and so does the input.
+  g = np.asarray(remat[0]['layers']['mlp_in']['kernel'][...])
+  assert np.abs(g[0]).max() > 0 and np.abs(g[1]).max() > 0
+  assert np.abs(np.asarray(remat[1])).max() > 0
+
+
+# ------------------------------------------------------------------------------- parameter counts
+
+def abstract_count(**overrides):
+  return count_params(nnx.eval_shape(lambda: make_tiny(**overrides)))
+
+
+def test_param_count_is_the_stacked_count():
+  layer = count_params(nnx.eval_shape(
+      lambda: DecoderLayer(**{**LAYER_KW, 'mlp_dim': TINY['mlp_dim']}, dtype=jnp.float32,
+                           rngs=nnx.Rngs(0))))
+  model = nnx.eval_shape(make_tiny)
+  backbone = count_params(model.backbone)
+  assert backbone == TINY['num_unique_layers'] * layer
+  outside = sum(count_params(getattr(model, name)) for name in (
+      'token_embed', 'position_embed', 'feature_proj', 'memory_norm', 'final_norm', 'heads',
+      'element_classifier'))
+  assert count_params(model) == outside + backbone
+  # The count depends on U, not on the number of applications L.
+  assert abstract_count(num_layers=7) == count_params(model)
+  assert abstract_count(num_unique_layers=3) == count_params(model) + layer
+  # Untied detail head: + a D x V kernel and V biases.
+  assert abstract_count(tie_detail_head=False) == count_params(model) + (D + 1) * V
+
+
+def test_parameter_report_consistent():
+  l, u = TINY['num_layers'], TINY['num_unique_layers']
+  model = nnx.eval_shape(make_tiny)
+  report = parameter_report(model, l, u)
+  total, backbone = count_params(model), count_params(model.backbone)
+  per_block = backbone // u
+  assert report['params'] == total
+  assert report['backbone_params'] == backbone
+  assert report['params_no_sharing'] == total + per_block * (l - u)
+  # 'No sharing' is the count of the same model with one block per application.
+  assert report['params_no_sharing'] == abstract_count(num_unique_layers=l)
+  heads = count_params(model.heads) + count_params(model.element_classifier)
+  assert report['params_two_decoders'] == 2 * (report['params_no_sharing'] - heads) + heads
+  np.testing.assert_allclose(report['reduction_vs_no_sharing'],
+                             1 - total / report['params_no_sharing'])
+  np.testing.assert_allclose(report['reduction_vs_two_decoders'],
+                             1 - total / report['params_two_decoders'])
+  assert 0 < report['reduction_vs_no_sharing'] < report['reduction_vs_two_decoders'] < 1
+
+
+# ----------------------------------------------------------------- full model: masks and causality
+
+def model_args(batch, **override):
+  a = {k: batch[k] for k in ('features', 'feature_mask', 'inputs')}
+  a.update(override)
+  return a['features'], a['feature_mask'], a['inputs']
+
+
+def valid_positions(batch):
+  return np.asarray(batch['inputs']) != 0
+
+
+def test_tokens_at_padded_positions_do_not_change_valid_logits(tiny_forward, tiny_batch):
+  inputs = np.asarray(tiny_batch['inputs'])
+  valid = valid_positions(tiny_batch)
+  assert not valid.all()
+  junk = np.random.default_rng(7).integers(3, TINY['vocab_size'], inputs.shape)
+  changed = jnp.asarray(np.where(valid, inputs, junk).astype(np.int32))
+  out = tiny_forward(*model_args(tiny_batch))
+  out2 = tiny_forward(*model_args(tiny_batch, inputs=changed))
+  for k in ('detail_logits', 'semantic_logits'):
+    np.testing.assert_allclose(np.asarray(out2[k])[valid], np.asarray(out[k])[valid], atol=1e-5)
+    assert not np.allclose(np.asarray(out2[k])[~valid], np.asarray(out[k])[~valid], atol=1e-3)
+
+
+def test_extra_padding_changes_nothing(tiny_forward, tiny_batch):
+  """The same pages padded to a longer T: identical logits on the first T positions and identical
+  element logits (pooling ignores padded positions)."""
+  out = tiny_forward(*model_args(tiny_batch))
+  longer = jnp.pad(tiny_batch['inputs'], ((0, 0), (0, TINY['max_seq_len'] - SEQ)))
+  out_long = tiny_forward(*model_args(tiny_batch, inputs=longer))
+  for k in ('detail_logits', 'semantic_logits'):
+    np.testing.assert_allclose(out_long[k][:, :SEQ], out[k], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out_long['element_logits'], out['element_logits'], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_features_of_masked_patches_change_nothing(tiny_forward, tiny_batch):
+  features, mask = np.asarray(tiny_batch['features']), np.asarray(tiny_batch['feature_mask'])
+  assert not mask.all()
+  junk = 10 * np.random.default_rng(8).standard_normal(features.shape).astype(np.float32)
+  changed = jnp.asarray(np.where(mask[..., None], features, junk))
+  out = tiny_forward(*model_args(tiny_batch))
+  chex.assert_trees_all_close(tiny_forward(*model_args(tiny_batch, features=changed)), out,
+                              atol=1e-6, rtol=1e-6)
+  # The same change at a valid patch does change the outputs (the test can fail).
+  valid_changed = jnp.asarray(np.where(mask[..., None], junk, features))
+  out3 = tiny_forward(*model_args(tiny_batch, features=valid_changed))
+  for k in out:
+    assert np.abs(np.asarray(out3[k]) - np.asarray(out[k])).max() > 1e-3, k
+
+
+@pytest.mark.parametrize('t', [1, 5, SEQ - 1])
+def test_causal_in_input_tokens(tiny_forward, tiny_batch, t):
+  inputs = np.asarray(tiny_batch['inputs']).copy()
+  inputs[0, t] = 3 + (inputs[0, t] - 3 + 17) % (TINY['vocab_size'] - 3)  # another non-pad token
+  assert inputs[0, t] != tiny_batch['inputs'][0, t]
+  out = tiny_forward(*model_args(tiny_batch))
+  out2 = tiny_forward(*model_args(tiny_batch, inputs=jnp.asarray(inputs)))
+  for k in ('detail_logits', 'semantic_logits'):
+    np.testing.assert_allclose(out2[k][0, :t], out[k][0, :t], atol=1e-6, rtol=1e-6)
+    assert np.abs(np.asarray(out2[k][0, t:]) - np.asarray(out[k][0, t:])).max(axis=-1).min() > 1e-4
+    np.testing.assert_allclose(out2[k][1:], out[k][1:], atol=1e-6, rtol=1e-6)  # other rows
+
+
+def test_dropout_keys(tiny_forward, tiny_batch):
+  args = model_args(tiny_batch)
+  det, det2 = tiny_forward(*args), tiny_forward(*args)
+  a, a2 = tiny_forward(*args, jax.random.key(1)), tiny_forward(*args, jax.random.key(1))
+  b = tiny_forward(*args, jax.random.key(2))
+  chex.assert_trees_all_equal(det, det2)
+  chex.assert_trees_all_equal(a, a2)
+  for k in det:
+    assert np.abs(np.asarray(a[k]) - np.asarray(b[k])).max() > 1e-3, k
+    assert np.abs(np.asarray(a[k]) - np.asarray(det[k])).max() > 1e-3, k
+
+
+# ------------------------------------------------------------------------- element classifier
+
+def test_element_classifier_ignores_padded_positions():
+  """Whatever the pooling, only valid positions count: junk (huge values) at padded positions
+  changes nothing, and dropping the padded positions altogether changes nothing; a change at a
+  valid position does change the logits."""
+  clf = materialize(lambda: ElementTypeClassifier(D, E, dtype=jnp.float32, rngs=nnx.Rngs(0)),
+                    seed=4)
+  rng = np.random.default_rng(4)
+  h = rng.standard_normal((B, T, D)).astype(np.float32)
+  lengths = np.array([T, 3])
+  mask = np.arange(T)[None] < lengths[:, None]
+  run = jax.jit(lambda m, h, mask: m(h, mask))
+  out = run(clf, h, mask)
+  chex.assert_shape(out, (B, E))
+  chex.assert_tree_all_finite(out)
+  junk = 100 * rng.standard_normal(h.shape).astype(np.float32)
+  np.testing.assert_allclose(run(clf, np.where(mask[..., None], h, junk), mask), out, rtol=1e-5,
+                             atol=1e-5)
+  # Row 1 alone, cut to its 3 valid positions.
+  np.testing.assert_allclose(run(clf, h[1:, :3], mask[1:, :3]), out[1:], rtol=1e-5, atol=1e-5)
+  # Sanity: the logits do depend on the valid positions.
+  h3 = h.copy()
+  h3[1, 1] = junk[1, 1]
+  assert np.abs(np.asarray(run(clf, h3, mask)[1] - out[1])).max() > 1e-3
