@@ -14,96 +14,101 @@ from phase1_jax.training.checkpoint import CheckpointError, Checkpointer
 
 @flax.struct.dataclass
 class TrainState:
-    params: dict
-    step: jax.Array
-    key: jax.Array
+  params: dict
+  step: jax.Array
+  key: jax.Array
 
 
 def make_state(seed: int = 0, d_model: int = 4) -> TrainState:
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    params = {
-        'embed': {'table': jax.random.normal(k1, (5, d_model), jnp.float32)},
-        'layers': {'0': {'kernel': jax.random.normal(k2, (d_model, d_model), jnp.float32),
-                         'bias': jnp.zeros((d_model,), jnp.float32)}},
-    }
-    return TrainState(params=params, step=jnp.array(seed, jnp.int32),
-                      key=jax.random.key_data(k3))
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  params = {
+      'embed': {
+          'table': jax.random.normal(k1, (5, d_model), jnp.float32)
+      },
+      'layers': {
+          '0': {
+              'kernel': jax.random.normal(k2, (d_model, d_model), jnp.float32),
+              'bias': jnp.zeros((d_model,), jnp.float32)
+          }
+      },
+  }
+  return TrainState(params=params, step=jnp.array(seed, jnp.int32), key=jax.random.key_data(k3))
 
 
 def abstract(state):
-    return jax.eval_shape(lambda: state)
+  return jax.eval_shape(lambda: state)
 
 
 def save_steps(directory, losses, **kwargs):
-    """Saves steps 1..len(losses) with val_loss metrics; returns the last state."""
-    with Checkpointer(directory, async_save=False, **kwargs) as ckpt:
-        for step, loss in enumerate(losses, start=1):
-            state = make_state(step)
-            assert ckpt.save(step, state, metrics={'val_loss': loss}, extra={'epoch': step})
-    return state
+  """Saves steps 1..len(losses) with val_loss metrics; returns the last state."""
+  with Checkpointer(directory, async_save=False, **kwargs) as ckpt:
+    for step, loss in enumerate(losses, start=1):
+      state = make_state(step)
+      assert ckpt.save(step, state, metrics={'val_loss': loss}, extra={'epoch': step})
+  return state
 
 
 def largest_file(root):
-    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
-    return max(files, key=os.path.getsize)
+  files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  return max(files, key=os.path.getsize)
 
 
 def test_round_trip_values_types_and_extra(tmp_path):
-    state = make_state(7)
-    extra = {'epoch': 3, 'patience_left': 2, 'history_len': 10, 'best': 0.5}
-    with Checkpointer(tmp_path / 'ckpt') as ckpt:  # async save
-        assert ckpt.save(10, state, extra=extra)
-        ckpt.wait_until_finished()
-        assert ckpt.latest_step() == 10
-        restored, restored_extra = ckpt.restore(10, abstract(state))
-    assert type(restored) is TrainState
-    assert jax.tree.structure(restored) == jax.tree.structure(state)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
-        assert isinstance(b, jax.Array) and a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert restored.key.dtype == jnp.uint32
-    assert restored_extra == extra
+  state = make_state(7)
+  extra = {'epoch': 3, 'patience_left': 2, 'history_len': 10, 'best': 0.5}
+  with Checkpointer(tmp_path / 'ckpt') as ckpt:  # async save
+    assert ckpt.save(10, state, extra=extra)
+    ckpt.wait_until_finished()
+    assert ckpt.latest_step() == 10
+    restored, restored_extra = ckpt.restore(10, abstract(state))
+  assert type(restored) is TrainState
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    assert isinstance(b, jax.Array) and a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert restored.key.dtype == jnp.uint32
+  assert restored_extra == extra
 
 
 def test_keeps_latest_and_best_min_mode(tmp_path):
-    save_steps(tmp_path, [5, 1, 3, 4, 6], max_to_keep=1)
-    with Checkpointer(tmp_path) as ckpt:  # reopened: state comes from disk
-        assert ckpt.all_steps() == [2, 5]
-        assert ckpt.latest_step() == 5
-        assert ckpt.best_step() == 2
-    assert not [p for p in os.listdir(tmp_path) if 'tmp' in p]
+  save_steps(tmp_path, [5, 1, 3, 4, 6], max_to_keep=1)
+  with Checkpointer(tmp_path) as ckpt:  # reopened: state comes from disk
+    assert ckpt.all_steps() == [2, 5]
+    assert ckpt.latest_step() == 5
+    assert ckpt.best_step() == 2
+  assert not [p for p in os.listdir(tmp_path) if 'tmp' in p]
 
 
 def test_keeps_latest_and_best_max_mode_and_steps_without_metrics(tmp_path):
-    with Checkpointer(tmp_path, max_to_keep=2, best_metric='bleu', best_mode='max',
-                      async_save=False) as ckpt:
-        ckpt.save(1, make_state(1), metrics={'bleu': 0.9})
-        ckpt.save(2, make_state(2), metrics={'bleu': 0.1})
-        ckpt.save(3, make_state(3))                          # no metrics at all
-        ckpt.save(4, make_state(4), metrics={'val_loss': 2.0})  # best metric missing
-        ckpt.save(5, make_state(5), metrics={'bleu': float('nan')})
-        assert ckpt.all_steps() == [1, 4, 5]
-        assert ckpt.best_step() == 1
-        assert not ckpt.save(5, make_state(5))  # existing step: no-op, no error
+  with Checkpointer(tmp_path, max_to_keep=2, best_metric='bleu', best_mode='max',
+                    async_save=False) as ckpt:
+    ckpt.save(1, make_state(1), metrics={'bleu': 0.9})
+    ckpt.save(2, make_state(2), metrics={'bleu': 0.1})
+    ckpt.save(3, make_state(3))  # no metrics at all
+    ckpt.save(4, make_state(4), metrics={'val_loss': 2.0})  # best metric missing
+    ckpt.save(5, make_state(5), metrics={'bleu': float('nan')})
+    assert ckpt.all_steps() == [1, 4, 5]
+    assert ckpt.best_step() == 1
+    assert not ckpt.save(5, make_state(5))  # existing step: no-op, no error
 
 
 def test_best_step_none_without_metrics(tmp_path):
-    with Checkpointer(tmp_path, async_save=False) as ckpt:
-        assert ckpt.best_step() is None and ckpt.latest_step() is None
-        ckpt.save(1, make_state(1))
-        assert ckpt.best_step() is None
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    assert ckpt.best_step() is None and ckpt.latest_step() is None
+    ckpt.save(1, make_state(1))
+    assert ckpt.best_step() is None
 
 
 def test_missing_step_and_empty_dir_raise_file_not_found(tmp_path):
-    directory = tmp_path / 'ckpt'
-    with Checkpointer(directory) as ckpt:
-        with pytest.raises(FileNotFoundError, match=str(directory)):
-            ckpt.restore(3, abstract(make_state()))
-        assert ckpt.restore_latest_good(abstract(make_state())) is None
-    save_steps(directory, [1.0])
-    with Checkpointer(directory) as ckpt:
-        with pytest.raises(FileNotFoundError, match=r'step 9 .*steps present: \[1\]'):
-            ckpt.restore(9, abstract(make_state()))
+  directory = tmp_path / 'ckpt'
+  with Checkpointer(directory) as ckpt:
+    with pytest.raises(FileNotFoundError, match=str(directory)):
+      ckpt.restore(3, abstract(make_state()))
+    assert ckpt.restore_latest_good(abstract(make_state())) is None
+  save_steps(directory, [1.0])
+  with Checkpointer(directory) as ckpt:
+    with pytest.raises(FileNotFoundError, match=r'step 9 .*steps present: \[1\]'):
+      ckpt.restore(9, abstract(make_state()))
 
 
 # Orbax's aborted async reads can outlive the failed restore and hit a closed
@@ -111,80 +116,82 @@ def test_missing_step_and_empty_dir_raise_file_not_found(tmp_path):
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('where,how', [('d', 'truncate'), ('d', 'zero'), ('', 'truncate')])
 def test_corrupt_step_raises_and_falls_back(tmp_path, where, how):
-    save_steps(tmp_path, [3.0, 2.0])
-    # state/d/ holds the array data; for tiny states the largest file under
-    # state/ is the _METADATA JSON, which is a second way to be corrupt.
-    victim = largest_file(tmp_path / '2' / 'state' / where)
-    size = os.path.getsize(victim)
-    with open(victim, 'r+b') as f:
-        if how == 'truncate':
-            f.truncate(size // 2)
-        else:
-            f.write(b'\0' * size)
-    target = abstract(make_state())
-    with Checkpointer(tmp_path) as ckpt:
-        with pytest.raises(CheckpointError, match=str(tmp_path / '2')) as info:
-            ckpt.restore(2, target)
-        assert '\n' not in str(info.value)
-        step, state, extra = ckpt.restore_latest_good(target)
-    assert step == 1 and extra == {'epoch': 1}
-    np.testing.assert_array_equal(state.params['embed']['table'],
-                                  make_state(1).params['embed']['table'])
+  save_steps(tmp_path, [3.0, 2.0])
+  # state/d/ holds the array data; for tiny states the largest file under
+  # state/ is the _METADATA JSON, which is a second way to be corrupt.
+  victim = largest_file(tmp_path / '2' / 'state' / where)
+  size = os.path.getsize(victim)
+  with open(victim, 'r+b') as f:
+    if how == 'truncate':
+      f.truncate(size // 2)
+    else:
+      f.write(b'\0' * size)
+  target = abstract(make_state())
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointError, match=str(tmp_path / '2')) as info:
+      ckpt.restore(2, target)
+    assert '\n' not in str(info.value)
+    step, state, extra = ckpt.restore_latest_good(target)
+  assert step == 1 and extra == {'epoch': 1}
+  np.testing.assert_array_equal(state.params['embed']['table'],
+                                make_state(1).params['embed']['table'])
 
 
 def test_all_steps_corrupt_raises(tmp_path):
-    save_steps(tmp_path, [1.0])
-    os.remove(tmp_path / '1' / 'state' / '_METADATA')
-    with Checkpointer(tmp_path) as ckpt:
-        with pytest.raises(CheckpointError, match='no readable checkpoint'):
-            ckpt.restore_latest_good(abstract(make_state()))
+  save_steps(tmp_path, [1.0])
+  os.remove(tmp_path / '1' / 'state' / '_METADATA')
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointError, match='no readable checkpoint'):
+      ckpt.restore_latest_good(abstract(make_state()))
 
 
 def test_shape_mismatch_names_leaf(tmp_path):
-    save_steps(tmp_path, [1.0])
-    with Checkpointer(tmp_path) as ckpt:
-        with pytest.raises(CheckpointError, match=r"'params/embed/table'.*\[5, 4\].*\[5, 8\]") as info:
-            ckpt.restore(1, abstract(make_state(d_model=8)))
-        assert str(tmp_path / '1') in str(info.value)
-        # A mismatch is a config error: no silent fallback to older steps.
-        with pytest.raises(CheckpointError, match='embed/table'):
-            ckpt.restore_latest_good(abstract(make_state(d_model=8)))
-        # A leaf the checkpoint does not have is named too.
-        bigger = make_state()
-        bigger = bigger.replace(params={**bigger.params, 'head': jnp.zeros((2,))})
-        with pytest.raises(CheckpointError, match="'params/head' is missing"):
-            ckpt.restore(1, abstract(bigger))
+  save_steps(tmp_path, [1.0])
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointError, match=r"'params/embed/table'.*\[5, 4\].*\[5, 8\]") as info:
+      ckpt.restore(1, abstract(make_state(d_model=8)))
+    assert str(tmp_path / '1') in str(info.value)
+    # A mismatch is a config error: no silent fallback to older steps.
+    with pytest.raises(CheckpointError, match='embed/table'):
+      ckpt.restore_latest_good(abstract(make_state(d_model=8)))
+    # A leaf the checkpoint does not have is named too.
+    bigger = make_state()
+    bigger = bigger.replace(params={**bigger.params, 'head': jnp.zeros((2,))})
+    with pytest.raises(CheckpointError, match="'params/head' is missing"):
+      ckpt.restore(1, abstract(bigger))
 
 
 def test_dtype_mismatch(tmp_path):
-    save_steps(tmp_path, [1.0])
-    wrong = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
-                         if x.dtype == jnp.float32 else x, abstract(make_state()))
-    with Checkpointer(tmp_path) as ckpt:
-        with pytest.raises(CheckpointError, match='float32.*bfloat16'):
-            ckpt.restore(1, wrong)
+  save_steps(tmp_path, [1.0])
+  wrong = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) if x.dtype == jnp.float32 else x,
+      abstract(make_state()))
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointError, match='float32.*bfloat16'):
+      ckpt.restore(1, wrong)
 
 
 def test_grain_iterator_round_trip(tmp_path):
-    def make_iter():
-        return iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
 
-    it = make_iter()
-    for _ in range(3):
-        next(it)
-    state = make_state()
-    with Checkpointer(tmp_path) as ckpt:  # async: iterator state must be captured at save()
-        assert ckpt.save(3, state, data_iterator=it, extra={'epoch': 0})
-        expected = next(it)
-        ckpt.wait_until_finished()
-        fresh = make_iter()
-        _, extra = ckpt.restore(3, abstract(state), data_iterator=fresh)
-        np.testing.assert_array_equal(next(fresh), expected)
-        np.testing.assert_array_equal(expected, np.arange(12, 16))
-        assert extra == {'epoch': 0}
-        # Restoring without an iterator ignores the saved position.
-        ckpt.restore(3, abstract(state))
-        # A step saved without an iterator cannot fill one.
-        ckpt.save(4, state)
-        with pytest.raises(CheckpointError, match='without a data iterator'):
-            ckpt.restore(4, abstract(state), data_iterator=make_iter())
+  def make_iter():
+    return iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
+
+  it = make_iter()
+  for _ in range(3):
+    next(it)
+  state = make_state()
+  with Checkpointer(tmp_path) as ckpt:  # async: iterator state must be captured at save()
+    assert ckpt.save(3, state, data_iterator=it, extra={'epoch': 0})
+    expected = next(it)
+    ckpt.wait_until_finished()
+    fresh = make_iter()
+    _, extra = ckpt.restore(3, abstract(state), data_iterator=fresh)
+    np.testing.assert_array_equal(next(fresh), expected)
+    np.testing.assert_array_equal(expected, np.arange(12, 16))
+    assert extra == {'epoch': 0}
+    # Restoring without an iterator ignores the saved position.
+    ckpt.restore(3, abstract(state))
+    # A step saved without an iterator cannot fill one.
+    ckpt.save(4, state)
+    with pytest.raises(CheckpointError, match='without a data iterator'):
+      ckpt.restore(4, abstract(state), data_iterator=make_iter())

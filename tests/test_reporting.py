@@ -9,138 +9,167 @@ import numpy as np
 import pytest
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-from phase1_jax.training.reporting import (
-    Reporter, epoch_summary, progress_bar, to_jsonable)
+from phase1_jax.training.reporting import (Reporter, epoch_summary, progress_bar, to_jsonable)
 
 
 def event_files(workdir):
-    tb = os.path.join(workdir, 'tensorboard')
-    return sorted(os.path.join(tb, f) for f in os.listdir(tb) if 'tfevents' in f)
+  tb = os.path.join(workdir, 'tensorboard')
+  return sorted(os.path.join(tb, f) for f in os.listdir(tb) if 'tfevents' in f)
 
 
 def read_events(path):
-    """Parses a TFRecord event file: [len u64][crc u32][data][crc u32]..."""
-    with open(path, 'rb') as f:
-        data = f.read()
-    events, pos = [], 0
-    while pos < len(data):
-        (length,) = struct.unpack('<Q', data[pos:pos + 8])
-        events.append(Event.FromString(data[pos + 12:pos + 12 + length]))
-        pos += 12 + length + 4
-    return events
+  """Parses a TFRecord event file: [len u64][crc u32][data][crc u32]..."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  events, pos = [], 0
+  while pos < len(data):
+    (length,) = struct.unpack('<Q', data[pos:pos + 8])
+    events.append(Event.FromString(data[pos + 12:pos + 12 + length]))
+    pos += 12 + length + 4
+  return events
 
 
 def scalar_points(paths):
-    return [(v.tag, e.step, round(v.simple_value, 6))
-            for p in paths for e in read_events(p)
-            for v in e.summary.value if v.HasField('simple_value')]
+  return [(v.tag, e.step, round(v.simple_value, 6))
+          for p in paths
+          for e in read_events(p)
+          for v in e.summary.value
+          if v.HasField('simple_value')]
 
 
 def test_scalars_and_histograms_on_disk(tmp_path):
-    rep = Reporter(tmp_path)
-    rep.scalars(1, {'loss': np.float32(2.5), 'acc': jnp.array(0.25)}, prefix='train/')
-    params = {'layers': {'0': {'kernel': np.arange(6.0).reshape(2, 3), 'bias': jnp.zeros(3)}},
-              'rng': np.zeros(2, np.uint32)}
-    rep.histograms(1, params)
-    rep.flush()  # durable: file closed, everything on disk
-    (first,) = event_files(tmp_path)
-    with open(first, 'rb') as f:
-        raw = f.read()
-    assert raw and b'train/loss' in raw and b'params/layers/0/kernel' in raw
-    rep.scalars(2, {'loss': 1.5}, prefix='train/')  # same second: new, unique file
-    rep.close()
-    files = event_files(tmp_path)
-    assert len(files) == 2 and os.path.getsize(first) == len(raw)
-    assert scalar_points(files) == [('train/loss', 1, 2.5), ('train/acc', 1, 0.25),
-                                    ('train/loss', 2, 1.5)]
-    hist_tags = {v.tag for e in read_events(first) for v in e.summary.value if v.HasField('histo')}
-    assert hist_tags == {'params/layers/0/kernel', 'params/layers/0/bias', 'params/rng'}
+  rep = Reporter(tmp_path)
+  rep.scalars(1, {'loss': np.float32(2.5), 'acc': jnp.array(0.25)}, prefix='train/')
+  params = {
+      'layers': {
+          '0': {
+              'kernel': np.arange(6.0).reshape(2, 3),
+              'bias': jnp.zeros(3)
+          }
+      },
+      'rng': np.zeros(2, np.uint32)
+  }
+  rep.histograms(1, params)
+  rep.flush()  # durable: file closed, everything on disk
+  (first,) = event_files(tmp_path)
+  with open(first, 'rb') as f:
+    raw = f.read()
+  assert raw and b'train/loss' in raw and b'params/layers/0/kernel' in raw
+  rep.scalars(2, {'loss': 1.5}, prefix='train/')  # same second: new, unique file
+  rep.close()
+  files = event_files(tmp_path)
+  assert len(files) == 2 and os.path.getsize(first) == len(raw)
+  assert scalar_points(files) == [('train/loss', 1, 2.5), ('train/acc', 1, 0.25),
+                                  ('train/loss', 2, 1.5)]
+  hist_tags = {v.tag for e in read_events(first) for v in e.summary.value if v.HasField('histo')}
+  assert hist_tags == {'params/layers/0/kernel', 'params/layers/0/bias', 'params/rng'}
 
 
 def test_resume_marks_purge_step(tmp_path):
-    with Reporter(tmp_path) as rep:
-        for step in range(1, 5):
-            rep.scalars(step, {'loss': step}, prefix='train/')
-    with Reporter(tmp_path, start_step=2) as rep:
-        for step in (3, 4):
-            rep.scalars(step, {'loss': 10 * step}, prefix='train/')
-    old, new = event_files(tmp_path)  # the first file survived the reopen
-    assert [p[1] for p in scalar_points([old])] == [1, 2, 3, 4]
-    starts = [e.step for e in read_events(new) if e.HasField('session_log')
-              and e.session_log.status == SessionLog.START]
-    assert starts == [2]
-    assert scalar_points([new]) == [('train/loss', 3, 30.0), ('train/loss', 4, 40.0)]
+  with Reporter(tmp_path) as rep:
+    for step in range(1, 5):
+      rep.scalars(step, {'loss': step}, prefix='train/')
+  with Reporter(tmp_path, start_step=2) as rep:
+    for step in (3, 4):
+      rep.scalars(step, {'loss': 10 * step}, prefix='train/')
+  old, new = event_files(tmp_path)  # the first file survived the reopen
+  assert [p[1] for p in scalar_points([old])] == [1, 2, 3, 4]
+  starts = [
+      e.step
+      for e in read_events(new)
+      if e.HasField('session_log') and e.session_log.status == SessionLog.START
+  ]
+  assert starts == [2]
+  assert scalar_points([new]) == [('train/loss', 3, 30.0), ('train/loss', 4, 40.0)]
 
 
 def test_history_append_and_resume_truncation(tmp_path):
-    with Reporter(tmp_path) as rep:
-        for step in (100, 200, 300):
-            rep.history({'epoch': step // 100, 'step': step, 'val_loss': np.float32(1.0 / step)})
-        rep.history({'note': 'no step key'})
-    path = tmp_path / 'training_history.json'
-    records = json.loads(path.read_text())
-    assert [r.get('step') for r in records] == [100, 200, 300, None]
-    assert isinstance(records[0]['val_loss'], float)
+  with Reporter(tmp_path) as rep:
+    for step in (100, 200, 300):
+      rep.history({'epoch': step // 100, 'step': step, 'val_loss': np.float32(1.0 / step)})
+    rep.history({'note': 'no step key'})
+  path = tmp_path / 'training_history.json'
+  records = json.loads(path.read_text())
+  assert [r.get('step') for r in records] == [100, 200, 300, None]
+  assert isinstance(records[0]['val_loss'], float)
 
-    with Reporter(tmp_path, start_step=200) as rep:  # resumed from step 200
-        assert [r.get('step') for r in json.loads(path.read_text())] == [100, 200, None]
-        rep.history({'epoch': 3, 'step': jnp.array(300)})
-    assert [r.get('step') for r in json.loads(path.read_text())] == [100, 200, None, 300]
-    assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]
+  with Reporter(tmp_path, start_step=200) as rep:  # resumed from step 200
+    assert [r.get('step') for r in json.loads(path.read_text())] == [100, 200, None]
+    rep.history({'epoch': 3, 'step': jnp.array(300)})
+  assert [r.get('step') for r in json.loads(path.read_text())] == [100, 200, None, 300]
+  assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]
 
 
 def test_history_unreadable_names_path(tmp_path):
-    (tmp_path / 'training_history.json').write_text('{"not": "a list"}')
-    with pytest.raises(ValueError, match='training_history.json: expected a JSON list'):
-        Reporter(tmp_path)
+  (tmp_path / 'training_history.json').write_text('{"not": "a list"}')
+  with pytest.raises(ValueError, match='training_history.json: expected a JSON list'):
+    Reporter(tmp_path)
 
 
 def test_write_json_atomic_and_numpy_safe(tmp_path):
-    rep = Reporter(tmp_path)
-    obj = {'f32': np.float32(1.5), 'i64': np.int64(2), 'arr': jnp.arange(3),
-           'nan': float('nan'), 'pair': (1, np.bool_(True)), 3: 'int key'}
-    rep.write_json('eval/metrics.json', obj)
-    out = tmp_path / 'eval' / 'metrics.json'
-    assert json.loads(out.read_text()) == {'f32': 1.5, 'i64': 2, 'arr': [0, 1, 2],
-                                           'nan': None, 'pair': [1, True], '3': 'int key'}
-    before = out.read_text()
-    with pytest.raises(TypeError, match='object'):
-        rep.write_json('eval/metrics.json', {'bad': object()})
-    assert out.read_text() == before  # a failed write leaves the old file intact
-    assert os.listdir(out.parent) == ['metrics.json']
-    with pytest.raises(ValueError, match='relative'):
-        rep.write_json('../escape.json', {})
-    rep.close()
-    assert to_jsonable([np.float16(0.5), np.array([[1, 2]])]) == [0.5, [[1, 2]]]
+  rep = Reporter(tmp_path)
+  obj = {
+      'f32': np.float32(1.5),
+      'i64': np.int64(2),
+      'arr': jnp.arange(3),
+      'nan': float('nan'),
+      'pair': (1, np.bool_(True)),
+      3: 'int key'
+  }
+  rep.write_json('eval/metrics.json', obj)
+  out = tmp_path / 'eval' / 'metrics.json'
+  assert json.loads(out.read_text()) == {
+      'f32': 1.5,
+      'i64': 2,
+      'arr': [0, 1, 2],
+      'nan': None,
+      'pair': [1, True],
+      '3': 'int key'
+  }
+  before = out.read_text()
+  with pytest.raises(TypeError, match='object'):
+    rep.write_json('eval/metrics.json', {'bad': object()})
+  assert out.read_text() == before  # a failed write leaves the old file intact
+  assert os.listdir(out.parent) == ['metrics.json']
+  with pytest.raises(ValueError, match='relative'):
+    rep.write_json('../escape.json', {})
+  rep.close()
+  assert to_jsonable([np.float16(0.5), np.array([[1, 2]])]) == [0.5, [[1, 2]]]
 
 
 def test_epoch_summary_format():
-    metrics = {'train_loss': 3.45671, 'val_loss': np.float32(3.2134), 'element_f1': 0.2345,
-               'semantic_accuracy': 0.9, 'bleu': 0.31, 'ignored': 1.0}
-    assert epoch_summary(1, 2, metrics) == (
-        'Epoch 1/2  Train Loss: 3.4567  Val Loss: 3.2134  Element F1: 0.2345  '
-        'Semantic Acc: 0.9000  BLEU: 0.3100')
-    assert epoch_summary(3, 10, {'train_loss': 1}) == 'Epoch 3/10  Train Loss: 1.0000'
+  metrics = {
+      'train_loss': 3.45671,
+      'val_loss': np.float32(3.2134),
+      'element_f1': 0.2345,
+      'semantic_accuracy': 0.9,
+      'bleu': 0.31,
+      'ignored': 1.0
+  }
+  assert epoch_summary(
+      1, 2, metrics) == ('Epoch 1/2  Train Loss: 3.4567  Val Loss: 3.2134  Element F1: 0.2345  '
+                         'Semantic Acc: 0.9000  BLEU: 0.3100')
+  assert epoch_summary(3, 10, {'train_loss': 1}) == 'Epoch 3/10  Train Loss: 1.0000'
 
 
 def test_non_main_process_writes_nothing(tmp_path):
-    workdir = tmp_path / 'run'
-    with Reporter(workdir, start_step=5, is_main_process=False) as rep:
-        rep.scalars(1, {'loss': 1.0})
-        rep.histograms(1, {'w': np.ones(3)})
-        rep.history({'step': 1})
-        rep.write_json('x.json', {'a': 1})
-        rep.flush()
-    assert not workdir.exists()
+  workdir = tmp_path / 'run'
+  with Reporter(workdir, start_step=5, is_main_process=False) as rep:
+    rep.scalars(1, {'loss': 1.0})
+    rep.histograms(1, {'w': np.ones(3)})
+    rep.history({'step': 1})
+    rep.write_json('x.json', {'a': 1})
+    rep.flush()
+  assert not workdir.exists()
 
 
 def test_progress_bar_postfix(capsys):
-    with progress_bar(3, desc='Epoch 1') as bar:
-        for i in range(3):
-            bar.set_postfix(loss=f'{1.0 / (i + 1):.4f}', refresh=False)
-            bar.update(1)
-    assert bar.n == 3 and 'loss=0.3333' in str(bar)
-    assert 'Epoch 1' in capsys.readouterr().err
-    with progress_bar(3, desc='quiet', disable=True) as bar:
-        bar.update(1)
-    assert capsys.readouterr().err == ''
+  with progress_bar(3, desc='Epoch 1') as bar:
+    for i in range(3):
+      bar.set_postfix(loss=f'{1.0 / (i + 1):.4f}', refresh=False)
+      bar.update(1)
+  assert bar.n == 3 and 'loss=0.3333' in str(bar)
+  assert 'Epoch 1' in capsys.readouterr().err
+  with progress_bar(3, desc='quiet', disable=True) as bar:
+    bar.update(1)
+  assert capsys.readouterr().err == ''
