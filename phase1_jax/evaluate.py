@@ -2,9 +2,13 @@
 
   python -m phase1_jax.evaluate --config configs/small.py --workdir experiments/NAME
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from phase1_jax.config import ConfigError
+from phase1_jax.training.checkpoint import CheckpointError
 from phase1_jax.training.evaluation import evaluate_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config the run was trained with.',
@@ -17,7 +21,10 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every file operation at INFO
     logging.set_verbosity(logging.WARNING)
-  evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, which='best')
+  try:
+    evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, which='best')
+  except (ConfigError, CheckpointError, FileNotFoundError) as e:  # user errors: one line
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

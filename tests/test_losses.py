@@ -61,12 +61,12 @@ def hand_losses(outputs, batch, pages):
     for e in range(E):
       y, q = batch['element_labels'][b, e], sigmoid(outputs['element_logits'][b, e])
       page_bce += -(y * np.log(q) + (1 - y) * np.log(1 - q))
-      # Noisy-or over the page's target positions of P(open tag of e).
-      absent = 1.0
+      # Max over the page's target positions of P(open tag of e).
+      implied = 0.0
       for t in range(T):
         if batch['target_mask'][b, t]:
-          absent *= 1 - np.exp(lp[b, t, ELEMENT_IDS[e]])
-      page_cons += ((1 - absent) - q) ** 2
+          implied = max(implied, np.exp(lp[b, t, ELEMENT_IDS[e]]))
+      page_cons += (implied - q) ** 2
     bce.append(page_bce / E)
     cons.append(page_cons / E)
   return {'detail': detail_sum / detail_n, 'semantic': sem_sum / sem_n,
@@ -95,14 +95,14 @@ def test_task_losses_by_hand():
   assert all(want[k] > 0 for k in want)
 
 
-def test_implied_element_probs_is_noisy_or():
+def test_implied_element_probs_is_max_over_positions():
   outputs, batch = make_case(1)
   lp = jax.nn.log_softmax(jnp.asarray(outputs['detail_logits']))
   got = losses.implied_element_probs(lp, jnp.asarray(batch['target_mask']),
                                      jnp.asarray(ELEMENT_IDS))
   p = np.exp(log_softmax(outputs['detail_logits']))[..., ELEMENT_IDS]   # B x T x E
   m = batch['target_mask'][..., None]
-  want = 1 - np.prod(np.where(m, 1 - p, 1.0), axis=1)
+  want = np.max(np.where(m, p, 0.0), axis=1)
   chex.assert_shape(got, (B, E))
   np.testing.assert_allclose(got, want, rtol=1e-5)
 

@@ -97,3 +97,26 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
   assert extra == {'epoch': 0}
   chex.assert_trees_all_equal(jax.device_get(restored), expected)
   chex.assert_trees_all_equal_structs(restored, expected)
+
+
+def run_cli(module, *args):
+  import subprocess
+  import sys
+  return subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True,
+                        cwd=REPO, timeout=300)
+
+
+def test_cli_bad_override_is_one_line_naming_the_field(tmp_path):
+  proc = run_cli('phase1_jax.train', '--config', 'configs/tiny.py', '--config.model.num_heads=3',
+                 '--workdir', str(tmp_path / 'run'))
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1] == ('error: config.model.num_heads=3: must divide model.d_model (32)'), proc.stderr
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_cli_evaluate_without_checkpoints_is_one_line(tmp_path):
+  proc = run_cli('phase1_jax.evaluate', '--config', 'configs/tiny.py', '--workdir', str(tmp_path))
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and str(tmp_path) in last and 'checkpoints' in last, proc.stderr

@@ -42,8 +42,10 @@ class ElementTypeClassifier(nnx.Module):
 
   def __call__(self, h_BxTxD, token_mask_BxT):
     h_BxTxD = h_BxTxD.astype(self.dtype)
+    # No 1/sqrt(d) scaling: the queries are free parameters, and with Adam's fixed step size a
+    # scaled score would need ~sqrt(d) times more steps to grow peaked enough to find one token.
     scores_BxExT = jnp.einsum('btd,ed->bet', h_BxTxD, self.queries_ExD[...].astype(self.dtype),
-                              preferred_element_type=jnp.float32) * h_BxTxD.shape[-1] ** -0.5
+                              preferred_element_type=jnp.float32)
     scores_BxExT = jnp.where(token_mask_BxT[:, None, :], scores_BxExT, -1e30)
     weights_BxExT = jax.nn.softmax(scores_BxExT, axis=-1).astype(self.dtype)
     pooled_BxExD = jnp.einsum('bet,btd->bed', weights_BxExT, h_BxTxD)

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from phase1_jax import metrics as metrics_lib
-from phase1_jax.config import METRIC_MODES
+from phase1_jax import config as config_lib
 from phase1_jax.data import pipeline, vocab
 from phase1_jax.training import parallel, reporting, state as state_lib
 from phase1_jax.training.checkpoint import Checkpointer
@@ -102,6 +102,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, whic
 
   Writes and returns evaluation_results.json's content.
   """
+  config_lib.validate(config)
   source = pipeline.make_source(config, 'val')
   tx, _ = state_lib.make_optimizer(config, pipeline.steps_per_epoch(
       pipeline.make_source(config, 'train'), config.train.batch_size))
@@ -110,7 +111,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, whic
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f'{ckpt_dir}: no checkpoints directory (train first)')
-  with Checkpointer(ckpt_dir, best_metric=best, best_mode=METRIC_MODES[best]) as ckpt:
+  with Checkpointer(ckpt_dir, best_metric=best, best_mode=config_lib.METRIC_MODES[best]) as ckpt:
     step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
     step = ckpt.latest_step() if step is None else step
     if step is None:

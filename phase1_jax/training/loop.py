@@ -9,14 +9,13 @@ import time
 import jax
 import ml_collections
 from absl import logging
+from flax import nnx
 
 from phase1_jax import config as config_lib
 from phase1_jax.data import pipeline
 from phase1_jax.model.phase1 import parameter_report
 from phase1_jax.training import evaluation, parallel, reporting, state as state_lib
 from phase1_jax.training.checkpoint import Checkpointer
-
-from flax import nnx
 
 
 def default_workdir(config: ml_collections.ConfigDict) -> str:
@@ -77,7 +76,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     step, state, extra = restored
     logging.info('Resumed from %s step %d (epoch %d).', ckpt.directory, step, extra['epoch'])
   stopper = EarlyStopping(mode, t.early_stopping_patience, **extra.get('early_stopping', {}))
-  start_epoch = extra.get('epoch', 0)
+  # A run that stopped early stays stopped when its workdir is run again.
+  start_epoch = t.num_epochs if extra.get('stopped') else extra.get('epoch', 0)
 
   reporter = reporting.Reporter(workdir, start_step=int(state.step))
   reporter.write_json('config.json', config.to_dict())
@@ -110,15 +110,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
     value = result.get(best_metric, math.nan)
     stopper.update(value)
-    targets_met = result.get('targets_score') == 1.0
+    stopped = None
+    if stopper.should_stop:
+      stopped = f'Early stopping: {best_metric} did not improve for {stopper.patience} epochs.'
+    elif t.stop_when_targets_met and result.get('targets_score') == 1.0:
+      stopped = 'All Phase 1 targets met; stopping (train.stop_when_targets_met).'
     reporter.flush()
     ckpt.save(int(state.step), state, metrics={best_metric: value}, extra={
-        'epoch': epoch + 1, 'early_stopping': stopper.state(), 'train_seconds': train_seconds})
-    if stopper.should_stop:
-      print(f'Early stopping: {best_metric} did not improve for {stopper.patience} epochs.')
-      break
-    if t.stop_when_targets_met and targets_met:
-      print('All Phase 1 targets met; stopping (train.stop_when_targets_met).')
+        'epoch': epoch + 1, 'early_stopping': stopper.state(), 'train_seconds': train_seconds,
+        'stopped': stopped})
+    if stopped:
+      print(stopped)
       break
 
   ckpt.wait_until_finished()
