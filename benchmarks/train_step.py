@@ -19,7 +19,7 @@ import time
 import jax
 
 from phase1_jax.data import pipeline
-from phase1_jax.training import evaluation, parallel, state as state_lib
+from phase1_jax.training import parallel, state as state_lib, step as step_lib
 
 VARIANTS = {
     'float32_scan': {'compute_dtype': 'float32', 'scan_layers': True},
@@ -41,7 +41,7 @@ def build(config, overrides, batch):
     config.model[k] = v
   tx, _ = state_lib.make_optimizer(config, steps_per_epoch=1000)
   graphdef, state = state_lib.create_train_state(config, tx)
-  step = parallel.jit_train_step(graphdef=graphdef, tx=tx, loss_spec=evaluation.loss_spec(config))
+  step = parallel.jit_train_step(graphdef=graphdef, tx=tx, loss_spec=step_lib.LossSpec.from_config(config))
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

@@ -2,4 +2,12 @@
 from phase1_jax.config import ConfigError, base_config, validate
 from phase1_jax.model.phase1 import Phase1Decoder
 
-__all__ = ['ConfigError', 'Phase1Decoder', 'base_config', 'validate']
+__all__ = ['ConfigError', 'Phase1Decoder', 'base_config', 'train_and_evaluate', 'validate']
+
+
+def __getattr__(name):
+  # The training stack (Orbax, grain, tensorboardX) loads only when asked for.
+  if name == 'train_and_evaluate':
+    from phase1_jax.training.loop import train_and_evaluate
+    return train_and_evaluate
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

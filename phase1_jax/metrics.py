@@ -136,6 +136,12 @@ def semantic_accuracy(pred_BxT: np.ndarray, labels_BxT: np.ndarray,
   return correct / total if total else 0.0
 
 
+def targets_score(metrics: dict, targets: dict = TARGETS) -> float:
+  """Mean over targets of min(value / target, 1): 1.0 exactly when every target is met (a single
+  number to pick the best checkpoint by)."""
+  return float(np.mean([min(metrics[k] / t, 1.0) if t > 0 else 1.0 for k, t in targets.items()]))
+
+
 def target_report(metrics: dict, targets: dict = TARGETS) -> dict:
   """``{name: {'value', 'target', 'passed'}}`` per target (passed iff
   value >= target) plus ``'all_passed'``. Raises KeyError on a missing

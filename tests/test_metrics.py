@@ -1,18 +1,12 @@
 """Tests for phase1_jax.metrics against hand-computed values."""
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import sacrebleu
 
-try:
-  from phase1_jax import metrics
-except ModuleNotFoundError:  # package not installed: use the repo checkout
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-  from phase1_jax import metrics
+from phase1_jax import metrics
 
 
 # ----------------------------------------------------------------- elements
@@ -264,3 +258,13 @@ def test_accumulator_empty_and_shape_change():
   assert acc.result()['element_f1_macro'] == pytest.approx(5 / 9)
   with pytest.raises(ValueError):
     acc.add_elements(PROBS_3x4[:, :3], TARGETS_3x4[:, :3])
+
+
+def test_targets_score_is_one_exactly_when_all_targets_pass():
+  targets = {'bleu': 0.30, 'element_f1': 0.85, 'semantic_accuracy': 0.85}
+  # bleu at half its target, the others above theirs: (0.5 + 1 + 1) / 3.
+  values = {'bleu': 0.15, 'element_f1': 0.9, 'semantic_accuracy': 0.95}
+  assert metrics.targets_score(values, targets) == pytest.approx(2.5 / 3)
+  values['bleu'] = 0.31
+  assert metrics.targets_score(values, targets) == 1.0
+  assert metrics.target_report(values, targets)['all_passed']

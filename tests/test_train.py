@@ -2,14 +2,17 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import chex
 import jax
 import numpy as np
+import optax
 import pytest
 
 from phase1_jax.data import pipeline
-from phase1_jax.training import evaluation, loop, parallel, state as state_lib
+from phase1_jax.training import loop, parallel, state as state_lib, step as step_lib
 from phase1_jax.training.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +75,8 @@ def test_loss_falls():
   source = pipeline.make_source(config, 'train')
   tx, _ = state_lib.make_optimizer(config, steps_per_epoch=40)
   graphdef, state = state_lib.create_train_state(config, tx)
-  step = parallel.jit_train_step(graphdef=graphdef, tx=tx, loss_spec=evaluation.loss_spec(config))
+  step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
+                                 loss_spec=step_lib.LossSpec.from_config(config))
   batches = list(pipeline.train_iterator(source, batch_size=8, seed=0, epoch=0))[:4]
   losses = []
   for i in range(40):
@@ -87,7 +91,8 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
   source = pipeline.make_source(config, 'train')
   tx, _ = state_lib.make_optimizer(config, steps_per_epoch=8)
   graphdef, state = state_lib.create_train_state(config, tx)
-  step = parallel.jit_train_step(graphdef=graphdef, tx=tx, loss_spec=evaluation.loss_spec(config))
+  step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
+                                 loss_spec=step_lib.LossSpec.from_config(config))
   for batch in list(pipeline.train_iterator(source, batch_size=8, seed=0, epoch=0))[:3]:
     state, _ = step(state, batch)
   expected = jax.device_get(state)
@@ -100,8 +105,6 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
 
 def run_cli(module, *args):
-  import subprocess
-  import sys
   return subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True,
                         cwd=REPO, timeout=300)
 
@@ -120,3 +123,42 @@ def test_cli_evaluate_without_checkpoints_is_one_line(tmp_path):
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and str(tmp_path) in last and 'checkpoints' in last, proc.stderr
+
+
+def test_gradient_accumulation_updates_every_k_micro_batches():
+  """accumulate_grad_batches=2: the first micro-batch leaves the params alone, the second applies
+  one AdamW update whose gradient is the mean of both micro-batches' gradients. (Compared through
+  Adam's first moment, which is linear in the gradient: the updates themselves amplify float noise
+  on parameters with ~zero gradient, such as key biases, whose effect softmax cancels.)"""
+
+  config = load_config('tiny')
+  config.train.accumulate_grad_batches = 2
+  config.train.warmup_steps = 0   # the first update has the peak learning rate, not 0
+  config.model.dropout_rate = 0.0
+  source = pipeline.make_source(config, 'train')
+  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=8)
+  assert isinstance(tx, optax.MultiSteps)
+  graphdef, state = state_lib.create_train_state(config, tx)
+  spec = step_lib.LossSpec.from_config(config)
+  step = parallel.jit_train_step(graphdef=graphdef, tx=tx, loss_spec=spec)
+  b1, b2 = list(pipeline.train_iterator(source, batch_size=8, seed=0, epoch=0))[:2]
+  start = jax.device_get(state.params)
+
+  def grads(batch):
+    def loss(params):
+      out = step_lib.forward(graphdef, params['model'], batch)
+      return spec(out, batch, params['loss_log_vars'])[0]
+    return jax.grad(loss)(start)
+
+  state, _ = step(state, b1)
+  chex.assert_trees_all_equal(jax.device_get(state.params), start)
+  state, _ = step(state, b2)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), jax.device_get(state.params), start)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+  config.train.accumulate_grad_batches = 1
+  inner, _ = state_lib.make_optimizer(config, steps_per_epoch=8)
+  mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, grads(b1), grads(b2))
+  _, want_state = inner.update(mean_grads, inner.init(start), start)
+  mu = lambda s: optax.tree_utils.tree_get(s, 'mu')
+  chex.assert_trees_all_close(jax.device_get(mu(state.opt_state)), mu(want_state), atol=1e-8,
+                              rtol=1e-5)

@@ -7,10 +7,9 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
-from phase1_jax import metrics as metrics_lib
 from phase1_jax import config as config_lib
+from phase1_jax import metrics as metrics_lib
 from phase1_jax.data import pipeline, vocab
 from phase1_jax.training import parallel, reporting, state as state_lib
 from phase1_jax.training.checkpoint import Checkpointer
@@ -25,18 +24,6 @@ def targets(config: ml_collections.ConfigDict) -> dict[str, float]:
           'semantic_accuracy': e.semantic_accuracy_target}
 
 
-def targets_score(values: dict, target_values: dict) -> float:
-  """Mean over targets of min(value / target, 1): 1.0 exactly when every target is met."""
-  return float(np.mean([min(values[k] / t, 1.0) if t > 0 else 1.0
-                        for k, t in target_values.items()]))
-
-
-def loss_spec(config: ml_collections.ConfigDict) -> LossSpec:
-  l = config.loss
-  weights = {k: l[f'{k}_weight'] for k in ('detail', 'semantic', 'element', 'consistency')}
-  return LossSpec(l.weighting, tuple(sorted(weights.items())), vocab.ELEMENT_OPEN_TAG_IDS)
-
-
 @dataclasses.dataclass
 class Evaluator:
   """Compiled eval step and greedy decoder for one model graph; call with params."""
@@ -45,7 +32,7 @@ class Evaluator:
 
   def __post_init__(self):
     c = self.config
-    self.eval_step = parallel.jit_eval_step(graphdef=self.graphdef, loss_spec=loss_spec(c))
+    self.eval_step = parallel.jit_eval_step(graphdef=self.graphdef, loss_spec=LossSpec.from_config(c))
     self.decode = parallel.jit_greedy_decode(
         graphdef=self.graphdef, max_len=c.data.max_seq_len, bos_id=vocab.BOS_ID,
         eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID)
@@ -93,7 +80,7 @@ def with_targets(config, result: dict) -> dict:
   """Adds targets_score and the pass/fail report (needs bleu; skipped without it)."""
   t = targets(config)
   if all(k in result for k in t):
-    result['targets_score'] = targets_score(result, t)
+    result['targets_score'] = metrics_lib.targets_score(result, t)
   return result
 
 

@@ -15,6 +15,7 @@ from phase1_jax import config as config_lib
 from phase1_jax.data import pipeline
 from phase1_jax.model.phase1 import parameter_report
 from phase1_jax.training import evaluation, parallel, reporting, state as state_lib
+from phase1_jax.training import step as step_lib
 from phase1_jax.training.checkpoint import Checkpointer
 
 
@@ -89,7 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   print(f'Workdir: {workdir}')
 
   train_step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
-                                       loss_spec=evaluation.loss_spec(config))
+                                       loss_spec=step_lib.LossSpec.from_config(config))
   evaluator = evaluation.Evaluator(config, graphdef)
   train_seconds = extra.get('train_seconds', 0.0)
 

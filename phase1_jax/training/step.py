@@ -9,6 +9,7 @@ import optax
 from flax import nnx
 
 from phase1_jax import losses
+from phase1_jax.data import vocab
 from phase1_jax.training.state import TrainState
 
 MODEL_INPUTS = ('features', 'feature_mask', 'inputs')
@@ -21,13 +22,19 @@ class LossSpec:
   weights: tuple[tuple[str, float], ...]   # ((task, weight), ...)
   element_token_ids: tuple[int, ...]
 
+  @classmethod
+  def from_config(cls, config) -> 'LossSpec':
+    l = config.loss
+    weights = tuple((task, l[f'{task}_weight']) for task in losses.TASKS)
+    return cls(l.weighting, weights, vocab.ELEMENT_OPEN_TAG_IDS)
+
   def __call__(self, outputs, batch, log_vars_4):
     return losses.multitask_loss(
         outputs, batch, element_token_ids_E=jnp.asarray(self.element_token_ids),
         weighting=self.weighting, weights=dict(self.weights), log_vars_4=log_vars_4)
 
 
-def _forward(graphdef, model_params, batch, dropout_key=None):
+def forward(graphdef, model_params, batch, dropout_key=None):
   model = nnx.merge(graphdef, model_params)
   return model(*(batch[k] for k in MODEL_INPUTS), dropout_key=dropout_key)
 
@@ -37,7 +44,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec):
   dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params):
-    outputs = _forward(graphdef, params['model'], batch, dropout_key)
+    outputs = forward(graphdef, params['model'], batch, dropout_key)
     return loss_spec(outputs, batch, params['loss_log_vars'])
 
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -53,7 +60,7 @@ def eval_step(params, batch, *, graphdef, loss_spec: LossSpec):
 
   Returns scalars (losses) and arrays: element_probs_BxE, semantic_pred_BxT, detail_pred_BxT.
   """
-  outputs = _forward(graphdef, params['model'], batch)
+  outputs = forward(graphdef, params['model'], batch)
   _, aux = loss_spec(outputs, batch, params['loss_log_vars'])
   aux['element_probs'] = jax.nn.sigmoid(outputs['element_logits'])
   aux['semantic_pred'] = jnp.argmax(outputs['semantic_logits'], axis=-1)
