@@ -10,7 +10,6 @@ benchmarks/results/train_step_<device>_<config>.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -18,6 +17,7 @@ import time
 
 import jax
 
+from phase1_jax import config as config_lib
 from phase1_jax.data import pipeline
 from phase1_jax.training import parallel, state as state_lib, step as step_lib
 
@@ -29,19 +29,13 @@ VARIANTS = {
 }
 
 
-def load_config(path):
-  spec = importlib.util.spec_from_file_location('config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def build(config, overrides, batch):
   for k, v in overrides.items():
     config.model[k] = v
   tx, _ = state_lib.make_optimizer(config, steps_per_epoch=1000)
   graphdef, state = state_lib.create_train_state(config, tx)
-  step = parallel.jit_train_step(graphdef=graphdef, tx=tx, loss_spec=step_lib.LossSpec.from_config(config))
+  step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
+                                 loss_spec=step_lib.LossSpec.from_config(config))
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -58,11 +52,11 @@ def main():
   parser.add_argument('--variants', default=','.join(VARIANTS))
   args = parser.parse_args()
 
-  base = load_config(args.config)
+  base = config_lib.load_file(args.config)
   source = pipeline.make_source(base, 'train')
   batch = next(pipeline.train_iterator(source, batch_size=base.train.batch_size, seed=0, epoch=0))
   names = args.variants.split(',')
-  runs = {name: build(load_config(args.config), VARIANTS[name], batch) for name in names}
+  runs = {name: build(config_lib.load_file(args.config), VARIANTS[name], batch) for name in names}
   for _ in range(args.repeats):
     for name in names:
       run = runs[name]

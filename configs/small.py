@@ -18,6 +18,9 @@ def get_config():
   config.model.num_unique_layers = 2
   config.model.mlp_dim = 512
   config.model.dropout_rate = 0.0
+  # Measured on 2 CPU cores (benchmarks/train_step.py): unrolled layers 1.29x faster than scanned;
+  # bfloat16 0.85x of float32 (compute_dtype auto picks float32 on CPU).
+  config.model.scan_layers = False
   config.train.batch_size = 32
   config.train.num_epochs = 6
   config.train.learning_rate = 2e-3   # measured: 1e-3 reached element F1 0.62 after 300 steps, 2e-3 0.88

@@ -5,6 +5,9 @@ runs before anything compiles and raises `ConfigError` with one line naming the 
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from phase1_jax.data import vocab
@@ -95,6 +98,16 @@ def base_config() -> ml_collections.ConfigDict:
   k.best_metric = 'targets_score'
   k.async_save = True
   return c
+
+
+def load_file(path: str | os.PathLike, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of a config file, as `--config path[:arg]` would give (no flags needed)."""
+  spec = importlib.util.spec_from_file_location(f'_config_{os.path.basename(path)}', path)
+  if spec is None:
+    raise FileNotFoundError(f'{path}: no such config file')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
 
 
 def _fail(field: str, rule: str, value) -> ConfigError:

@@ -2,8 +2,6 @@
 naming its field."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from conftest import REPO
@@ -12,12 +10,15 @@ from phase1_jax.config import ConfigError, base_config, validate
 from phase1_jax.data import vocab
 
 
-def load_config_file(name):
-  """configs/<name>.py loaded by path (no ml_collections config flags), then get_config()."""
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def load_config_file(name, *args):
+  return config_lib.load_file(REPO / 'configs' / f'{name}.py', *args)
+
+
+def test_full_config_sizes():
+  assert load_config_file('full').data.train_samples == 5000
+  assert load_config_file('full', '10k').data.train_samples == 10000
+  with pytest.raises(ValueError, match='configs/full.py:20k'):
+    load_config_file('full', '20k')
 
 
 def test_base_config_validates():

@@ -1,5 +1,4 @@
 """End-to-end: the training job on the tiny config, resume, evaluate, checkpoint round trip."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from phase1_jax import config as config_lib
 from phase1_jax.data import pipeline
 from phase1_jax.training import loop, parallel, state as state_lib, step as step_lib
 from phase1_jax.training.checkpoint import Checkpointer
@@ -19,10 +19,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_file(os.path.join(REPO, 'configs', f'{name}.py'))
+
+
+def tiny_setup(config, steps_per_epoch):
+  """(tx, graphdef, fresh state, jitted train step, first training batches) for `config`."""
+  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=steps_per_epoch)
+  graphdef, state = state_lib.create_train_state(config, tx)
+  step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
+                                 loss_spec=step_lib.LossSpec.from_config(config))
+  source = pipeline.make_source(config, 'train')
+  batches = list(pipeline.train_iterator(source, batch_size=8, seed=0, epoch=0))[:4]
+  return tx, graphdef, state, step, batches
 
 
 @pytest.fixture(scope='module')
@@ -66,18 +74,14 @@ def test_evaluation_results_report_targets(trained):
     assert 0.0 <= entry['value'] <= 1.0
     assert entry['passed'] == (entry['value'] >= entry['target'])
   assert isinstance(results['targets']['all_passed'], bool)
+  for name in ('element_f1', 'element_f1_generated', 'element_f1_macro', 'token_accuracy'):
+    assert 0.0 <= results['metrics'][name] <= 1.0, name
   assert results['checkpoint_step'] in (8, 16)
 
 
 def test_loss_falls():
   """40 steps on 4 fixed batches: the training loss must fall by a wide margin."""
-  config = load_config('tiny')
-  source = pipeline.make_source(config, 'train')
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=40)
-  graphdef, state = state_lib.create_train_state(config, tx)
-  step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
-                                 loss_spec=step_lib.LossSpec.from_config(config))
-  batches = list(pipeline.train_iterator(source, batch_size=8, seed=0, epoch=0))[:4]
+  _, _, state, step, batches = tiny_setup(load_config('tiny'), steps_per_epoch=40)
   losses = []
   for i in range(40):
     state, metrics = step(state, batches[i % 4])
@@ -88,12 +92,8 @@ def test_loss_falls():
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
   config = load_config('tiny')
-  source = pipeline.make_source(config, 'train')
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=8)
-  graphdef, state = state_lib.create_train_state(config, tx)
-  step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
-                                 loss_spec=step_lib.LossSpec.from_config(config))
-  for batch in list(pipeline.train_iterator(source, batch_size=8, seed=0, epoch=0))[:3]:
+  tx, _, state, step, batches = tiny_setup(config, steps_per_epoch=8)
+  for batch in batches[:3]:
     state, _ = step(state, batch)
   expected = jax.device_get(state)
   with Checkpointer(tmp_path, async_save=False) as ckpt:
@@ -135,13 +135,9 @@ def test_gradient_accumulation_updates_every_k_micro_batches():
   config.train.accumulate_grad_batches = 2
   config.train.warmup_steps = 0   # the first update has the peak learning rate, not 0
   config.model.dropout_rate = 0.0
-  source = pipeline.make_source(config, 'train')
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=8)
+  tx, graphdef, state, step, (b1, b2, *_) = tiny_setup(config, steps_per_epoch=8)
   assert isinstance(tx, optax.MultiSteps)
-  graphdef, state = state_lib.create_train_state(config, tx)
   spec = step_lib.LossSpec.from_config(config)
-  step = parallel.jit_train_step(graphdef=graphdef, tx=tx, loss_spec=spec)
-  b1, b2 = list(pipeline.train_iterator(source, batch_size=8, seed=0, epoch=0))[:2]
   start = jax.device_get(state.params)
 
   def grads(batch):

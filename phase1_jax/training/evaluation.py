@@ -7,6 +7,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 
 from phase1_jax import config as config_lib
 from phase1_jax import metrics as metrics_lib
@@ -59,21 +60,31 @@ class Evaluator:
     result['token_accuracy'] = token_correct / max(token_total, 1)
     if c.bleu_samples:
       start = time.perf_counter()
-      result['bleu'] = self.bleu(params, source, c.bleu_samples)
+      result.update(self.generate_and_score(params, source, c.bleu_samples))
       result['bleu_decode_seconds'] = time.perf_counter() - start
     return result
 
-  def bleu(self, params, source, num_pages: int) -> float:
-    """Corpus BLEU (0..1) of greedy generations against the reference markup."""
+  def generate_and_score(self, params, source, num_pages: int) -> dict[str, float]:
+    """Greedy generations of the first `num_pages` pages, scored as a user would see them:
+    corpus BLEU (0..1) against the reference markup, and element P/R/F1 of the classifier reading
+    the generated markup instead of the reference (`element_*_generated`)."""
     hyps, refs = [], []
+    acc = metrics_lib.MetricAccumulator(threshold=self.config.eval.element_threshold)
     strings = lambda t: metrics_lib.tokens_to_strings(
         t, self.id_to_token, eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
     for batch, real in pipeline.eval_batches(source, batch_size=self.config.eval.batch_size,
                                              limit=num_pages):
-      tokens = jax.device_get(self.decode(params, batch['features'], batch['feature_mask']))
-      hyps += strings(tokens[:real])
+      tokens_BxT = jax.device_get(self.decode(params, batch['features'], batch['feature_mask']))
+      hyps += strings(tokens_BxT[:real])
       refs += strings(batch['targets'][:real])
-    return metrics_lib.bleu(hyps, refs)
+      # Decoder inputs of the generated page: BOS + its tokens before EOS, PAD after.
+      inputs_BxT = np.concatenate([np.full_like(tokens_BxT[:, :1], vocab.BOS_ID),
+                                   tokens_BxT[:, :-1]], axis=1)
+      inputs_BxT[np.cumsum(inputs_BxT == vocab.EOS_ID, axis=1) > 0] = vocab.PAD_ID
+      out = jax.device_get(self.eval_step(params, {**batch, 'inputs': inputs_BxT}))
+      acc.add_elements(out['element_probs'][:real], batch['element_labels'][:real])
+    scores = {f'{k}_generated': v for k, v in acc.result().items() if k.startswith('element_')}
+    return {'bleu': metrics_lib.bleu(hyps, refs), **scores}
 
 
 def with_targets(config, result: dict) -> dict:
