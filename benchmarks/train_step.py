@@ -19,7 +19,9 @@ import jax
 
 from phase1_jax import config as config_lib
 from phase1_jax.data import pipeline
-from phase1_jax.training import parallel, state as state_lib, step as step_lib
+from phase1_jax.training import parallel
+from phase1_jax.training import state as state_lib
+from phase1_jax.training import step as step_lib
 
 VARIANTS = {
     'float32_scan': {'compute_dtype': 'float32', 'scan_layers': True},

@@ -1,7 +1,7 @@
 """The seed's full training runs on the synthetic pages, at the default model size.
 
   python -m phase1_jax.train --config configs/full.py        # 5K train / 1K val, 50 epochs
-  python -m phase1_jax.train --config configs/full.py:10k    # 10K train / 2K val, 100 epochs, batch 32
+  python -m phase1_jax.train --config configs/full.py:10k    # 10K / 2K, 100 epochs, batch 32
 """
 from phase1_jax.config import base_config
 

@@ -23,7 +23,8 @@ def get_config():
   config.model.scan_layers = False
   config.train.batch_size = 32
   config.train.num_epochs = 6
-  config.train.learning_rate = 2e-3   # measured: 1e-3 reached element F1 0.62 after 300 steps, 2e-3 0.88
+  # Measured: after 300 steps, lr 1e-3 reached element F1 0.62 and lr 2e-3 0.88.
+  config.train.learning_rate = 2e-3
   config.train.warmup_steps = 100
   config.eval.batch_size = 100
   config.eval.bleu_samples = 200

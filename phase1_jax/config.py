@@ -31,10 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = d = ml_collections.ConfigDict()
   d.kind = 'synthetic'
-  d.seed = 0                    # the page generator's seed; sample i of a split is a function of (seed, i)
+  d.seed = 0                    # the page generator's seed: page i of a split is f(seed, i)
   d.train_samples = 5000
   d.val_samples = 1000
-  d.max_seq_len = 256           # decoder length T (targets incl. EOS); pages that would not fit drop sections
+  d.max_seq_len = 256           # decoder length T (targets incl. EOS); longer pages drop sections
   d.grid_rows = 16              # the rendered layout is grid_rows x grid_cols patches
   d.grid_cols = 4
   d.feature_dim = 64
@@ -62,12 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention = ml_collections.ConfigDict()
   m.attention.kind = 'dense'
 
-  c.loss = l = ml_collections.ConfigDict()
-  l.weighting = 'fixed'
-  l.detail_weight = 0.4
-  l.semantic_weight = 0.3
-  l.element_weight = 0.2
-  l.consistency_weight = 0.1
+  c.loss = loss = ml_collections.ConfigDict()
+  loss.weighting = 'fixed'
+  loss.detail_weight = 0.4
+  loss.semantic_weight = 0.3
+  loss.element_weight = 0.2
+  loss.consistency_weight = 0.1
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 16
@@ -115,7 +115,7 @@ def _fail(field: str, rule: str, value) -> ConfigError:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first field that breaks a rule. Cheap: runs before any compile."""
+  """Raises ConfigError naming the first field that breaks a rule (cheap: runs before compiling)."""
   def get(path):
     node = config
     for part in path.split('.'):
@@ -128,14 +128,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for p in paths:
       v = get(p)
       if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (v == 0 and not allow_zero):
-        raise _fail(p, 'must be a ' + ('non-negative' if allow_zero else 'positive') + ' integer', v)
+        kind = 'non-negative' if allow_zero else 'positive'
+        raise _fail(p, f'must be a {kind} integer', v)
 
   def in_range(path, lo, hi, lo_open=False, hi_open=False):
     v = get(path)
     ok = isinstance(v, (int, float)) and not isinstance(v, bool)
     ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
-      raise _fail(path, f'must be in {"(" if lo_open else "["}{lo}, {hi}{")" if hi_open else "]"}', v)
+      interval = f'{"(" if lo_open else "["}{lo}, {hi}{")" if hi_open else "]"}'
+      raise _fail(path, f'must be in {interval}', v)
 
   def one_of(path, allowed):
     if get(path) not in allowed:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phase1_jax.training.checkpoint import CheckpointError, Checkpointer
+from phase1_jax.training.checkpoint import Checkpointer, CheckpointError
 
 
 @flax.struct.dataclass

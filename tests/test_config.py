@@ -3,8 +3,8 @@ naming its field."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO
+
 from phase1_jax import config as config_lib
 from phase1_jax.config import ConfigError, base_config, validate
 from phase1_jax.data import vocab

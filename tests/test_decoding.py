@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SEQ, TINY, JittedModel
 from flax import nnx
 
-from conftest import SEQ, TINY, JittedModel
 from phase1_jax import decoding
 
 BOS, PAD = 1, 0

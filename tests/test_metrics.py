@@ -8,7 +8,6 @@ import sacrebleu
 
 from phase1_jax import metrics
 
-
 # ----------------------------------------------------------------- elements
 
 # 3 pages x 4 element types. threshold 0.5 (>=, so 0.5 itself is predicted).

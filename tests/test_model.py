@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PATCHES, SEQ, TINY, JittedModel, make_tiny, materialize
 from flax import nnx
 
-from conftest import PATCHES, SEQ, TINY, JittedModel, make_tiny, materialize
 from phase1_jax.model.decoder import DecoderLayer, MultiHeadAttention, SharedDecoderBackbone
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
 from phase1_jax.model.phase1 import count_params, parameter_report
@@ -197,7 +197,7 @@ def _hand_loop(state, x, token_mask, memory, memory_mask, key):
   for k in (None, keys):
     h = x
     for i in range(L):
-      layer = nnx.merge(layer_graphdef, jax.tree.map(lambda p: p[i % U], state['layers']))
+      layer = nnx.merge(layer_graphdef, jax.tree.map(lambda p, i=i: p[i % U], state['layers']))
       h = layer(h, token_mask, memory, memory_mask, None if k is None else k[i])
     outs.append(h)
   return outs

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-from phase1_jax.training.reporting import (Reporter, epoch_summary, progress_bar, to_jsonable)
+from phase1_jax.training.reporting import Reporter, epoch_summary, progress_bar, to_jsonable
 
 
 def event_files(workdir):

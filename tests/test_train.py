@@ -12,7 +12,9 @@ import pytest
 
 from phase1_jax import config as config_lib
 from phase1_jax.data import pipeline
-from phase1_jax.training import loop, parallel, state as state_lib, step as step_lib
+from phase1_jax.training import loop, parallel
+from phase1_jax.training import state as state_lib
+from phase1_jax.training import step as step_lib
 from phase1_jax.training.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +116,7 @@ def test_cli_bad_override_is_one_line_naming_the_field(tmp_path):
                  '--workdir', str(tmp_path / 'run'))
   assert proc.returncode != 0
   lines = proc.stderr.strip().splitlines()
-  assert lines[-1] == ('error: config.model.num_heads=3: must divide model.d_model (32)'), proc.stderr
+  assert lines[-1] == 'error: config.model.num_heads=3: must divide model.d_model (32)', proc.stderr
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 

@@ -7,8 +7,8 @@ carries 0..max_words_per_element words from a class-dependent part of the lexico
 The targets are the page's markup and labels; the input is a rendered layout:
   features_PxF: the page as grid_rows x grid_cols patches (row-major, P = rows * cols). Each section
     owns a band of rows (rows shared out by element count); inside a band the elements take runs of
-    patches in reading order. A patch is the sum of fixed random embeddings of its section class, its
-    element type, its row, its column, and one word of its element's text (patch j of an element
+    patches in reading order. A patch is the sum of fixed random embeddings of its section class,
+    its element type, its row, its column, and one word of its element's text (patch j of an element
     shows word j, each word visible with probability text_visibility), plus N(0, feature_noise^2).
 So the markup is recoverable from the features up to noise, hidden words and long elements.
 
@@ -176,12 +176,13 @@ class SyntheticPages:
     rows, cols = s.grid_rows, s.grid_cols
     # Share rows out by element count, at least one row per section.
     counts = np.array([len(el) for _, el in page], float)
-    band = np.ones(len(page), int) + np.floor(counts / counts.sum() * (rows - len(page))).astype(int)
+    spare_rows = rows - len(page)
+    band = np.ones(len(page), int) + np.floor(counts / counts.sum() * spare_rows).astype(int)
     band[np.argsort(-counts, kind='stable')[:rows - band.sum()]] += 1
     feats = np.zeros((rows, cols, s.feature_dim), np.float32)
     feats += w.row_emb[:, None] + w.col_emb[None, :]
     row = 0
-    for (cls, elements), n_rows in zip(page, band):
+    for (cls, elements), n_rows in zip(page, band, strict=True):
       patches = n_rows * cols
       # Element k owns patches [start_k, start_{k+1}) of the band, in reading order.
       starts = (np.arange(len(elements) + 1) * patches) // len(elements)

@@ -11,9 +11,11 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 SEMANTIC_CLASSES = (
     'navbar', 'hero', 'pricing_table', 'faq_accordion', 'image_gallery', 'login_form', 'footer',
-    'signup_form', 'contact_form', 'search_header', 'product_grid', 'product_detail', 'cart_summary',
+    'signup_form', 'contact_form', 'search_header', 'product_grid', 'product_detail',
+    'cart_summary',
     'checkout_form', 'testimonials', 'team_grid', 'feature_list', 'blog_list', 'blog_post',
-    'comment_thread', 'video_player', 'newsletter', 'cookie_banner', 'breadcrumb_bar', 'sidebar_menu',
+    'comment_thread', 'video_player', 'newsletter', 'cookie_banner', 'breadcrumb_bar',
+    'sidebar_menu',
     'dashboard_stats', 'data_table', 'settings_panel', 'profile_card', 'notification_list',
     'calendar', 'map_locator', 'event_list', 'job_board', 'course_catalog', 'recipe_card',
     'weather_widget', 'chat_window', 'file_browser', 'music_player', 'portfolio_showcase',
@@ -22,7 +24,8 @@ SEMANTIC_CLASSES = (
 )
 
 ELEMENT_TYPES = (
-    'button', 'link', 'image', 'input', 'carousel', 'accordion', 'gallery', 'video', 'table', 'list',
+    'button', 'link', 'image', 'input', 'carousel', 'accordion', 'gallery', 'video', 'table',
+    'list',
     'card', 'modal', 'tabs', 'dropdown', 'checkbox', 'radio', 'slider', 'search_bar', 'breadcrumb',
     'pagination', 'badge', 'avatar', 'icon', 'heading', 'paragraph', 'textarea', 'select',
     'progress_bar', 'tooltip', 'map',

@@ -1,4 +1,4 @@
-"""Pre-LN decoder layers and the shared backbone that applies them with cross-layer weight sharing."""
+"""Pre-LN decoder layers, and the backbone that applies them with cross-layer weight sharing."""
 from __future__ import annotations
 
 import jax

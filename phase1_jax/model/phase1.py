@@ -1,4 +1,4 @@
-"""Phase1Decoder: feature projection -> shared decoder backbone -> dual heads + element classifier."""
+"""Phase1Decoder: feature projection -> shared backbone -> dual heads + element classifier."""
 from __future__ import annotations
 
 import jax
@@ -61,7 +61,7 @@ class Phase1Decoder(nnx.Module):
     }
 
   def init_decode_state(self, features_BxPxF, max_len: int):
-    """What decoding keeps per sequence: memory K/V per unique layer, empty self-attention caches."""
+    """What decoding keeps per sequence: memory K/V per unique layer, empty self-attn caches."""
     memory_kv = self.backbone.memory_kv(self.encode_memory(features_BxPxF))
     u, b, _, n, h = memory_kv[0].shape
     cache = jnp.zeros((self.backbone.num_layers, b, max_len, n, h), self.dtype)

@@ -12,7 +12,8 @@ import numpy as np
 from phase1_jax import config as config_lib
 from phase1_jax import metrics as metrics_lib
 from phase1_jax.data import pipeline, vocab
-from phase1_jax.training import parallel, reporting, state as state_lib
+from phase1_jax.training import parallel, reporting
+from phase1_jax.training import state as state_lib
 from phase1_jax.training.checkpoint import Checkpointer
 from phase1_jax.training.step import LossSpec
 
@@ -33,7 +34,8 @@ class Evaluator:
 
   def __post_init__(self):
     c = self.config
-    self.eval_step = parallel.jit_eval_step(graphdef=self.graphdef, loss_spec=LossSpec.from_config(c))
+    self.eval_step = parallel.jit_eval_step(graphdef=self.graphdef,
+                                            loss_spec=LossSpec.from_config(c))
     self.decode = parallel.jit_greedy_decode(
         graphdef=self.graphdef, max_len=c.data.max_seq_len, bos_id=vocab.BOS_ID,
         eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID)

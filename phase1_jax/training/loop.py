@@ -14,7 +14,8 @@ from flax import nnx
 from phase1_jax import config as config_lib
 from phase1_jax.data import pipeline
 from phase1_jax.model.phase1 import parameter_report
-from phase1_jax.training import evaluation, parallel, reporting, state as state_lib
+from phase1_jax.training import evaluation, parallel, reporting
+from phase1_jax.training import state as state_lib
 from phase1_jax.training import step as step_lib
 from phase1_jax.training.checkpoint import Checkpointer
 
@@ -69,8 +70,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   best_metric = config.checkpoint.best_metric
   mode = config_lib.METRIC_MODES[best_metric]
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
-                      best_metric=best_metric, best_mode=mode, async_save=config.checkpoint.async_save)
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                      max_to_keep=config.checkpoint.max_to_keep, best_metric=best_metric,
+                      best_mode=mode, async_save=config.checkpoint.async_save)
   restored = ckpt.restore_latest_good(jax.eval_shape(lambda: state))
   extra = {}
   if restored is not None:

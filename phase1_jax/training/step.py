@@ -1,4 +1,4 @@
-"""Pure train and eval steps: functions of (state, batch). Wrapping (jit/pmap) is parallel.py's job."""
+"""Pure train and eval steps, functions of (state, batch); parallel.py wraps them (jit/pmap)."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,9 +24,8 @@ class LossSpec:
 
   @classmethod
   def from_config(cls, config) -> 'LossSpec':
-    l = config.loss
-    weights = tuple((task, l[f'{task}_weight']) for task in losses.TASKS)
-    return cls(l.weighting, weights, vocab.ELEMENT_OPEN_TAG_IDS)
+    weights = tuple((task, config.loss[f'{task}_weight']) for task in losses.TASKS)
+    return cls(config.loss.weighting, weights, vocab.ELEMENT_OPEN_TAG_IDS)
 
   def __call__(self, outputs, batch, log_vars_4):
     return losses.multitask_loss(
