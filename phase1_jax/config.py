@@ -12,7 +12,7 @@ import ml_collections
 
 from phase1_jax.data import vocab
 
-ATTENTION_KINDS = ('dense',)
+ATTENTION_KINDS = ('dense', 'dot_product', 'window', 'window_topk')
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
 LOSS_WEIGHTINGS = ('fixed', 'uncertainty')
 METRIC_MODES = {'val_loss': 'min', 'element_f1': 'max', 'semantic_accuracy': 'max', 'bleu': 'max',
@@ -60,7 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = True          # lax.scan over applications: compile time flat in depth
   m.remat = False
   m.attention = ml_collections.ConfigDict()
-  m.attention.kind = 'dense'
+  m.attention.kind = 'dense'      # dense | dot_product | window | window_topk
+  m.attention.window_size = 256   # window kinds: each token sees itself and window_size - 1 before
+  m.attention.top_k = 4           # window_topk: earlier key blocks selected per query block
+  m.attention.block_size = 0      # window kinds: 0 picks a default from window_size
 
   c.loss = loss = ml_collections.ConfigDict()
   loss.weighting = 'fixed'
@@ -179,6 +182,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   in_range('model.dropout_rate', 0, 1, hi_open=True)
   one_of('model.compute_dtype', COMPUTE_DTYPES)
   one_of('model.attention.kind', ATTENTION_KINDS)
+  positive('model.attention.window_size')
+  positive('model.attention.top_k', 'model.attention.block_size', allow_zero=True)
 
   one_of('loss.weighting', LOSS_WEIGHTINGS)
   for name in ('detail', 'semantic', 'element', 'consistency'):
@@ -205,5 +210,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   positive('checkpoint.max_to_keep')
   one_of('checkpoint.best_metric', tuple(METRIC_MODES))
-  if config.checkpoint.best_metric == 'bleu' and config.eval.bleu_samples == 0:
-    raise _fail('checkpoint.best_metric', 'bleu needs eval.bleu_samples > 0', 'bleu')
+  best = config.checkpoint.best_metric
+  if best in ('bleu', 'targets_score') and config.eval.bleu_samples == 0:
+    raise _fail('checkpoint.best_metric', f'{best} needs eval.bleu_samples > 0', best)

@@ -1,20 +1,60 @@
 """Attention behind one function: every kind takes the same arguments and returns the same shape.
 
-`attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, causal=..., kind=...) -> BxTxNxH`.
-`dense` is the reference: scores and softmax in float32, masks applied as a large negative bias
-(finite, so a fully masked row gives a uniform average instead of NaN).
+`attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, causal=False, kind='dense',
+        window_size=None, top_k=None, block_size=None) -> BxTxNxH` (dtype of q).
+
+Kinds:
+- `dense`: the reference. Scores and softmax in float32, masks applied as a large negative bias
+  (finite, so a fully masked row gives a uniform average instead of NaN). O(T*S) memory.
+- `dot_product`: `jax.nn.dot_product_attention` (cuDNN flash for bf16/fp16 on GPU when it accepts
+  the call, XLA otherwise): the baseline a user would otherwise pick. Same masks, same result.
+- `window`, `window_topk`: block-sparse causal kinds, see sparse_attention.py.
+
+`window_size` on `dense`/`dot_product` applies the same band as `window` as a mask only (still
+O(T*S)): the reference the sparse kinds are tested against. Arguments a kind does not use raise
+a ValueError rather than being ignored, so a config cannot silently run a kind it did not mean;
+`kind_options` picks the ones a kind takes.
+
+Causal with T < S: query i sits at key position i + S - T (the last T positions), in every kind.
 """
 from __future__ import annotations
+
+import numbers
 
 import jax
 import jax.numpy as jnp
 
-KINDS = ('dense',)
+from phase1_jax.model import sparse_attention
+
+KINDS = ('dense', 'dot_product', 'window', 'window_topk')
+SPARSE_KINDS = ('window', 'window_topk')
 _NEG = -1e30
+# Options each kind accepts; anything else passed to `attend` is an error.
+_OPTIONS = {'dense': ('window_size',), 'dot_product': ('window_size',),
+            'window': ('window_size', 'block_size'),
+            'window_topk': ('window_size', 'top_k', 'block_size')}
+_REQUIRED = {'window': ('window_size',), 'window_topk': ('window_size', 'top_k')}
 
 
-def dense_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, causal: bool = False):
-  """Plain masked softmax attention, O(T*S) memory. Output dtype = q's dtype."""
+def _causal_mask_TxS(t: int, s: int, window_size: int | None):
+  """Query i (at key position i + s - t) sees keys j <= its position, and with a window only
+  the `window_size` latest of them (itself included)."""
+  dist_TxS = jnp.arange(t)[:, None] + (s - t) - jnp.arange(s)[None, :]
+  mask_TxS = dist_TxS >= 0
+  if window_size is not None:
+    mask_TxS = mask_TxS & (dist_TxS < window_size)
+  return mask_TxS
+
+
+def dense_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, causal: bool = False,
+                    window_size: int | None = None):
+  """Plain masked softmax attention, O(T*S) memory. Output dtype = q's dtype.
+
+  `window_size` (causal only) restricts each query to itself and the `window_size - 1` keys
+  before it: the band the `window` kind computes block-sparsely.
+  """
+  if window_size is not None and not causal:
+    raise ValueError('window_size: a sliding window needs causal=True')
   dtype = q_BxTxNxH.dtype
   scale = q_BxTxNxH.shape[-1] ** -0.5
   scores_BxNxTxS = jnp.einsum('btnh,bsnh->bnts', q_BxTxNxH * jnp.asarray(scale, dtype), k_BxSxNxH,
@@ -22,8 +62,7 @@ def dense_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, causal
   t, s = scores_BxNxTxS.shape[-2:]
   mask = jnp.ones((1, 1, t, s), bool)
   if causal:
-    # Query i sits at key position i + (s - t): it sees keys up to itself (t == s in training).
-    mask = mask & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]
+    mask = mask & _causal_mask_TxS(t, s, window_size)[None, None]
   if kv_mask_BxS is not None:
     mask = mask & kv_mask_BxS[:, None, None, :]
   scores_BxNxTxS = jnp.where(mask, scores_BxNxTxS, _NEG)
@@ -31,9 +70,104 @@ def dense_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, causal
   return jnp.einsum('bnts,bsnh->btnh', probs_BxNxTxS, v_BxSxNxH)
 
 
+def _dot_product_implementation(dtype):
+  # In jax 0.10.2 implementation=None always means XLA, so cuDNN must be asked for by name; it
+  # takes only half-precision inputs.
+  if jax.default_backend() == 'gpu' and dtype in (jnp.bfloat16, jnp.float16):
+    return 'cudnn'
+  return None
+
+
+def dot_product_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *,
+                          causal: bool = False, window_size: int | None = None):
+  """`jax.nn.dot_product_attention` with this module's mask conventions."""
+  if window_size is not None and not causal:
+    raise ValueError('window_size: a sliding window needs causal=True')
+  t, s = q_BxTxNxH.shape[1], k_BxSxNxH.shape[1]
+  kwargs = {}
+  mask_BxNxTxS = None
+  if causal and t == s:
+    # Built-in flags let cuDNN skip the masked blocks instead of reading a mask tensor.
+    kwargs['is_causal'] = True
+    if window_size is not None:
+      kwargs['local_window_size'] = (window_size - 1, 0)
+  elif causal:
+    # is_causal aligns query 0 with key 0; ours aligns the last query with the last key.
+    mask_BxNxTxS = _causal_mask_TxS(t, s, window_size)[None, None]
+  if kv_mask_BxS is not None:
+    kv_BxNxTxS = kv_mask_BxS[:, None, None, :]
+    mask_BxNxTxS = kv_BxNxTxS if mask_BxNxTxS is None else mask_BxNxTxS & kv_BxNxTxS
+  call = lambda impl: jax.nn.dot_product_attention(
+      q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask=mask_BxNxTxS, implementation=impl, **kwargs)
+  implementation = _dot_product_implementation(q_BxTxNxH.dtype)
+  if implementation is None:
+    return call(None)
+  try:
+    return call(implementation)
+  except (ValueError, NotImplementedError, RuntimeError):
+    # cuDNN refuses some shapes/head dims at trace time; XLA takes everything.
+    return call(None)
+
+
+def kind_options(kind: str, *, window_size=None, top_k=None, block_size=None) -> dict:
+  """The subset of (window_size, top_k, block_size) that `kind` takes, as `attend` kwargs.
+
+  For a model config that stores all three: `attend(..., kind=kind, **kind_options(kind, ...))`.
+  `dense`/`dot_product` get none of them (a window on those is only for testing).
+  """
+  _check_kind(kind)
+  given = {'window_size': window_size, 'top_k': top_k, 'block_size': block_size}
+  names = () if kind not in SPARSE_KINDS else _OPTIONS[kind]
+  return {name: given[name] for name in names}
+
+
+def _check_kind(kind):
+  if kind not in KINDS:
+    raise ValueError(f'attention kind {kind!r}: must be one of {", ".join(KINDS)}')
+
+
+def _check_options(kind, causal, options):
+  for name, value in options.items():
+    if value is not None and name not in _OPTIONS[kind]:
+      raise ValueError(f'{name}={value!r}: not used by attention kind {kind!r} '
+                       f'(takes {", ".join(_OPTIONS[kind])})')
+  for name in _REQUIRED.get(kind, ()):
+    if options[name] is None:
+      raise ValueError(f'{name}: required by attention kind {kind!r}')
+  for name, low in (('window_size', 1), ('top_k', 0), ('block_size', 1)):
+    value = options[name]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                              or value < low):
+      raise ValueError(f'{name}={value!r}: must be an int >= {low}')
+  if kind in SPARSE_KINDS and not causal:
+    raise ValueError(f'causal=False: attention kind {kind!r} is causal self-attention only; '
+                     "use 'dense' or 'dot_product' for cross-attention")
+
+
 def attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, causal: bool = False,
-           kind: str = 'dense'):
-  """Multi-head attention of T queries over S keys; `kind` picks the implementation."""
+           kind: str = 'dense', window_size: int | None = None, top_k: int | None = None,
+           block_size: int | None = None):
+  """Multi-head attention of T queries over S keys; `kind` picks the implementation.
+
+  kv_mask_BxS: True where a key may be attended. window_size: each query sees itself and the
+  window_size - 1 keys before it. top_k (`window_topk`): earlier key blocks selected per query
+  block. block_size (sparse kinds): default `sparse_attention.default_block_size(window_size)`.
+  """
+  _check_kind(kind)
+  _check_options(kind, causal, {'window_size': window_size, 'top_k': top_k,
+                                'block_size': block_size})
+  args = (q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
   if kind == 'dense':
-    return dense_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, causal=causal)
-  raise ValueError(f'attention kind {kind!r}: must be one of {", ".join(KINDS)}')
+    return dense_attention(*args, causal=causal, window_size=window_size)
+  if kind == 'dot_product':
+    return dot_product_attention(*args, causal=causal, window_size=window_size)
+  if q_BxTxNxH.shape[1] > k_BxSxNxH.shape[1]:
+    raise ValueError(f'q_BxTxNxH: causal kind {kind!r} needs T <= S, got T='
+                     f'{q_BxTxNxH.shape[1]}, S={k_BxSxNxH.shape[1]}')
+  if block_size is None:
+    block_size = sparse_attention.default_block_size(window_size)
+  if kind == 'window':
+    return sparse_attention.window_attention(*args, window_size=window_size,
+                                             block_size=block_size)
+  return sparse_attention.window_topk_attention(*args, window_size=window_size, top_k=top_k,
+                                                block_size=block_size)

@@ -7,6 +7,10 @@ from flax import nnx
 
 from phase1_jax.model.attention import attend
 
+# Kinds whose attention a per-position KV cache reproduces exactly (`window` masks the cache to its
+# window). `window_topk` selects key blocks per query block, which the cached step does not do yet.
+KV_CACHE_KINDS = ('dense', 'dot_product', 'window')
+
 
 class MultiHeadAttention(nnx.Module):
   """Self-attention (fused QKV) or cross-attention (Q from x, fused KV from the memory)."""
@@ -21,7 +25,7 @@ class MultiHeadAttention(nnx.Module):
     self.out = lin(d_model, d_model)
 
   def __call__(self, x_BxTxD, memory_BxSxD=None, kv_mask_BxS=None, *, causal: bool = False,
-               kind: str = 'dense'):
+               kind: str = 'dense', **kind_options):
     b, t, d = x_BxTxD.shape
     heads = lambda y: y.reshape(*y.shape[:2], self.num_heads, d // self.num_heads)
     if self.cross:
@@ -31,7 +35,7 @@ class MultiHeadAttention(nnx.Module):
       q_BxTxD, k_BxSxD, v_BxSxD = jnp.split(self.qkv(x_BxTxD), 3, axis=-1)
       q_BxTxNxH = heads(q_BxTxD)
     out_BxTxNxH = attend(q_BxTxNxH, heads(k_BxSxD), heads(v_BxSxD), kv_mask_BxS, causal=causal,
-                         kind=kind)
+                         kind=kind, **kind_options)
     return self.out(out_BxTxNxH.reshape(b, t, d))
 
   def _heads(self, y):
@@ -48,14 +52,18 @@ class MultiHeadAttention(nnx.Module):
     out = attend(self._heads(self.q(x_BxTxD)), k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
     return self.out(out.reshape(b, t, d))
 
-  def self_step(self, x_Bx1xD, cache_k_BxLxNxH, cache_v_BxLxNxH, pos):
-    """One decoding position `pos`: write its key/value into the cache, attend over 0..pos."""
+  def self_step(self, x_Bx1xD, cache_k_BxLxNxH, cache_v_BxLxNxH, pos, window_size=None):
+    """One decoding position `pos`: write its key/value into the cache, attend over 0..pos (only
+    the last `window_size` of them with a window)."""
     b, _, d = x_Bx1xD.shape
     q, k, v = (self._heads(y) for y in jnp.split(self.qkv(x_Bx1xD), 3, axis=-1))
     cache_k_BxLxNxH = jax.lax.dynamic_update_slice_in_dim(cache_k_BxLxNxH, k, pos, axis=1)
     cache_v_BxLxNxH = jax.lax.dynamic_update_slice_in_dim(cache_v_BxLxNxH, v, pos, axis=1)
-    visible_BxL = jnp.broadcast_to(jnp.arange(cache_k_BxLxNxH.shape[1]) <= pos,
-                                   cache_k_BxLxNxH.shape[:2])
+    positions_L = jnp.arange(cache_k_BxLxNxH.shape[1])
+    visible_L = positions_L <= pos
+    if window_size is not None:
+      visible_L = visible_L & (positions_L > pos - window_size)
+    visible_BxL = jnp.broadcast_to(visible_L, cache_k_BxLxNxH.shape[:2])
     out = attend(q, cache_k_BxLxNxH, cache_v_BxLxNxH, visible_BxL)
     return self.out(out.reshape(b, 1, d)), cache_k_BxLxNxH, cache_v_BxLxNxH
 
@@ -64,7 +72,7 @@ class DecoderLayer(nnx.Module):
   """x + SelfAttn(LN(x)) -> + CrossAttn(LN(x), memory) -> + MLP(LN(x)); dropout on each branch."""
 
   def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, dropout_rate: float, dtype,
-               attention_kind: str, rngs: nnx.Rngs):
+               attention_kind: str, attention_options: dict | None = None, rngs: nnx.Rngs):
     norm = lambda: nnx.LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.self_norm, self.cross_norm, self.mlp_norm = norm(), norm(), norm()
     self.self_attn = MultiHeadAttention(d_model, num_heads, cross=False, dtype=dtype, rngs=rngs)
@@ -74,13 +82,15 @@ class DecoderLayer(nnx.Module):
     # No stored RNG: keys come in as arguments so the layer can be scanned and shared.
     self.dropout = nnx.Dropout(dropout_rate)
     self.attention_kind = attention_kind
+    # Static (hashable) options of the self-attention kind: window_size, top_k, block_size.
+    self.attention_options = tuple(sorted((attention_options or {}).items()))
 
   def __call__(self, x_BxTxD, token_mask_BxT, memory_BxSxD, memory_mask_BxS, dropout_key=None):
     deterministic = dropout_key is None
     keys = [None] * 3 if deterministic else list(jax.random.split(dropout_key, 3))
     drop = lambda y, k: self.dropout(y, deterministic=deterministic, rngs=k)
     h = self.self_attn(self.self_norm(x_BxTxD), kv_mask_BxS=token_mask_BxT, causal=True,
-                       kind=self.attention_kind)
+                       kind=self.attention_kind, **dict(self.attention_options))
     x_BxTxD = x_BxTxD + drop(h, keys[0])
     h = self.cross_attn(self.cross_norm(x_BxTxD), memory_BxSxD, memory_mask_BxS, kind='dense')
     x_BxTxD = x_BxTxD + drop(h, keys[1])
@@ -91,7 +101,11 @@ class DecoderLayer(nnx.Module):
 
   def decode_step(self, x_Bx1xD, cache_k, cache_v, pos, memory_k, memory_v, memory_mask_BxS):
     """The layer at one position with a KV cache (no dropout): (x, cache_k, cache_v)."""
-    h, cache_k, cache_v = self.self_attn.self_step(self.self_norm(x_Bx1xD), cache_k, cache_v, pos)
+    if self.attention_kind not in KV_CACHE_KINDS:
+      raise NotImplementedError(f'KV-cached decoding with attention kind {self.attention_kind!r}')
+    window_size = dict(self.attention_options).get('window_size')  # only the window kinds have one
+    h, cache_k, cache_v = self.self_attn.self_step(self.self_norm(x_Bx1xD), cache_k, cache_v, pos,
+                                                   window_size)
     x_Bx1xD = x_Bx1xD + h
     x_Bx1xD = x_Bx1xD + self.cross_attn.cross_step(self.cross_norm(x_Bx1xD), memory_k, memory_v,
                                                    memory_mask_BxS)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phase1_jax.model.decoder import SharedDecoderBackbone
+from phase1_jax.model.decoder import KV_CACHE_KINDS, SharedDecoderBackbone
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
 
 
@@ -20,7 +20,8 @@ class Phase1Decoder(nnx.Module):
   def __init__(self, *, vocab_size: int, num_semantic_classes: int, num_element_types: int,
                feature_dim: int, max_seq_len: int, d_model: int, num_heads: int, num_layers: int,
                num_unique_layers: int, mlp_dim: int, dropout_rate: float = 0.0,
-               dtype=jnp.float32, attention_kind: str = 'dense', tie_detail_head: bool = True,
+               dtype=jnp.float32, attention_kind: str = 'dense',
+               attention_options: dict | None = None, tie_detail_head: bool = True,
                scan_layers: bool = True, remat: bool = False, pad_id: int = 0,
                rngs: nnx.Rngs):
     self.pad_id, self.dtype = pad_id, dtype
@@ -34,7 +35,10 @@ class Phase1Decoder(nnx.Module):
     self.backbone = SharedDecoderBackbone(
         num_layers=num_layers, num_unique_layers=num_unique_layers, scan=scan_layers, remat=remat,
         d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate,
-        dtype=dtype, attention_kind=attention_kind, rngs=rngs)
+        dtype=dtype, attention_kind=attention_kind, attention_options=attention_options,
+        rngs=rngs)
+    # Otherwise greedy decoding reruns the model on the prefix for each token (exact, slower).
+    self.kv_cache_decoding = attention_kind in KV_CACHE_KINDS
     self.heads = DualGenerationHeads(d_model, vocab_size, num_semantic_classes,
                                      tied=tie_detail_head, dtype=dtype, rngs=rngs)
     self.element_classifier = ElementTypeClassifier(d_model, num_element_types, dtype=dtype,

@@ -130,12 +130,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   ckpt.close()
   reporter.close()
   report = evaluation.evaluate_checkpoint(config, workdir, which='best')
-  passed = report['targets'] and report['targets']['all_passed']
-  print(f'Best checkpoint (step {report["checkpoint_step"]}): ' + '  '.join(
-      f'{k}={v["value"]:.4f} (target {v["target"]}, {"pass" if v["passed"] else "FAIL"})'
-      for k, v in (report['targets'] or {}).items() if k != 'all_passed')
-      + f'  -> {"all targets met" if passed else "targets not met"}')
+  print(f'Best checkpoint (step {report["checkpoint_step"]}): {_targets_line(report)}')
   return report
+
+
+def _targets_line(report: dict) -> str:
+  targets = report['targets']
+  if targets is None:
+    return 'targets not scored (no BLEU: eval.bleu_samples=0)'
+  return '  '.join(
+      f'{k}={v["value"]:.4f} (target {v["target"]}, {"pass" if v["passed"] else "FAIL"})'
+      for k, v in targets.items() if k != 'all_passed') + (
+          '  -> all targets met' if targets['all_passed'] else '  -> targets not met')
 
 
 def _train_epoch(config, state, train_step, source, epoch, steps_per_epoch, schedule, reporter):

@@ -9,6 +9,7 @@ import optax
 from flax import nnx
 
 from phase1_jax.losses import TASKS
+from phase1_jax.model import attention
 from phase1_jax.model.phase1 import Phase1Decoder
 
 
@@ -42,7 +43,10 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Phase1D
       max_seq_len=config.data.max_seq_len, d_model=m.d_model, num_heads=m.num_heads,
       num_layers=m.num_layers, num_unique_layers=m.num_unique_layers, mlp_dim=m.mlp_dim,
       dropout_rate=m.dropout_rate, dtype=compute_dtype(m.compute_dtype),
-      attention_kind=m.attention.kind, tie_detail_head=m.tie_detail_head,
+      attention_kind=m.attention.kind, attention_options=attention.kind_options(
+          m.attention.kind, window_size=m.attention.window_size, top_k=m.attention.top_k,
+          block_size=m.attention.block_size or None),
+      tie_detail_head=m.tie_detail_head,
       scan_layers=m.scan_layers, remat=m.remat, rngs=rngs)
 
 
