@@ -119,7 +119,7 @@ def print_table(rows, kinds):
   for kind in kinds:
     for mode in MODES:
       times = [by.get((kind, t, mode), {}).get('median_s') for t in lens]
-      growth = [f'{b / a:.2f}' for a, b in zip(times, times[1:]) if a and b]
+      growth = [f'{b / a:.2f}' for a, b in zip(times[:-1], times[1:], strict=True) if a and b]
       if growth:
         print(f'{kind} {mode}: time growth per doubling of T: {", ".join(growth)}')
 
@@ -133,12 +133,12 @@ def plot(rows, kinds, path):
     print('matplotlib not installed (pip install .[bench]): no plot')
     return
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-  for ax, mode in zip(axes, MODES):
+  for ax, mode in zip(axes[:2], MODES, strict=True):
     for kind in kinds:
       pts = [(r['seq_len'], r['median_s']) for r in rows
              if r['kind'] == kind and r['mode'] == mode and 'median_s' in r]
       if pts:
-        ax.loglog(*zip(*pts), marker='o', label=kind, base=2)
+        ax.loglog(*zip(*pts, strict=True), marker='o', label=kind, base=2)
     ax.set(title=f'time, {mode}', xlabel='T', ylabel='seconds (median)')
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()
@@ -146,7 +146,7 @@ def plot(rows, kinds, path):
     pts = [(r['seq_len'], r['memory_gib']) for r in rows
            if r['kind'] == kind and r['mode'] == 'fwd_bwd']
     if pts:
-      axes[2].loglog(*zip(*pts), marker='o', label=kind, base=2)
+      axes[2].loglog(*zip(*pts, strict=True), marker='o', label=kind, base=2)
   axes[2].set(title='compiled memory, fwd_bwd', xlabel='T', ylabel='GiB (temp+args+outputs)')
   axes[2].grid(True, which='both', alpha=0.3)
   axes[2].legend()

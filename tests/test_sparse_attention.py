@@ -3,6 +3,7 @@ reference (and a float64 numpy reference of the top-k selection), their gradient
 transforms and argument checks."""
 from __future__ import annotations
 
+import functools
 import math
 
 import chex
@@ -245,7 +246,7 @@ def test_vmap_over_an_extra_axis():
   mask = random_kv_mask(15, 18).reshape(2, 1, 18)
   for kind, options in (('window', dict(window_size=5, block_size=4)),
                         ('window_topk', dict(window_size=5, top_k=1, block_size=4))):
-    fn = lambda q, k, v, m: attention.attend(q, k, v, m, causal=True, kind=kind, **options)
+    fn = functools.partial(attention.attend, causal=True, kind=kind, **options)
     batched = jax.jit(jax.vmap(fn))(q, k, v, mask)
     looped = jnp.stack([fn(q[i], k[i], v[i], mask[i]) for i in range(2)])
     np.testing.assert_allclose(batched, looped, rtol=RTOL, atol=ATOL)

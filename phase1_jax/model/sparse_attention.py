@@ -41,7 +41,6 @@ import numpy as np
 _NEG = -1e30
 # Query positions per scan step: 12 heads x 1024 queries x 512 keys of float32 scores = 24 MiB.
 CHUNK_POSITIONS = 1024
-VARIANT = 'A'
 
 
 def default_block_size(window_size: int) -> int:
@@ -142,27 +141,29 @@ class _Blocks:
   def attend(self, allowed_bxC, k_sel, v_sel, ok_sel):
     """Each query block over its local keys and its selected ones -> BxTxNxH."""
     out = _block_attention(self.prev, self.per_chunk, self.q, self.k_pad, self.v_pad,
-                           self.ok_pad, k_sel, v_sel, ok_sel, jnp.asarray(allowed_bxC))
+                           self.ok_pad, jnp.asarray(allowed_bxC), k_sel, v_sel, ok_sel)
     batch, heads = out.shape[1:3]
     out_BxNxPxH = out.transpose(1, 2, 0, 3, 4).reshape(batch, heads, -1, out.shape[-1])
     return out_BxNxPxH[:, :, self.s - self.t:self.s].transpose(0, 2, 1, 3)
 
 
-def _chunk_context(prev, g, c, k_pad, v_pad, ok_pad, k_sel, v_sel, ok_sel):
-  """Chunk c (query blocks c*g ..): local keys/values/validity sliced from the padded arrays
-  (one dynamic slice, then static slices), followed by the chunk's selected blocks."""
+def _chunk_parts(prev, g, c, k_pad, v_pad, ok_pad, allowed, k_sel, v_sel, ok_sel):
+  """Chunk c's key parts (query blocks c*g ..), each (keys, values, mask broadcastable to the
+  scores): its local blocks, sliced from the padded arrays (one dynamic slice, then static
+  slices), and its selected blocks if any. Separate parts share one softmax without
+  concatenating keys or scores."""
   window = lambda x: jax.lax.dynamic_slice_in_dim(x, c * g, g + prev, axis=0)
   local = lambda x, axis: jnp.concatenate([x[j:j + g] for j in range(prev + 1)], axis=axis)
-  k = jnp.concatenate([local(window(k_pad), 3), k_sel], axis=3)
-  v = jnp.concatenate([local(window(v_pad), 3), v_sel], axis=3)
-  ok_local = local(window(ok_pad), 2)[:, :, None]
-  ok_local = jnp.broadcast_to(ok_local, ok_local.shape[:2] + ok_sel.shape[2:3] + ok_local.shape[3:])
-  return k, v, jnp.concatenate([ok_local, ok_sel], axis=3)
+  ok_local = local(window(ok_pad), 2)[:, :, None, None, :]
+  parts = [(local(window(k_pad), 3), local(window(v_pad), 3), allowed & ok_local)]
+  if k_sel.shape[3]:
+    parts.append((k_sel, v_sel, ok_sel[:, :, :, None, :]))
+  return parts
 
 
-def _scores(q, k, ok, allowed):
+def _scores(q, k, mask):
   scores = jnp.einsum('kbnrh,kbnch->kbnrc', q, k, preferred_element_type=jnp.float32)
-  return jnp.where(allowed & ok[:, :, :, None, :], scores, _NEG)
+  return jnp.where(mask, scores, _NEG)
 
 
 def _chunks(g, x):
@@ -174,45 +175,42 @@ def _unchunk(x):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _block_attention(prev, g, q, k_pad, v_pad, ok_pad, k_sel, v_sel, ok_sel, allowed):
-  """softmax(mask(q k^T)) v per query block over its context, float32 softmax, g query blocks per
-  scan step. Hand-written backward: autodiff's fused softmax backward ran several times slower
-  than the matmuls on XLA CPU, and it would store the probabilities."""
-  return _block_attention_fwd(prev, g, q, k_pad, v_pad, ok_pad, k_sel, v_sel, ok_sel,
-                              allowed)[0]
+def _block_attention(prev, g, q, k_pad, v_pad, ok_pad, allowed, k_sel, v_sel, ok_sel):
+  """softmax(mask(q k^T)) v per query block over its local + selected keys, float32 softmax, g
+  query blocks per scan step. Hand-written backward: autodiff's fused softmax backward ran
+  several times slower than the matmuls on XLA CPU, and it would store the probabilities."""
+  return _block_attention_fwd(prev, g, q, k_pad, v_pad, ok_pad, allowed, k_sel, v_sel,
+                              ok_sel)[0]
 
 
-def _block_attention_fwd(prev, g, q, k_pad, v_pad, ok_pad, k_sel, v_sel, ok_sel, allowed):
+def _block_attention_fwd(prev, g, q, k_pad, v_pad, ok_pad, allowed, k_sel, v_sel, ok_sel):
   def step(_, xs):
     c, q_c, k_sel_c, v_sel_c, ok_sel_c = xs
-    k, v, ok = _chunk_context(prev, g, c, k_pad, v_pad, ok_pad, k_sel_c, v_sel_c, ok_sel_c)
-    scores = _scores(q_c, k, ok, allowed)
-    if VARIANT == 'D': scores = jax.lax.optimization_barrier(scores)
-    row_max = scores.max(-1, keepdims=True)
-    exps = jnp.exp(scores - row_max)
-    row_sum = exps.sum(-1, keepdims=True)
-    probs = (exps / row_sum).astype(q.dtype)
-    if VARIANT == 'B': probs = jax.lax.optimization_barrier(probs)
-    if VARIANT == 'C': exps = jax.lax.optimization_barrier(exps); probs = (exps / row_sum).astype(q.dtype)
-    if VARIANT == 'D': probs = jax.lax.optimization_barrier(probs); scores_unused = None
-    out = jnp.einsum('kbnrc,kbnch->kbnrh', probs, v)
-    return None, (out, row_max[..., 0], row_sum[..., 0])
+    parts = _chunk_parts(prev, g, c, k_pad, v_pad, ok_pad, allowed, k_sel_c, v_sel_c, ok_sel_c)
+    scores = [_scores(q_c, k, mask) for k, _, mask in parts]
+    row_max = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
+    exps = [jnp.exp(s - row_max) for s in scores]
+    row_sum = sum(e.sum(-1, keepdims=True) for e in exps)
+    # Normalized after the matmul: one division per output, not per score (measured ~5% faster).
+    out = sum(jnp.einsum('kbnrc,kbnch->kbnrh', e.astype(q.dtype), part[1],
+                         preferred_element_type=jnp.float32)
+              for e, part in zip(exps, parts, strict=True))
+    return None, ((out / row_sum).astype(q.dtype), row_max[..., 0], row_sum[..., 0])
 
   xs = (jnp.arange(q.shape[0] // g),) + tuple(_chunks(g, x) for x in (q, k_sel, v_sel, ok_sel))
   _, (out, row_max, row_sum) = jax.tree.map(_unchunk, jax.lax.scan(step, None, xs))
-  return out, (q, k_pad, v_pad, ok_pad, k_sel, v_sel, ok_sel, allowed, out, row_max, row_sum)
+  return out, (q, k_pad, v_pad, ok_pad, allowed, k_sel, v_sel, ok_sel, out, row_max, row_sum)
 
 
 def _block_attention_bwd(prev, g, residuals, d_out):
-  q, k_pad, v_pad, ok_pad, k_sel, v_sel, ok_sel, allowed, out, row_max, row_sum = residuals
-  local_keys = (prev + 1) * q.shape[3]
+  q, k_pad, v_pad, ok_pad, allowed, k_sel, v_sel, ok_sel, out, row_max, row_sum = residuals
   f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
   def add_local(acc, d_local, c):
     # Local key j of query block i is padded block i + j: fold the prev + 1 slots back onto the
     # g + prev blocks this chunk read, and add them where they came from.
-    parts = d_local.reshape(*d_local.shape[:3], prev + 1, -1, d_local.shape[-1])
-    d_window = sum(jnp.pad(parts[:, :, :, j], ((j, prev - j),) + ((0, 0),) * 4)
+    slots = d_local.reshape(*d_local.shape[:3], prev + 1, -1, d_local.shape[-1])
+    d_window = sum(jnp.pad(slots[:, :, :, j], ((j, prev - j),) + ((0, 0),) * 4)
                    for j in range(prev + 1))
     start = c * g
     current = jax.lax.dynamic_slice_in_dim(acc, start, g + prev, axis=0)
@@ -220,20 +218,21 @@ def _block_attention_bwd(prev, g, residuals, d_out):
 
   def step(carry, xs):
     c, q_c, k_sel_c, v_sel_c, ok_sel_c, max_c, sum_c, delta_c, d_out_c = xs
-    k, v, ok = _chunk_context(prev, g, c, k_pad, v_pad, ok_pad, k_sel_c, v_sel_c, ok_sel_c)
-    # Probabilities recomputed from the saved row max/sum (exact also for fully masked rows).
-    probs = jnp.exp(_scores(q_c, k, ok, allowed) - max_c[..., None]) / sum_c[..., None]
-    d_v = f32('kbnrc,kbnrh->kbnch', probs.astype(q.dtype), d_out_c)
-    d_probs = f32('kbnrh,kbnch->kbnrc', d_out_c, v)
-    d_scores = (probs * (d_probs - delta_c[..., None])).astype(q.dtype)
-    d_q = f32('kbnrc,kbnch->kbnrh', d_scores, k)
-    d_k = f32('kbnrc,kbnrh->kbnch', d_scores, q_c)
+    parts = _chunk_parts(prev, g, c, k_pad, v_pad, ok_pad, allowed, k_sel_c, v_sel_c, ok_sel_c)
+    d_q, d_kv = 0, []
+    for k, v, mask in parts:
+      # Probabilities recomputed from the saved row max/sum (exact also for fully masked rows).
+      probs = jnp.exp(_scores(q_c, k, mask) - max_c[..., None]) / sum_c[..., None]
+      d_v = f32('kbnrc,kbnrh->kbnch', probs.astype(q.dtype), d_out_c)
+      d_probs = f32('kbnrh,kbnch->kbnrc', d_out_c, v)
+      d_scores = (probs * (d_probs - delta_c[..., None])).astype(q.dtype)
+      d_q = d_q + f32('kbnrc,kbnch->kbnrh', d_scores, k)
+      d_kv.append((f32('kbnrc,kbnrh->kbnch', d_scores, q_c), d_v))
+    (d_k_local, d_v_local), d_sel = d_kv[0], d_kv[1:]
     d_k_pad, d_v_pad = carry
-    carry = (add_local(d_k_pad, d_k[:, :, :, :local_keys], c),
-             add_local(d_v_pad, d_v[:, :, :, :local_keys], c))
-    cast = lambda x, like: x.astype(like.dtype)
-    return carry, (cast(d_q, q), cast(d_k[:, :, :, local_keys:], k_sel),
-                   cast(d_v[:, :, :, local_keys:], v_sel))
+    carry = add_local(d_k_pad, d_k_local, c), add_local(d_v_pad, d_v_local, c)
+    d_k_sel, d_v_sel = d_sel[0] if d_sel else (k_sel_c, v_sel_c)   # else zero-size
+    return carry, (d_q.astype(q.dtype), d_k_sel.astype(k_sel.dtype), d_v_sel.astype(v_sel.dtype))
 
   # sum_c probs * d_probs == d_out . out: a reduction over H, not the context, done up front (in
   # the loop XLA CPU fused it into the d_probs matmul, which then ran ~4x slower).
@@ -243,8 +242,8 @@ def _block_attention_bwd(prev, g, residuals, d_out):
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)   # float32 sums across chunks
   (d_k_pad, d_v_pad), (d_q, d_k_sel, d_v_sel) = jax.lax.scan(step, (zeros(k_pad), zeros(v_pad)),
                                                              xs)
-  return (_unchunk(d_q), d_k_pad.astype(k_pad.dtype), d_v_pad.astype(v_pad.dtype), None,
-          _unchunk(d_k_sel), _unchunk(d_v_sel), None, None)
+  return (_unchunk(d_q), d_k_pad.astype(k_pad.dtype), d_v_pad.astype(v_pad.dtype), None, None,
+          _unchunk(d_k_sel), _unchunk(d_v_sel), None)
 
 
 _block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
@@ -265,7 +264,4 @@ def window_topk_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *,
   """Causal local blocks + top_k selected earlier key blocks, O(T * (w + b + top_k * b))."""
   blocks = _Blocks(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, window_size, block_size,
                    chunk_positions)
-  k_sel, v_sel, ok_sel = blocks.selected(top_k)
-  allowed_bxC = np.concatenate([blocks.local_allowed(None),
-                                np.ones((blocks.b, ok_sel.shape[-1]), bool)], axis=1)
-  return blocks.attend(allowed_bxC, k_sel, v_sel, ok_sel)
+  return blocks.attend(blocks.local_allowed(None), *blocks.selected(top_k))
