@@ -191,11 +191,10 @@ def _block_attention_fwd(prev, g, q, k_pad, v_pad, ok_pad, allowed, k_sel, v_sel
     row_max = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
     exps = [jnp.exp(s - row_max) for s in scores]
     row_sum = sum(e.sum(-1, keepdims=True) for e in exps)
-    # Normalized after the matmul: one division per output, not per score (measured ~5% faster).
-    out = sum(jnp.einsum('kbnrc,kbnch->kbnrh', e.astype(q.dtype), part[1],
+    out = sum(jnp.einsum('kbnrc,kbnch->kbnrh', (e / row_sum).astype(q.dtype), part[1],
                          preferred_element_type=jnp.float32)
               for e, part in zip(exps, parts, strict=True))
-    return None, ((out / row_sum).astype(q.dtype), row_max[..., 0], row_sum[..., 0])
+    return None, (out.astype(q.dtype), row_max[..., 0], row_sum[..., 0])
 
   xs = (jnp.arange(q.shape[0] // g),) + tuple(_chunks(g, x) for x in (q, k_sel, v_sel, ok_sel))
   _, (out, row_max, row_sum) = jax.tree.map(_unchunk, jax.lax.scan(step, None, xs))
