@@ -15,6 +15,7 @@ from phase1_jax.data import vocab
 ATTENTION_KINDS = ('dense', 'dot_product', 'window', 'window_topk')
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
 LOSS_WEIGHTINGS = ('fixed', 'uncertainty')
+DECODE_STRATEGIES = ('greedy', 'sample', 'beam')
 METRIC_MODES = {'val_loss': 'min', 'element_f1': 'max', 'semantic_accuracy': 'max', 'bleu': 'max',
                 'targets_score': 'max'}
 
@@ -95,6 +96,16 @@ def base_config() -> ml_collections.ConfigDict:
   e.bleu_target = 0.30
   e.element_f1_target = 0.85
   e.semantic_accuracy_target = 0.85
+
+  c.decode = g = ml_collections.ConfigDict()   # evaluation's BLEU and `generate`
+  g.strategy = 'greedy'         # greedy | sample | beam
+  g.max_len = 0                 # tokens per page incl. EOS (0: data.max_seq_len)
+  g.temperature = 1.0           # sample
+  g.top_k = 0                   # sample: only the k most likely tokens (0: all)
+  g.top_p = 1.0                 # sample: nucleus, the smallest set with this much probability
+  g.beam_size = 4               # beam
+  g.length_penalty = 0.6        # beam: log_prob / ((5 + length) / 6) ** length_penalty
+  g.seed = 0                    # sample: the same seed gives the same pages
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.max_to_keep = 2
@@ -207,6 +218,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   in_range('eval.element_threshold', 0, 1, lo_open=True, hi_open=True)
   for name in ('bleu', 'element_f1', 'semantic_accuracy'):
     in_range(f'eval.{name}_target', 0, 1)
+
+  one_of('decode.strategy', DECODE_STRATEGIES)
+  positive('decode.max_len', 'decode.top_k', 'decode.seed', allow_zero=True)
+  if config.decode.max_len > config.data.max_seq_len:
+    raise _fail('decode.max_len', f'must be <= data.max_seq_len ({config.data.max_seq_len}): the '
+                'model has no position embedding beyond it', config.decode.max_len)
+  in_range('decode.temperature', 0, float('inf'), lo_open=True)
+  in_range('decode.top_p', 0, 1, lo_open=True)
+  positive('decode.beam_size')
+  in_range('decode.length_penalty', 0, float('inf'))
 
   positive('checkpoint.max_to_keep')
   one_of('checkpoint.best_metric', tuple(METRIC_MODES))

@@ -50,24 +50,83 @@ def _model(kind, **options):
                        rngs=nnx.Rngs(3))
 
 
-@pytest.mark.parametrize('kind,options', [
-    ('window', dict(window_size=5, block_size=4)),
-    ('window_topk', dict(window_size=4, top_k=1, block_size=4)),
+DECODE_CASES = [
+    ('dense', {}),
     ('dot_product', {}),
-])
+    ('window', dict(window_size=5, block_size=4)),
+    # 5 blocks of 4, local blocks i-1..i: blocks 0..i-2 are selectable from block 2 on.
+    ('window_topk', dict(window_size=4, top_k=1, block_size=4)),
+    ('window_topk', dict(window_size=3, top_k=2, block_size=2)),
+]
+
+
+@pytest.mark.parametrize('kind,options', DECODE_CASES)
 def test_greedy_decode_equals_reference_for_each_kind(kind, options):
-  """Cached (window: a window mask over the cache) or recomputed (window_topk) decoding gives
-  the tokens of the uncached definition. 20 positions, so the window and blocks are exceeded."""
+  """KV-cached decoding (window: a ring buffer; window_topk: block selection at each block's
+  first position) gives the tokens of the uncached definition, and so does the jitted
+  recomputing loop. 20 positions, so the window and blocks are exceeded."""
   model = _model(kind, **options)
   key = jax.random.key(7)
   features = jax.random.normal(key, (3, 6, 8))
   feature_mask = jnp.ones((3, 6), bool).at[2, 4:].set(False)
   args = dict(max_len=20, bos_id=1, eos_id=-1, pad_id=0)   # eos -1: rows run to max_len
-  cached = jax.jit(lambda m, f, fm: greedy_decode(m, f, fm, **args))(model, features,
-                                                                      feature_mask)
+  decode = jax.jit(lambda m, f, fm, use_cache: greedy_decode(m, f, fm, use_cache=use_cache,
+                                                             **args), static_argnums=3)
   reference = greedy_decode_reference(model, features, feature_mask, **args)
-  np.testing.assert_array_equal(cached, reference)
-  assert model.kv_cache_decoding == (kind != 'window_topk')
+  np.testing.assert_array_equal(decode(model, features, feature_mask, True), reference)
+  np.testing.assert_array_equal(decode(model, features, feature_mask, False), reference)
+
+
+@pytest.mark.parametrize('kind,options', DECODE_CASES)
+def test_decode_step_logits_equal_forward_for_each_kind(kind, options):
+  """Stronger than equal tokens: at every position the cached step's logits are the full
+  forward pass's on the same (random) tokens, float32."""
+  model = _model(kind, **options)
+  rng = np.random.default_rng(5)
+  features = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
+  feature_mask = jnp.ones((2, 6), bool).at[1, 5:].set(False)
+  tokens = jnp.asarray(rng.integers(3, 48, (2, 20)), jnp.int32).at[:, 0].set(1)
+
+  @jax.jit
+  def stepped(model, features, feature_mask, tokens):
+    state = model.init_decode_state(features, 20)
+
+    def body(state, xs):
+      detail, _, state = model.decode_step(xs[1], xs[0], state, feature_mask)
+      return state, detail
+    return jnp.swapaxes(jax.lax.scan(body, state, (jnp.arange(20), tokens.T))[1], 0, 1)
+
+  full = model(features, feature_mask, tokens)['detail_logits']
+  np.testing.assert_allclose(stepped(model, features, feature_mask, tokens), full, rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_window_cache_is_a_ring_of_window_size():
+  """The window kind's cache holds window_size positions whatever max_len is (memory O(w))."""
+  model = _model('window', window_size=5, block_size=4)
+  features = jnp.zeros((2, 6, 8))
+  for max_len in (8, 20):
+    state = jax.eval_shape(lambda m, f, n=max_len: m.init_decode_state(f, n), model, features)
+    assert state['cache']['k'].shape == (3, 2, 5, 4, 8)
+  dense = jax.eval_shape(lambda m, f: m.init_decode_state(f, 20), _model('dense'), features)
+  assert dense['cache']['k'].shape == (3, 2, 20, 4, 8)
+
+
+def test_topk_decode_uses_its_selected_blocks():
+  """Decoding with top_k=1 differs from the window alone (top_k=0) on the same weights, and with
+  top_k covering every block it equals dense causal decoding: the selection is live in the
+  cached path, and the local + selected blocks hold every earlier key."""
+  features = jax.random.normal(jax.random.key(2), (4, 6, 8))
+  feature_mask = jnp.ones((4, 6), bool)
+  args = dict(max_len=20, bos_id=1, eos_id=-1, pad_id=0)
+  decode = lambda **o: np.asarray(greedy_decode(_model('window_topk', **o), features,
+                                                feature_mask, **args))
+  some, none = decode(window_size=2, top_k=1, block_size=2), decode(window_size=2, top_k=0,
+                                                                    block_size=2)
+  assert (some != none).any()
+  every = decode(window_size=2, top_k=10, block_size=2)
+  np.testing.assert_array_equal(every, np.asarray(greedy_decode(_model('dense'), features,
+                                                                feature_mask, **args)))
 
 
 def test_window_decode_differs_from_dense_past_the_window():

@@ -154,5 +154,5 @@ def test_decode_step_equals_call_on_each_prefix(tiny_model, tiny_forward, tiny_b
 def test_cache_is_per_application_not_per_unique_layer(tiny_model, tiny_batch):
   state = jax.eval_shape(lambda m, f: m.init_decode_state(f, SEQ), tiny_model,
                          tiny_batch['features'])
-  assert state['cache'][0].shape[0] == TINY['num_layers']
+  assert state['cache']['k'].shape[0] == TINY['num_layers']
   assert state['memory_kv'][0].shape[0] == TINY['num_unique_layers']

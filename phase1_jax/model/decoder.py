@@ -5,11 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phase1_jax.model import kv_cache
 from phase1_jax.model.attention import attend
-
-# Kinds whose attention a per-position KV cache reproduces exactly (`window` masks the cache to its
-# window). `window_topk` selects key blocks per query block, which the cached step does not do yet.
-KV_CACHE_KINDS = ('dense', 'dot_product', 'window')
 
 
 class MultiHeadAttention(nnx.Module):
@@ -52,20 +49,13 @@ class MultiHeadAttention(nnx.Module):
     out = attend(self._heads(self.q(x_BxTxD)), k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
     return self.out(out.reshape(b, t, d))
 
-  def self_step(self, x_Bx1xD, cache_k_BxLxNxH, cache_v_BxLxNxH, pos, window_size=None):
-    """One decoding position `pos`: write its key/value into the cache, attend over 0..pos (only
-    the last `window_size` of them with a window)."""
+  def self_step(self, x_Bx1xD, cache: dict, pos, *, kind: str, options: dict):
+    """One decoding position `pos` against this application's KV cache (kv_cache.py), which it
+    returns updated."""
     b, _, d = x_Bx1xD.shape
-    q, k, v = (self._heads(y) for y in jnp.split(self.qkv(x_Bx1xD), 3, axis=-1))
-    cache_k_BxLxNxH = jax.lax.dynamic_update_slice_in_dim(cache_k_BxLxNxH, k, pos, axis=1)
-    cache_v_BxLxNxH = jax.lax.dynamic_update_slice_in_dim(cache_v_BxLxNxH, v, pos, axis=1)
-    positions_L = jnp.arange(cache_k_BxLxNxH.shape[1])
-    visible_L = positions_L <= pos
-    if window_size is not None:
-      visible_L = visible_L & (positions_L > pos - window_size)
-    visible_BxL = jnp.broadcast_to(visible_L, cache_k_BxLxNxH.shape[:2])
-    out = attend(q, cache_k_BxLxNxH, cache_v_BxLxNxH, visible_BxL)
-    return self.out(out.reshape(b, 1, d)), cache_k_BxLxNxH, cache_v_BxLxNxH
+    q, k, v = (self._heads(y)[:, 0] for y in jnp.split(self.qkv(x_Bx1xD), 3, axis=-1))
+    out_BxNxH, cache = kv_cache.step(cache, q, k, v, pos, kind=kind, options=options)
+    return self.out(out_BxNxH.reshape(b, 1, d)), cache
 
 
 class DecoderLayer(nnx.Module):
@@ -99,17 +89,15 @@ class DecoderLayer(nnx.Module):
   def _mlp(self, x_BxTxD):
     return self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x_BxTxD))))
 
-  def decode_step(self, x_Bx1xD, cache_k, cache_v, pos, memory_k, memory_v, memory_mask_BxS):
-    """The layer at one position with a KV cache (no dropout): (x, cache_k, cache_v)."""
-    if self.attention_kind not in KV_CACHE_KINDS:
-      raise NotImplementedError(f'KV-cached decoding with attention kind {self.attention_kind!r}')
-    window_size = dict(self.attention_options).get('window_size')  # only the window kinds have one
-    h, cache_k, cache_v = self.self_attn.self_step(self.self_norm(x_Bx1xD), cache_k, cache_v, pos,
-                                                   window_size)
+  def decode_step(self, x_Bx1xD, cache: dict, pos, memory_k, memory_v, memory_mask_BxS):
+    """The layer at one position with its KV cache (no dropout): (x_Bx1xD, cache)."""
+    h, cache = self.self_attn.self_step(self.self_norm(x_Bx1xD), cache, pos,
+                                        kind=self.attention_kind,
+                                        options=dict(self.attention_options))
     x_Bx1xD = x_Bx1xD + h
     x_Bx1xD = x_Bx1xD + self.cross_attn.cross_step(self.cross_norm(x_Bx1xD), memory_k, memory_v,
                                                    memory_mask_BxS)
-    return x_Bx1xD + self._mlp(x_Bx1xD), cache_k, cache_v
+    return x_Bx1xD + self._mlp(x_Bx1xD), cache
 
 
 class SharedDecoderBackbone(nnx.Module):
@@ -161,19 +149,16 @@ class SharedDecoderBackbone(nnx.Module):
     Applications sharing a layer share its memory K/V, so this is computed U times, not L."""
     return nnx.vmap(lambda layer: layer.cross_attn.memory_kv(memory_BxSxD))(self.layers)
 
-  def decode_step(self, x_Bx1xD, cache, pos, memory_kv, memory_mask_BxS):
-    """All applications at one position. cache: (k, v), each [L, B, max_len, N, H]."""
+  def decode_step(self, x_Bx1xD, cache: dict, pos, memory_kv, memory_mask_BxS):
+    """All applications at one position. cache: kv_cache.init's dict, leading axis L."""
     graphdef, stacked = nnx.split(self.layers)
     u = self.num_unique_layers
     memory_k, memory_v = memory_kv
 
     def body(x, xs):
-      i, cache_k, cache_v = xs
+      i, cache_i = xs
       pick = lambda p: jax.lax.dynamic_index_in_dim(p, i % u, keepdims=False)
       layer = nnx.merge(graphdef, jax.tree.map(pick, stacked))
-      x, cache_k, cache_v = layer.decode_step(x, cache_k, cache_v, pos, pick(memory_k),
-                                              pick(memory_v), memory_mask_BxS)
-      return x, (cache_k, cache_v)
+      return layer.decode_step(x, cache_i, pos, pick(memory_k), pick(memory_v), memory_mask_BxS)
 
-    x_Bx1xD, cache = jax.lax.scan(body, x_Bx1xD, (jnp.arange(self.num_layers), *cache))
-    return x_Bx1xD, cache
+    return jax.lax.scan(body, x_Bx1xD, (jnp.arange(self.num_layers), cache))

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phase1_jax.model.decoder import KV_CACHE_KINDS, SharedDecoderBackbone
+from phase1_jax.model import kv_cache
+from phase1_jax.model.decoder import SharedDecoderBackbone
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
 
 
@@ -37,8 +38,8 @@ class Phase1Decoder(nnx.Module):
         d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate,
         dtype=dtype, attention_kind=attention_kind, attention_options=attention_options,
         rngs=rngs)
-    # Otherwise greedy decoding reruns the model on the prefix for each token (exact, slower).
-    self.kv_cache_decoding = attention_kind in KV_CACHE_KINDS
+    self.attention_kind = attention_kind
+    self.attention_options = tuple(sorted((attention_options or {}).items()))
     self.heads = DualGenerationHeads(d_model, vocab_size, num_semantic_classes,
                                      tied=tie_detail_head, dtype=dtype, rngs=rngs)
     self.element_classifier = ElementTypeClassifier(d_model, num_element_types, dtype=dtype,
@@ -65,11 +66,14 @@ class Phase1Decoder(nnx.Module):
     }
 
   def init_decode_state(self, features_BxPxF, max_len: int):
-    """What decoding keeps per sequence: memory K/V per unique layer, empty self-attn caches."""
+    """What decoding keeps per sequence: memory K/V per unique layer (computed once), and an
+    empty self-attention KV cache per layer application in the attention kind's layout."""
     memory_kv = self.backbone.memory_kv(self.encode_memory(features_BxPxF))
-    u, b, _, n, h = memory_kv[0].shape
-    cache = jnp.zeros((self.backbone.num_layers, b, max_len, n, h), self.dtype)
-    return {'memory_kv': memory_kv, 'cache': (cache, cache)}
+    _, b, _, n, h = memory_kv[0].shape
+    cache = kv_cache.init(self.attention_kind, dict(self.attention_options),
+                          num_applications=self.backbone.num_layers, batch=b, max_len=max_len,
+                          num_heads=n, head_dim=h, dtype=self.dtype)
+    return {'memory_kv': memory_kv, 'cache': cache}
 
   def decode_step(self, tokens_B, pos, decode_state, feature_mask_BxP):
     """Logits for the position after `tokens_B` at position `pos`: (detail_BxV, semantic_BxC,

@@ -7,9 +7,9 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from phase1_jax import config as config_lib
+from phase1_jax import decoding
 from phase1_jax import metrics as metrics_lib
 from phase1_jax.data import pipeline, vocab
 from phase1_jax.training import parallel, reporting
@@ -36,9 +36,9 @@ class Evaluator:
     c = self.config
     self.eval_step = parallel.jit_eval_step(graphdef=self.graphdef,
                                             loss_spec=LossSpec.from_config(c))
-    self.decode = parallel.jit_greedy_decode(
-        graphdef=self.graphdef, max_len=c.data.max_seq_len, bos_id=vocab.BOS_ID,
-        eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID)
+    self.generate = parallel.jit_generate(
+        graphdef=self.graphdef, settings=decoding.DecodeSettings.from_config(c),
+        ids=decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID))
     self.id_to_token = vocab.id_to_token(c.model.vocab_size)
 
   def __call__(self, params, source) -> dict[str, float]:
@@ -67,23 +67,20 @@ class Evaluator:
     return result
 
   def generate_and_score(self, params, source, num_pages: int) -> dict[str, float]:
-    """Greedy generations of the first `num_pages` pages, scored as a user would see them:
-    corpus BLEU (0..1) against the reference markup, and element P/R/F1 of the classifier reading
-    the generated markup instead of the reference (`element_*_generated`)."""
+    """Generations (config.decode: greedy by default) of the first `num_pages` pages, scored as a
+    user would see them: corpus BLEU (0..1) against the reference markup, and element P/R/F1 of
+    the classifier reading the generated markup instead of the reference
+    (`element_*_generated`)."""
     hyps, refs = [], []
     acc = metrics_lib.MetricAccumulator(threshold=self.config.eval.element_threshold)
     strings = lambda t: metrics_lib.tokens_to_strings(
         t, self.id_to_token, eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
+    rng = jax.random.key(self.config.decode.seed)
     for batch, real in pipeline.eval_batches(source, batch_size=self.config.eval.batch_size,
                                              limit=num_pages):
-      tokens_BxT = jax.device_get(self.decode(params, batch['features'], batch['feature_mask']))
-      hyps += strings(tokens_BxT[:real])
+      out = jax.device_get(self.generate(params, batch['features'], batch['feature_mask'], rng))
+      hyps += strings(out['tokens'][:real])
       refs += strings(batch['targets'][:real])
-      # Decoder inputs of the generated page: BOS + its tokens before EOS, PAD after.
-      inputs_BxT = np.concatenate([np.full_like(tokens_BxT[:, :1], vocab.BOS_ID),
-                                   tokens_BxT[:, :-1]], axis=1)
-      inputs_BxT[np.cumsum(inputs_BxT == vocab.EOS_ID, axis=1) > 0] = vocab.PAD_ID
-      out = jax.device_get(self.eval_step(params, {**batch, 'inputs': inputs_BxT}))
       acc.add_elements(out['element_probs'][:real], batch['element_labels'][:real])
     scores = {f'{k}_generated': v for k, v in acc.result().items() if k.startswith('element_')}
     return {'bleu': metrics_lib.bleu(hyps, refs), **scores}

@@ -24,11 +24,11 @@ def jit_eval_step(*, graphdef, loss_spec):
   return jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef, loss_spec=loss_spec))
 
 
-def jit_greedy_decode(*, graphdef, max_len: int, bos_id: int, eos_id: int, pad_id: int):
-  """(params, features_BxPxF, feature_mask_BxP) -> tokens_BxT, jitted (KV-cached loop)."""
+def jit_generate(*, graphdef, settings: decoding.DecodeSettings, ids: decoding.TokenIds):
+  """(params, features_BxPxF, feature_mask_BxP, rng) -> decoding.generate's dict, jitted (one
+  while_loop with a KV cache, then one annotating forward pass)."""
 
-  def fn(params, features, feature_mask):
+  def fn(params, features, feature_mask, rng):
     model = nnx.merge(graphdef, params['model'])
-    return decoding.greedy_decode(model, features, feature_mask, max_len=max_len, bos_id=bos_id,
-                                  eos_id=eos_id, pad_id=pad_id)
+    return decoding.generate(model, features, feature_mask, settings=settings, ids=ids, rng=rng)
   return jax.jit(fn)
