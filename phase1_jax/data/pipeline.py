@@ -50,7 +50,7 @@ def eval_batches(source, *, batch_size: int, limit: int | None = None):
   n = len(source) if limit is None else min(limit, len(source))
   ds = grain.MapDataset.source(source)[:n].batch(batch_size, drop_remainder=False)
   for batch in ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)):
-    real = len(batch['inputs'])
+    real = len(batch['features'])
     batch['page_mask'] = np.arange(batch_size) < real
     if real < batch_size:
       batch = {k: v if k == 'page_mask' else

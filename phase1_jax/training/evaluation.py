@@ -94,13 +94,9 @@ def with_targets(config, result: dict) -> dict:
   return result
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'best'):
-  """Restores the best (or latest) checkpoint of `workdir` and evaluates it on the val split.
-
-  Writes and returns evaluation_results.json's content.
-  """
-  config_lib.validate(config)
-  source = pipeline.make_source(config, 'val')
+def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'best'):
+  """The model graph and trained params of `workdir`'s best (or latest) checkpoint:
+  (graphdef, params, step). Falls back to the latest when no best is recorded."""
   tx, _ = state_lib.make_optimizer(config, pipeline.steps_per_epoch(
       pipeline.make_source(config, 'train'), config.train.batch_size))
   graphdef, _ = state_lib.create_train_state(config, tx)
@@ -114,7 +110,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, whic
     if step is None:
       raise FileNotFoundError(f'{ckpt_dir}: no checkpoint to evaluate')
     state, extra = ckpt.restore(step, state_lib.abstract_train_state(config, tx))
-  result = with_targets(config, Evaluator(config, graphdef)(state.params, source))
+  return graphdef, state.params, step, extra
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'best'):
+  """Restores the best (or latest) checkpoint of `workdir` and evaluates it on the val split.
+
+  Writes and returns evaluation_results.json's content.
+  """
+  config_lib.validate(config)
+  source = pipeline.make_source(config, 'val')
+  graphdef, params, step, extra = load_trained(config, workdir, which=which)
+  result = with_targets(config, Evaluator(config, graphdef)(params, source))
   report = {
       'checkpoint_step': step,
       'epoch': extra.get('epoch'),

@@ -66,13 +66,17 @@ def to_jsonable(obj: Any) -> Any:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
   """Writes ``obj`` as JSON to a temp file, then renames it over ``path``."""
+  atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + '\n')
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes ``text`` to a temp file, then renames it over ``path``: readers never see half."""
   path = os.fspath(path)
-  text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   tmp = f'{path}.tmp.{os.getpid()}'
   try:
     with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(text + '\n')
+      f.write(text)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -1,0 +1,148 @@
+"""generate_pages(config, workdir): a trained checkpoint -> one JSON object per page (JSON Lines).
+
+Each record (the format `schemas/generation.schema.json` defines): the decoded markup and its
+token ids, the sections (runs of tokens with one predicted semantic class, by name), the element
+types whose probability reaches `eval.element_threshold`, the score, where the page's features
+came from, and the settings that produced it.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from phase1_jax import config as config_lib
+from phase1_jax import decoding
+from phase1_jax import metrics as metrics_lib
+from phase1_jax.data import pipeline, vocab
+from phase1_jax.training import evaluation, parallel, reporting
+
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'schemas',
+                           'generation.schema.json')
+
+
+class InputError(ValueError):
+  """A user-supplied input (features file, workdir) is unusable; one line naming it."""
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with: its workdir's config.json."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no config.json (is {workdir} a training workdir?)')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+class FeatureFile:
+  """Pages from a user's .npy of features, [num_pages, patches, feature_dim] or one page
+  [patches, feature_dim]; every patch is valid."""
+
+  def __init__(self, path: str, feature_dim: int):
+    try:
+      features = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise InputError(f'{path}: not a readable .npy array ({e})') from None
+    if features.ndim == 2:
+      features = features[None]
+    if features.ndim != 3 or features.shape[0] == 0 or features.shape[1] == 0:
+      raise InputError(f'{path}: features must be [pages, patches, {feature_dim}] or '
+                       f'[patches, {feature_dim}], got shape {features.shape}')
+    if features.shape[-1] != feature_dim:
+      raise InputError(f'{path}: feature_dim {features.shape[-1]} != data.feature_dim '
+                       f'{feature_dim} of the trained model')
+    if not np.issubdtype(features.dtype, np.floating):
+      raise InputError(f'{path}: features must be floats, got {features.dtype}')
+    if not np.isfinite(features).all():
+      page = int(np.argwhere(~np.isfinite(features))[0][0])
+      raise InputError(f'{path}: page {page} has non-finite features (NaN or inf)')
+    self.features = features.astype(np.float32)
+    self.name = os.path.basename(path)
+
+  def __len__(self):
+    return len(self.features)
+
+  def __getitem__(self, i):
+    return {'features': self.features[i], 'feature_mask': np.ones(self.features.shape[1], bool)}
+
+
+def _sections(tokens: list[str], semantic: np.ndarray, class_names) -> list[dict]:
+  """Maximal runs of tokens with the same predicted semantic class."""
+  sections, start = [], 0
+  for i in range(1, len(tokens) + 1):
+    if i == len(tokens) or semantic[i] != semantic[start]:
+      sections.append({'semantic_class': class_names[int(semantic[start])], 'start': start,
+                       'end': i, 'markup': ' '.join(tokens[start:i])})
+      start = i
+  return sections
+
+
+def page_records(out: dict, sources: list[str], *, settings: dict, threshold: float,
+                 id_to_token) -> list[dict]:
+  """JSON records of a decoded batch (numpy arrays from decoding.generate)."""
+  strings = metrics_lib.tokens_to_strings(out['tokens'], id_to_token, eos_id=vocab.EOS_ID,
+                                          pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
+  records = []
+  for row, source in enumerate(sources):
+    tokens = strings[row]
+    ids = out['tokens'][row]
+    elements = [{'type': vocab.ELEMENT_TYPES[e], 'probability': float(p)}
+                for e, p in enumerate(out['element_probs'][row]) if p >= threshold]
+    records.append({
+        'source': source,
+        'markup': ' '.join(tokens),
+        'token_ids': [int(t) for t in ids[:len(tokens)]],
+        'finished': bool((ids == vocab.EOS_ID).any()),
+        'score': float(out['score'][row]),
+        'sections': _sections(tokens, out['semantic'][row], vocab.SEMANTIC_CLASSES),
+        'elements': sorted(elements, key=lambda e: -e['probability']),
+        'settings': settings,
+    })
+  return records
+
+
+def generate_pages(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int | None,
+                   output: str | None = None, features_path: str | None = None,
+                   which: str = 'best') -> tuple[str, int]:
+  """Decodes `num_samples` pages (all if None) of the validation split, or of `features_path`,
+  with the checkpoint `which` of `workdir` and `config.decode`; writes JSON Lines to `output`
+  (default `<workdir>/generations.jsonl`). Returns (output path, pages written)."""
+  config_lib.validate(config)
+  if features_path is not None:
+    source = FeatureFile(features_path, config.data.feature_dim)
+    source_name = lambda i: f'{source.name}:{i}'
+  else:
+    source = pipeline.make_source(config, 'val')
+    source_name = lambda i: f'val:{i}'
+  graphdef, params, step, _ = evaluation.load_trained(config, workdir, which=which)
+  settings = decoding.DecodeSettings.from_config(config)
+  generate = parallel.jit_generate(
+      graphdef=graphdef, settings=settings,
+      ids=decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID))
+  record_settings = {
+      **{k: getattr(settings, k) for k in ('strategy', 'max_len', 'temperature', 'top_k',
+                                           'top_p', 'beam_size', 'length_penalty')},
+      'seed': config.decode.seed, 'element_threshold': config.eval.element_threshold,
+      'checkpoint_step': step, 'attention_kind': config.model.attention.kind,
+  }
+  id_to_token = vocab.id_to_token(config.model.vocab_size)
+  rng = jax.random.key(config.decode.seed)
+  lines, done = [], 0
+  for batch, real in pipeline.eval_batches(source, batch_size=config.eval.batch_size,
+                                           limit=num_samples):
+    # Batch keys are fold_in(seed key, first page index): the same seed, batch size and pages
+    # give the same samples.
+    out = jax.device_get(generate(params, batch['features'], batch['feature_mask'],
+                                  jax.random.fold_in(rng, done)))
+    out = {k: np.asarray(v)[:real] for k, v in out.items()}
+    for record in page_records(out, [source_name(done + i) for i in range(real)],
+                               settings=record_settings,
+                               threshold=config.eval.element_threshold, id_to_token=id_to_token):
+      lines.append(json.dumps(record))
+    done += real
+  output = output or os.path.join(workdir, 'generations.jsonl')
+  reporting.atomic_write_text(output, ''.join(line + '\n' for line in lines))
+  return output, done
