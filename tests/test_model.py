@@ -120,7 +120,8 @@ def test_phase1_decoder_shapes_outputs_float32(dtype):
                            method='init_decode_state')
   u, l, h = TINY['num_unique_layers'], TINY['num_layers'], TINY['d_model'] // TINY['num_heads']
   chex.assert_shape(list(state['memory_kv']), (u, B, PATCHES, TINY['num_heads'], h))
-  chex.assert_shape(list(state['cache']), (l, B, 10, TINY['num_heads'], h))
+  chex.assert_shape([state['cache']['k'], state['cache']['v']], (l, B, 10, TINY['num_heads'], h))
+  chex.assert_type([state['cache']['k'], state['cache']['v']], dtype)
 
 
 def test_bfloat16_model_close_to_float32(tiny_model, tiny_forward, tiny_batch):
