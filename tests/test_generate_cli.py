@@ -118,3 +118,14 @@ def test_missing_workdir_is_one_line(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith('error: '), proc.stderr
   assert 'config.json' in proc.stderr
+
+
+def test_config_of_an_older_run_gets_todays_defaults(tmp_path):
+  """A config.json saved before a section existed (here: decode) loads with its defaults."""
+  saved = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py')).to_dict()
+  del saved['decode']
+  saved['model']['d_model'] = 48
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  config = generation.load_config(str(tmp_path))
+  assert config.model.d_model == 48 and config.decode.strategy == 'greedy'
+  config_lib.validate(config)

@@ -29,12 +29,16 @@ class InputError(ValueError):
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with: its workdir's config.json."""
+  """The config a run was trained with: its workdir's config.json over today's defaults (so a
+  run saved before a config section existed still loads)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no config.json (is {workdir} a training workdir?)')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  config = config_lib.base_config()
+  config.update(ml_collections.ConfigDict(saved))
+  return config
 
 
 class FeatureFile:
