@@ -16,6 +16,8 @@ ATTENTION_KINDS = ('dense', 'dot_product', 'window', 'window_topk')
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
 LOSS_WEIGHTINGS = ('fixed', 'uncertainty')
 DECODE_STRATEGIES = ('greedy', 'sample', 'beam')
+PARALLEL_MODES = ('jit', 'pmap')
+DISTRIBUTED = ('off', 'auto', 'manual')
 METRIC_MODES = {'val_loss': 'min', 'element_f1': 'max', 'semantic_accuracy': 'max', 'bleu': 'max',
                 'targets_score': 'max'}
 
@@ -106,6 +108,15 @@ def base_config() -> ml_collections.ConfigDict:
   g.beam_size = 4               # beam
   g.length_penalty = 0.6        # beam: log_prob / ((5 + length) / 6) ** length_penalty
   g.seed = 0                    # sample: the same seed gives the same pages
+
+  c.parallel = p = ml_collections.ConfigDict()
+  p.mode = 'jit'                # jit: one program over a (data, fsdp) mesh; pmap: data parallel
+  p.fsdp = 1                    # jit: shard params/optimizer state over this many devices
+  p.data = 0                    # jit: data-parallel size (0: all devices / fsdp)
+  p.distributed = 'off'         # off | auto (TPU pods, SLURM: JAX finds the cluster) | manual
+  p.coordinator_address = ''    # manual: 'host:port' of process 0
+  p.num_processes = 1           # manual
+  p.process_id = 0              # manual: this process's index
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.max_to_keep = 2
@@ -228,6 +239,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   in_range('decode.top_p', 0, 1, lo_open=True)
   positive('decode.beam_size')
   in_range('decode.length_penalty', 0, float('inf'))
+
+  one_of('parallel.mode', PARALLEL_MODES)
+  positive('parallel.fsdp')
+  positive('parallel.data', 'parallel.process_id', allow_zero=True)
+  one_of('parallel.distributed', DISTRIBUTED)
+  if config.parallel.distributed == 'manual':
+    positive('parallel.num_processes')
+    if ':' not in config.parallel.coordinator_address:
+      raise _fail('parallel.coordinator_address', "must be 'host:port' with "
+                  "parallel.distributed='manual'", config.parallel.coordinator_address)
+    if config.parallel.process_id >= config.parallel.num_processes:
+      raise _fail('parallel.process_id', f'must be < parallel.num_processes '
+                  f'({config.parallel.num_processes})', config.parallel.process_id)
 
   positive('checkpoint.max_to_keep')
   one_of('checkpoint.best_metric', tuple(METRIC_MODES))

@@ -35,10 +35,18 @@ def steps_per_epoch(source, batch_size: int) -> int:
   return len(source) // batch_size
 
 
-def train_iterator(source, *, batch_size: int, seed: int, epoch: int):
-  """Epoch `epoch`'s shuffled, full batches as a checkpointable grain iterator."""
+def train_iterator(source, *, batch_size: int, seed: int, epoch: int, shard_index: int = 0,
+                   shard_count: int = 1):
+  """Epoch `epoch`'s shuffled, full batches as a checkpointable grain iterator.
+
+  `batch_size` is the global batch. With `shard_count` processes, process `shard_index` yields
+  its `batch_size // shard_count` pages of every global batch: positions shard_index,
+  shard_index + shard_count, ... of the epoch's order, so it generates only its own pages and
+  global batch k holds the same pages whatever the number of processes.
+  """
   ds = grain.MapDataset.source(source).shuffle(seed=seed * 100_003 + epoch)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds[:steps_per_epoch(source, batch_size) * batch_size][shard_index::shard_count]
+  ds = ds.batch(batch_size // shard_count, drop_remainder=True)
   read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
   return iter(ds.to_iter_dataset(read_options=read))
 

@@ -109,7 +109,11 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str 
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{ckpt_dir}: no checkpoint to evaluate')
-    state, extra = ckpt.restore(step, state_lib.abstract_train_state(config, tx))
+    # Onto this process's first device, whatever mesh the run was saved from.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          state_lib.abstract_train_state(config, tx))
+    state, extra = ckpt.restore(step, target)
   return graphdef, state.params, step, extra
 
 
@@ -130,5 +134,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, whic
       'metrics': result,
       'targets': metrics_lib.target_report(result, targets(config)) if 'bleu' in result else None,
   }
-  reporting.atomic_write_json(os.path.join(workdir, 'evaluation_results.json'), report)
+  if jax.process_index() == 0:
+    reporting.atomic_write_json(os.path.join(workdir, 'evaluation_results.json'), report)
   return report

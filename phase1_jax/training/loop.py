@@ -59,6 +59,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   latest good checkpoint if there is one. Ends by evaluating the best checkpoint into
   evaluation_results.json, whose content it returns."""
   config_lib.validate(config)
+  parallel.initialize_distributed(config)
+  par = parallel.DataParallel(config)   # checks the layout against the devices: before compiling
   workdir = workdir or default_workdir(config)
   os.makedirs(workdir, exist_ok=True)
   train_source = pipeline.make_source(config, 'train')
@@ -73,41 +75,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
                       max_to_keep=config.checkpoint.max_to_keep, best_metric=best_metric,
                       best_mode=mode, async_save=config.checkpoint.async_save)
-  restored = ckpt.restore_latest_good(jax.eval_shape(lambda: state))
+  abstract_state = jax.eval_shape(lambda: state)
+  restored = ckpt.restore_latest_good(par.restore_target(abstract_state))
   extra = {}
   if restored is not None:
     step, state, extra = restored
     logging.info('Resumed from %s step %d (epoch %d).', ckpt.directory, step, extra['epoch'])
+  state = par.place_state(state)
   stopper = EarlyStopping(mode, t.early_stopping_patience, **extra.get('early_stopping', {}))
   # A run that stopped early stays stopped when its workdir is run again.
   start_epoch = t.num_epochs if extra.get('stopped') else extra.get('epoch', 0)
 
-  reporter = reporting.Reporter(workdir, start_step=int(state.step))
+  main_process = jax.process_index() == 0
+  reporter = reporting.Reporter(workdir, start_step=_host_step(par, state),
+                                is_main_process=main_process)
   reporter.write_json('config.json', config.to_dict())
-  params_info = _model_report(config, graphdef, state.params)
+  params_info = _model_report(config, graphdef, abstract_state.params)
   reporter.write_json('model_parameters.json', params_info)
-  print(f'Device: {jax.default_backend()} ({jax.device_count()} devices)  Model parameters: '
-        f'{params_info["params"]:,} ({params_info["reduction_vs_two_decoders"]:.0%} fewer than two '
-        f'separate decoders, {params_info["reduction_vs_no_sharing"]:.0%} fewer than no sharing)')
-  print(f'Workdir: {workdir}')
+  if main_process:
+    print(f'Device: {jax.default_backend()} ({jax.device_count()} devices, {par.mode} over '
+          f'{par.num_devices}, {jax.process_count()} processes)  Model parameters: '
+          f'{params_info["params"]:,} ({params_info["reduction_vs_two_decoders"]:.0%} fewer than '
+          f'two separate decoders, {params_info["reduction_vs_no_sharing"]:.0%} fewer than no '
+          f'sharing)')
+    print(f'Workdir: {workdir}')
 
-  train_step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
-                                       loss_spec=step_lib.LossSpec.from_config(config))
+  train_step = par.train_step(graphdef=graphdef, tx=tx,
+                              loss_spec=step_lib.LossSpec.from_config(config),
+                              abstract_state=abstract_state)
   evaluator = evaluation.Evaluator(config, graphdef)
   train_seconds = extra.get('train_seconds', 0.0)
 
   for epoch in range(start_epoch, t.num_epochs):
     epoch_start = time.perf_counter()
-    state, train_loss = _train_epoch(config, state, train_step, train_source, epoch,
+    state, train_loss = _train_epoch(config, par, state, train_step, train_source, epoch,
                                      steps_per_epoch, schedule, reporter)
     train_seconds += time.perf_counter() - epoch_start
-    result = evaluation.with_targets(config, evaluator(state.params, val_source))
-    result.update(epoch=epoch + 1, step=int(state.step), train_loss=train_loss,
+    result = evaluation.with_targets(config, evaluator(par.eval_params(state), val_source))
+    step = _host_step(par, state)
+    result.update(epoch=epoch + 1, step=step, train_loss=train_loss,
                   epoch_seconds=time.perf_counter() - epoch_start, train_seconds=train_seconds)
-    reporter.scalars(int(state.step), {k: v for k, v in result.items()
-                                       if k not in ('epoch', 'step')}, prefix='val/')
-    if (epoch + 1) % t.histogram_every_epochs == 0:
-      reporter.histograms(int(state.step), state.params)
+    reporter.scalars(step, {k: v for k, v in result.items() if k not in ('epoch', 'step')},
+                     prefix='val/')
+    if main_process and (epoch + 1) % t.histogram_every_epochs == 0:
+      reporter.histograms(step, par.eval_params(state))
     reporter.history({'kind': 'epoch', **result})
     print(reporting.epoch_summary(epoch + 1, t.num_epochs, result), flush=True)
 
@@ -119,19 +130,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     elif t.stop_when_targets_met and result.get('targets_score') == 1.0:
       stopped = 'All Phase 1 targets met; stopping (train.stop_when_targets_met).'
     reporter.flush()
-    ckpt.save(int(state.step), state, metrics={best_metric: value}, extra={
+    ckpt.save(step, par.unreplicate(state), metrics={best_metric: value}, extra={
         'epoch': epoch + 1, 'early_stopping': stopper.state(), 'train_seconds': train_seconds,
         'stopped': stopped})
     if stopped:
-      print(stopped)
+      if main_process:
+        print(stopped)
       break
 
   ckpt.wait_until_finished()
   ckpt.close()
   reporter.close()
   report = evaluation.evaluate_checkpoint(config, workdir, which='best')
-  print(f'Best checkpoint (step {report["checkpoint_step"]}): {_targets_line(report)}')
+  if main_process:
+    print(f'Best checkpoint (step {report["checkpoint_step"]}): {_targets_line(report)}')
   return report
+
+
+def _host_step(par, state) -> int:
+  return int(jax.device_get(par.unreplicate(state.step)))
 
 
 def _targets_line(report: dict) -> str:
@@ -144,7 +161,8 @@ def _targets_line(report: dict) -> str:
           '  -> all targets met' if targets['all_passed'] else '  -> targets not met')
 
 
-def _train_epoch(config, state, train_step, source, epoch, steps_per_epoch, schedule, reporter):
+def _train_epoch(config, par, state, train_step, source, epoch, steps_per_epoch, schedule,
+                 reporter):
   """One pass over the shuffled training split. Returns (state, mean train loss).
 
   The next step is dispatched before the previous step's metrics are pulled to the host, so the
@@ -152,14 +170,15 @@ def _train_epoch(config, state, train_step, source, epoch, steps_per_epoch, sche
   """
   t = config.train
   batches = pipeline.train_iterator(source, batch_size=t.batch_size, seed=config.data.seed,
-                                    epoch=epoch)
+                                    epoch=epoch, shard_index=par.process_index,
+                                    shard_count=par.process_count)
   bar = reporting.progress_bar(steps_per_epoch, desc=f'Epoch {epoch + 1}/{t.num_epochs}')
   loss_sum, tokens, pending = 0.0, 0, None
   start = time.perf_counter()
 
   def pull(step, metrics):
     nonlocal loss_sum, tokens
-    metrics = jax.device_get(metrics)
+    metrics = par.metrics_to_host(metrics)
     loss_sum += float(metrics['loss'])
     tokens += int(metrics.pop('tokens'))
     rate = tokens / max(time.perf_counter() - start, 1e-9)
@@ -171,9 +190,9 @@ def _train_epoch(config, state, train_step, source, epoch, steps_per_epoch, sche
       reporter.scalars(step, metrics, prefix='train/')
       reporter.history({'kind': 'train', 'step': step, 'epoch': epoch + 1, **metrics})
 
-  step = int(state.step)
+  step = _host_step(par, state)
   for batch in batches:
-    state, metrics = train_step(state, batch)
+    state, metrics = train_step(state, par.place_batch(batch))
     step += 1
     if pending is not None:
       pull(*pending)

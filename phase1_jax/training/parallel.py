@@ -1,20 +1,168 @@
 """The one place where steps are compiled and placed on devices.
 
-Single-program jit for now; data-parallel meshes and pmap come here too.
+`config.parallel.mode`:
+- `jit` (default): one program over a `Mesh` with axes ('data', 'fsdp'). The batch is sharded
+  over both axes. Parameters and optimizer state are replicated (fsdp = 1) or sharded along
+  their largest axis divisible by the fsdp size (FSDP / ZeRO-3: XLA gathers them for the
+  matmuls and reduce-scatters the gradients), so models larger than one device fit. On several
+  hosts every process feeds its own slice of each global batch
+  (`jax.make_array_from_process_local_data`).
+- `pmap`: classic data parallelism over the local devices: `jax.pmap` of the same step with
+  `axis_name='batch'`, the state replicated with a leading device axis, the batch reshaped to
+  [devices, per_device_batch, ...]; the step sums each device's share of loss and gradients
+  (losses.py), so every mode computes the same update.
+Both wrap the same pure `step.train_step`. Checkpoints hold the unreplicated state, so a run
+saved in one mode or mesh restores in another.
 """
 from __future__ import annotations
 
 import functools
 
 import jax
-from flax import nnx
+import ml_collections
+from flax import jax_utils, nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from phase1_jax import decoding
+from phase1_jax.config import ConfigError
 from phase1_jax.training import step as step_lib
+
+MESH_AXES = ('data', 'fsdp')
+PMAP_AXIS = 'batch'
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize` when the config asks for several processes. 'auto' lets JAX
+  find the cluster (TPU pods, SLURM, Open MPI); an explicit coordinator serves GPU clusters and
+  the local multi-process test. Must run before anything touches a device."""
+  p = config.parallel
+  if p.distributed == 'off':
+    return
+  if p.distributed == 'auto':
+    jax.distributed.initialize()
+    return
+  jax.distributed.initialize(coordinator_address=p.coordinator_address,
+                             num_processes=p.num_processes, process_id=p.process_id)
+
+
+def fsdp_spec(shape, fsdp: int) -> P:
+  """Shard the largest axis divisible by `fsdp` (first of equals); replicate the rest."""
+  if fsdp > 1:
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+      if shape[axis] % fsdp == 0 and shape[axis] >= fsdp:
+        return P(*[('fsdp' if a == axis else None) for a in range(len(shape))])
+  return P()
+
+
+class DataParallel:
+  """Devices, mesh and shardings of a run, and its compiled train step. Validates the layout
+  against the devices before anything compiles (one-line ConfigError)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    p, batch = config.parallel, config.train.batch_size
+    self.mode = p.mode
+    self.process_index, self.process_count = jax.process_index(), jax.process_count()
+    if batch % self.process_count:
+      raise ConfigError(f'config.train.batch_size={batch}: must be divisible by the '
+                        f'{self.process_count} processes')
+    self.local_batch_size = batch // self.process_count
+    if self.mode == 'pmap':
+      if p.fsdp != 1:
+        raise ConfigError(f'config.parallel.fsdp={p.fsdp}: pmap replicates the state; use '
+                          "parallel.mode='jit' to shard it")
+      self.num_devices = jax.device_count()
+      if batch % self.num_devices:
+        raise ConfigError(f'config.train.batch_size={batch}: must be divisible by the '
+                          f'{self.num_devices} devices pmap splits it over')
+      self.mesh = None
+      return
+    devices = jax.device_count()
+    data = p.data or devices // p.fsdp
+    if data * p.fsdp > devices:
+      raise ConfigError(f'config.parallel.data={data}: mesh data x fsdp = {data} x {p.fsdp} '
+                        f'needs {data * p.fsdp} devices, {devices} present')
+    if self.process_count > 1 and data * p.fsdp != devices:
+      raise ConfigError(f'config.parallel.data={data}: on several processes the mesh must '
+                        f'use all {devices} devices (data x fsdp = {data * p.fsdp})')
+    if batch % (data * p.fsdp):
+      raise ConfigError(f'config.train.batch_size={batch}: must be divisible by the '
+                        f'data-parallel size data x fsdp = {data * p.fsdp}')
+    self.num_devices = data * p.fsdp
+    self.fsdp = p.fsdp
+    self.mesh = jax.make_mesh((data, p.fsdp), MESH_AXES, devices=jax.devices()[:data * p.fsdp],
+                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    self.batch_sharding = NamedSharding(self.mesh, P(MESH_AXES))
+    self.replicated = NamedSharding(self.mesh, P())
+
+  # --- state -------------------------------------------------------------------------------
+  def state_shardings(self, state):
+    """NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs); jit mode only."""
+    return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, self.fsdp)),
+                        state)
+
+  def restore_target(self, abstract_state):
+    """What Orbax restores into: ShapeDtypeStructs with this mesh's shardings (jit), or the
+    plain unreplicated state (pmap; `place_state` replicates it after)."""
+    if self.mode == 'pmap':
+      return abstract_state
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract_state, self.state_shardings(abstract_state))
+
+  def place_state(self, state):
+    """A host or single-device state onto the devices: sharded (jit) or replicated (pmap)."""
+    if self.mode == 'pmap':
+      return jax_utils.replicate(state)
+    return jax.device_put(state, self.state_shardings(state))
+
+  def unreplicate(self, tree):
+    """The state (or part of it) as one copy: for checkpoints. pmap: this process's first
+    replica (all are equal)."""
+    if self.mode != 'pmap':
+      return tree
+    return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+  def eval_params(self, state):
+    """Params for evaluation and logging, usable by a plain jit on this process: one replica
+    (pmap), the sharded global arrays (jit, one process), or all shards gathered to every
+    process (several processes: each then evaluates on its own devices)."""
+    if self.mode == 'pmap':
+      return self.unreplicate(state.params)
+    if self.process_count > 1:
+      return multihost_utils.process_allgather(state.params, tiled=True)
+    return state.params
+
+  # --- batches ------------------------------------------------------------------------------
+  def place_batch(self, local_batch: dict):
+    """This process's slice of a global batch (numpy, leading axis local_batch_size) onto the
+    devices: a global array sharded over the mesh (jit) or [devices, per_device, ...] (pmap)."""
+    if self.mode == 'pmap':
+      n = jax.local_device_count()
+      return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in local_batch.items()}
+    if self.process_count == 1:
+      return jax.device_put(local_batch, self.batch_sharding)
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local_batch.items()}
+
+  # --- steps --------------------------------------------------------------------------------
+  def train_step(self, *, graphdef, tx, loss_spec, abstract_state):
+    """(placed state, placed batch) -> (state, metrics): compiled, the state donated."""
+    fn = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_spec=loss_spec)
+    if self.mode == 'pmap':
+      return jax.pmap(functools.partial(fn, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
+                      donate_argnums=0)
+    shardings = self.state_shardings(abstract_state)
+    return jax.jit(fn, in_shardings=(shardings, self.batch_sharding),
+                   out_shardings=(shardings, self.replicated), donate_argnums=0)
+
+  def metrics_to_host(self, metrics) -> dict:
+    # pmap returns one (equal, psum'd) copy per device.
+    return jax.device_get(self.unreplicate(metrics))
 
 
 def jit_train_step(*, graphdef, tx, loss_spec):
-  """(state, batch) -> (state, metrics), jitted; the input state's buffers are donated."""
+  """(state, batch) -> (state, metrics) on one device, jitted; the input state is donated."""
   fn = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_spec=loss_spec)
   return jax.jit(fn, donate_argnums=0)
 

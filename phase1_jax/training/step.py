@@ -27,10 +27,11 @@ class LossSpec:
     weights = tuple((task, config.loss[f'{task}_weight']) for task in losses.TASKS)
     return cls(config.loss.weighting, weights, vocab.ELEMENT_OPEN_TAG_IDS)
 
-  def __call__(self, outputs, batch, log_vars_4):
+  def __call__(self, outputs, batch, log_vars_4, axis_name=None):
     return losses.multitask_loss(
         outputs, batch, element_token_ids_E=jnp.asarray(self.element_token_ids),
-        weighting=self.weighting, weights=dict(self.weights), log_vars_4=log_vars_4)
+        weighting=self.weighting, weights=dict(self.weights), log_vars_4=log_vars_4,
+        axis_name=axis_name)
 
 
 def forward(graphdef, model_params, batch, dropout_key=None):
@@ -38,19 +39,30 @@ def forward(graphdef, model_params, batch, dropout_key=None):
   return model(*(batch[k] for k in MODEL_INPUTS), dropout_key=dropout_key)
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec):
-  """One micro-batch: forward, loss, backward, optimizer update. Returns (state, metrics)."""
+def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec, axis_name=None):
+  """One micro-batch: forward, loss, backward, optimizer update. Returns (state, metrics).
+
+  `axis_name`: run per device under pmap/shard_map with the batch split over that axis and the
+  state replicated; gradients and metrics are summed over it (losses.py makes each device's
+  loss its share of the global one), so every replica applies the whole batch's update.
+  """
   dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if axis_name is not None:   # different masks on different devices
+    dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
 
   def loss_fn(params):
     outputs = forward(graphdef, params['model'], batch, dropout_key)
-    return loss_spec(outputs, batch, params['loss_log_vars'])
+    return loss_spec(outputs, batch, params['loss_log_vars'], axis_name)
 
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  aux['tokens'] = batch['target_mask'].sum()
+  if axis_name is not None:
+    shares = {k: v for k, v in aux.items() if not k.startswith('weight_')}
+    aux.update(jax.lax.psum(shares, axis_name))
+    grads = jax.lax.psum(grads, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   aux['grad_norm'] = optax.tree.norm(grads)
-  aux['tokens'] = batch['target_mask'].sum()
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), aux
 
 
