@@ -78,9 +78,12 @@ def _features(entry, layout_spec: synthetic.PageSpec, world, features_dir, seed)
       a = np.load(path)
     except (OSError, ValueError) as e:
       raise html_pages.PageError(f'features {path} unreadable ({e})') from None
-    if a.ndim != 2 or not a.size or not np.isfinite(a).all():
-      raise html_pages.PageError(f'features {path}: need a finite 2-D array, got {a.shape}')
-    return a.astype(np.float16)
+    if a.ndim != 2 or not a.size:
+      raise html_pages.PageError(f'features {path}: need a 2-D [patches, dim] array, got {a.shape}')
+    a = a.astype(np.float16)
+    if not np.isfinite(a).all():
+      raise html_pages.PageError(f'features {path}: not finite in float16 (|x| <= 65504)')
+    return a
   layout = [(c, [tuple(e) for e in els]) for c, els in entry['layout']][:layout_spec.grid_rows]
   rng = np.random.default_rng([seed, zlib.crc32(entry['id'].encode())])
   return synthetic.layout_features(
@@ -206,7 +209,9 @@ def _metadata(tok, writers, stats, skipped, found, features_dir, grid) -> dict:
   return {
       'format': records.FORMAT, 'version': records.VERSION,
       'record_encoding': 'msgpack map per ArrayRecord record; arrays as {dtype, shape, data}',
-      'fields': {name: {'dtype': dtype} for name, dtype in records.ARRAY_FIELDS.items()},
+      'fields': {name: {'dtype': dtype, 'shape': records.FIELD_SHAPES[name]}
+                 for name, dtype in records.ARRAY_FIELDS.items()} | {
+                     'source_id': {'dtype': 'str', 'shape': []}},
       'feature_dim': int(stats['dim']), 'max_patches': int(stats['max_patches']),
       'features_from': 'npy' if features_dir else 'layout',
       'grid_rows': grid[0], 'grid_cols': grid[1],

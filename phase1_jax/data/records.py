@@ -31,6 +31,8 @@ FORMAT, VERSION = 'phase1_jax.page_records', 1
 METADATA_FILE, TOKENIZER_FILE = 'dataset.json', 'tokenizer.json'
 ARRAY_FIELDS = {'features': 'float16', 'tokens': 'int32', 'semantic_labels': 'int8',
                 'element_labels': 'uint8'}
+FIELD_SHAPES = {'features': ['num_patches', 'feature_dim'], 'tokens': ['num_tokens'],
+                'semantic_labels': ['num_tokens'], 'element_labels': ['num_element_types']}
 
 
 class DatasetError(ValueError):
