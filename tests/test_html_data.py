@@ -306,6 +306,38 @@ def test_prepare_errors_are_one_line(tmp_path):
     prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'out2'), progress=False)
   with pytest.raises(prepare.PrepareError, match='--vocab_size'):
     prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'o3'), vocab_size=60000)
+  with pytest.raises(prepare.PrepareError, match='--out .*not empty'):
+    prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'bad' / 'a.html'))
+
+
+def test_parallel_workers_write_the_same_dataset(prepared, tmp_path):
+  root, out, meta, _ = prepared
+  again = prepare.prepare(root, str(tmp_path / 'par'), vocab_size=320, val_fraction=0.2,
+                          workers=2, records_per_shard=4, progress=False, **GRID)
+  assert again == meta
+  for split in ('train', 'val'):
+    a, b = (records.FilePages(d, split, max_seq_len=48, num_patches=16)
+            for d in (out, str(tmp_path / 'par')))
+    for i in range(len(a)):
+      ra, rb = a.record(i), b.record(i)
+      assert ra['source_id'] == rb['source_id']
+      for k in records.ARRAY_FIELDS:
+        np.testing.assert_array_equal(ra[k], rb[k])
+
+
+def test_each_process_reads_a_disjoint_equal_slice(prepared, monkeypatch):
+  config = files_config(prepared[1])
+  source = pipeline.make_source(config, 'train')
+  rows = lambda batches: [tuple(t) for b in batches for t in b['targets']]
+  everything = rows(pipeline.train_iterator(source, batch_size=1, seed=2, epoch=1))
+  slices = []
+  for index in (0, 1):
+    monkeypatch.setattr(pipeline.jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(pipeline.jax, 'process_index', lambda index=index: index)
+    assert pipeline.steps_per_epoch(source, 1) == len(source) // 2
+    slices.append(rows(pipeline.train_iterator(source, batch_size=1, seed=2, epoch=1)))
+  assert len(slices[0]) == len(slices[1]) == len(source) // 2
+  assert sorted(slices[0] + slices[1]) == sorted(everything[:len(source) // 2 * 2])
 
 
 def test_user_features_by_file_name(tmp_path):

@@ -105,13 +105,15 @@ def prepare(html_dir: str, out: str, *, vocab_size: int = 8000, val_fraction: fl
                        f'{bpe.MAX_VOCAB_SIZE}]')
   if features_dir is not None and not os.path.isdir(features_dir):
     raise PrepareError(f'--features_dir {features_dir}: not a directory')
-  if os.path.exists(out) and os.listdir(out):
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise PrepareError(f'--out {out}: exists and is not empty (choose a new directory)')
   rels = find_pages(html_dir)
   os.makedirs(out, exist_ok=True)
   spill_path = os.path.join(out, SPILL_FILE)
   skipped, kept = [], []
-  workers = workers or min(4, os.cpu_count() or 1)
+  # Auto: a spawned worker costs seconds to start (it imports the package), about as long as
+  # parsing a few hundred pages, so small corpora are parsed in this process.
+  workers = workers or min(4, os.cpu_count() or 1, max(1, len(rels) // 200))
 
   # Pass 1: parse (parallel), spill to disk.
   jobs = [(html_dir, rel) for rel in rels]
@@ -262,7 +264,7 @@ _VOCAB = flags.DEFINE_integer('vocab_size', 8000, 'BPE vocabulary size (300..500
 _VAL = flags.DEFINE_float('val_fraction', 0.1, 'Share of pages in the val split.')
 _FEATURES = flags.DEFINE_string('features_dir', None,
                                 'Optional <page path without suffix>.npy features [P, F].')
-_WORKERS = flags.DEFINE_integer('workers', 0, 'Parser processes (0: min(4, CPUs)).')
+_WORKERS = flags.DEFINE_integer('workers', 0, 'Parser processes (0: min(4, CPUs, pages / 200)).')
 _GRID = flags.DEFINE_list('grid', ['16', '4', '64'], 'Rendered features: rows,cols,feature_dim.')
 _SHARD = flags.DEFINE_integer('records_per_shard', 1000, 'Records per ArrayRecord shard.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the rendered features\' noise.')
