@@ -6,12 +6,13 @@ import json
 import os
 import zlib
 
+import jsonschema
 import numpy as np
 import pytest
 
 from phase1_jax import config as config_lib
 from phase1_jax.data import bpe, html_pages, pipeline, prepare, records, synthetic, vocab
-from phase1_jax.training import loop
+from phase1_jax.training import generation, loop
 from tests.test_data import DTYPES, KEYS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -434,3 +435,14 @@ def test_trains_and_evaluates_on_prepared_pages(prepared, tmp_path):
   assert report['num_pages'] == meta['splits']['val']['num_records']
   for k in ('val_loss', 'val_loss_consistency', 'bleu', 'element_f1', 'semantic_accuracy'):
     assert np.isfinite(m[k]), k
+  # generate on the prepared pages: records valid against the schema, markup decoded by the
+  # dataset's BPE (the same text the tokenizer gives for the record's ids).
+  path, n = generation.generate_pages(config, str(tmp_path / 'run'), num_samples=3,
+                                      output=str(tmp_path / 'pages.jsonl'))
+  schema = json.load(open(generation.SCHEMA_PATH))
+  tokenizer = bpe.load(os.path.join(out, records.TOKENIZER_FILE))
+  lines = [json.loads(line) for line in open(path)]
+  assert n == len(lines) == min(3, meta['splits']['val']['num_records'])
+  for record in lines:
+    jsonschema.validate(record, schema)
+    assert record['markup'] == bpe.decode(tokenizer, record['token_ids'])
