@@ -16,6 +16,7 @@ ATTENTION_KINDS = ('dense', 'dot_product', 'window', 'window_topk')
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
 LOSS_WEIGHTINGS = ('fixed', 'uncertainty')
 DECODE_STRATEGIES = ('greedy', 'sample', 'beam')
+DATA_NAMES = ('synthetic', 'files')
 PARALLEL_MODES = ('jit', 'pmap')
 DISTRIBUTED = ('off', 'auto', 'manual')
 METRIC_MODES = {'val_loss': 'min', 'element_f1': 'max', 'semantic_accuracy': 'max', 'bleu': 'max',
@@ -33,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = d = ml_collections.ConfigDict()
-  d.kind = 'synthetic'
+  d.name = 'synthetic'           # synthetic (generated pages) | files (a prepared directory)
+  d.path = ''                   # files: the directory `python -m phase1_jax.data.prepare` wrote
   d.seed = 0                    # the page generator's seed: page i of a split is f(seed, i)
   d.train_samples = 5000
   d.val_samples = 1000
@@ -168,7 +170,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if get(path) not in allowed:
       raise _fail(path, f'must be one of {", ".join(map(str, allowed))}', get(path))
 
-  one_of('data.kind', ('synthetic',))
+  one_of('data.name', DATA_NAMES)
   positive('data.train_samples', 'data.val_samples', 'data.max_seq_len', 'data.grid_rows',
            'data.grid_cols', 'data.feature_dim', 'data.min_sections', 'data.max_sections',
            'data.max_elements_per_section')
@@ -178,7 +180,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.min_sections > config.data.max_sections:
     raise _fail('data.min_sections', f'must be <= data.max_sections ({config.data.max_sections})',
                 config.data.min_sections)
-  if config.data.max_sections > config.data.grid_rows:
+  if config.data.name == 'synthetic' and config.data.max_sections > config.data.grid_rows:
     raise _fail('data.max_sections', f'must be <= data.grid_rows ({config.data.grid_rows}): '
                 'each section needs a row of patches', config.data.max_sections)
 
@@ -186,7 +188,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'model.d_model', 'model.num_heads', 'model.num_layers', 'model.num_unique_layers',
            'model.mlp_dim')
   m = config.model
-  if config.data.kind == 'synthetic':
+  if config.data.name == 'synthetic':
     for field, least, most in (('vocab_size', vocab.NUM_TOKENS, None),
                                ('num_semantic_classes', 1, len(vocab.SEMANTIC_CLASSES)),
                                ('num_element_types', 1, len(vocab.ELEMENT_TYPES))):
@@ -220,7 +222,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   in_range('train.adam_b1', 0, 1, hi_open=True)
   in_range('train.adam_b2', 0, 1, hi_open=True)
   in_range('train.grad_clip_norm', 0, float('inf'), lo_open=True)
-  if config.data.train_samples < config.train.batch_size:
+  if config.data.name == 'files':
+    _validate_files(config)
+  elif config.data.train_samples < config.train.batch_size:
     raise _fail('train.batch_size', f'must be <= data.train_samples ({config.data.train_samples})',
                 config.train.batch_size)
 
@@ -258,3 +262,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
   best = config.checkpoint.best_metric
   if best in ('bleu', 'targets_score') and config.eval.bleu_samples == 0:
     raise _fail('checkpoint.best_metric', f'{best} needs eval.bleu_samples > 0', best)
+
+
+def _validate_files(config: ml_collections.ConfigDict) -> None:
+  """data.name='files': the prepared directory exists and fits the model's sizes."""
+  from phase1_jax.data import records  # grain and friends load only for file datasets
+
+  d, m = config.data, config.model
+  if not d.path:
+    raise _fail('data.path', "must name a prepared dataset directory (data.name='files')", d.path)
+  try:
+    meta = records.read_metadata(d.path)
+  except records.DatasetError as e:
+    raise _fail('data.path', str(e), d.path) from None
+  where = f'{d.path}/{records.METADATA_FILE}'
+  for field, value, key in (('model.num_semantic_classes', m.num_semantic_classes,
+                             'semantic_classes'),
+                            ('model.num_element_types', m.num_element_types, 'element_types')):
+    if value != len(meta[key]):
+      raise _fail(field, f'must be {len(meta[key])} (the {key} of {where})', value)
+  if m.vocab_size < meta['vocab_size']:
+    raise _fail('model.vocab_size', f'must be >= {meta["vocab_size"]} (the vocab_size of {where})',
+                m.vocab_size)
+  if d.feature_dim != meta['feature_dim']:
+    raise _fail('data.feature_dim', f'must be {meta["feature_dim"]} (the feature_dim of {where})',
+                d.feature_dim)
+  n = {s: meta['splits'][s]['num_records'] for s in ('train', 'val')}
+  if not n['val']:
+    raise _fail('data.path', f'{where}: the val split is empty (prepare with --val_fraction > 0)',
+                d.path)
+  if n['train'] < config.train.batch_size:
+    raise _fail('train.batch_size', f'must be <= the {n["train"]} train records of {where}',
+                config.train.batch_size)

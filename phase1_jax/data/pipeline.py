@@ -1,8 +1,11 @@
 """grain pipelines over a page source: shuffled training epochs, ordered evaluation batches.
 
-Batches are dicts of numpy arrays with a leading batch axis (see SyntheticPages for keys, shapes
-and dtypes). An epoch's order is a function of (seed, epoch), so the iterator of epoch e at
-position k is reproducible from those three numbers alone (and grain's iterator state holds k).
+Sources: data.name='synthetic' (SyntheticPages) or 'files' (records.FilePages over a prepared
+directory, data.path); both give the same example dicts. Batches are dicts of numpy arrays with a
+leading batch axis (see SyntheticPages for keys, shapes and dtypes). An epoch's order is a
+function of (seed, epoch), so the iterator of epoch e at position k is reproducible from those
+three numbers alone (and grain's iterator state holds k). With several JAX processes each takes a
+disjoint, equal-sized slice of every epoch's order (train.batch_size is then per process).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from phase1_jax.data import synthetic
+from phase1_jax.data import records, synthetic, vocab
 
 
 def page_spec(config: ml_collections.ConfigDict) -> synthetic.PageSpec:
@@ -26,12 +29,25 @@ def page_spec(config: ml_collections.ConfigDict) -> synthetic.PageSpec:
 
 def make_source(config: ml_collections.ConfigDict, split: str):
   """The random-access page source of a split ('train' or 'val')."""
+  d = config.data
+  if d.name == 'files':
+    return records.FilePages(d.path, split, max_seq_len=d.max_seq_len,
+                             num_patches=d.grid_rows * d.grid_cols)
   n = {'train': config.data.train_samples, 'val': config.data.val_samples}[split]
   return synthetic.SyntheticPages(page_spec(config), num_samples=n, seed=config.data.seed,
                                   split=split)
 
 
+def element_open_tag_ids(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The detail token id of each element type's open tag (the consistency loss reads them): the
+  fixed vocabulary's, or the prepared dataset's BPE ids (dataset.json)."""
+  if config.data.name == 'files':
+    return tuple(records.read_metadata(config.data.path)['element_open_tag_ids'])
+  return vocab.ELEMENT_OPEN_TAG_IDS
+
+
 def steps_per_epoch(source, batch_size: int) -> int:
+  """Full global batches per epoch."""
   return len(source) // batch_size
 
 

@@ -54,7 +54,7 @@ class PageSpec:
       raise ValueError(f'max_seq_len={self.max_seq_len}: a one-element page needs 9 tokens')
 
 
-class _World:
+class World:
   """Fixed random embeddings and class preferences shared by all splits."""
 
   def __init__(self, spec: PageSpec):
@@ -98,7 +98,7 @@ class SyntheticPages:
     if split not in SPLIT_IDS:
       raise ValueError(f'split={split!r}: must be one of {", ".join(SPLIT_IDS)}')
     self.spec, self.num_samples, self.seed, self.split = spec, num_samples, seed, split
-    self._world = _World(spec)
+    self._world = World(spec)
 
   def __len__(self) -> int:
     return self.num_samples
@@ -172,26 +172,40 @@ class SyntheticPages:
     }
 
   def _features(self, page, rng) -> np.ndarray:
-    s, w = self.spec, self._world
-    rows, cols = s.grid_rows, s.grid_cols
-    # Share rows out by element count, at least one row per section.
-    counts = np.array([len(el) for _, el in page], float)
-    spare_rows = rows - len(page)
-    band = np.ones(len(page), int) + np.floor(counts / counts.sum() * spare_rows).astype(int)
-    band[np.argsort(-counts, kind='stable')[:rows - band.sum()]] += 1
-    feats = np.zeros((rows, cols, s.feature_dim), np.float32)
-    feats += w.row_emb[:, None] + w.col_emb[None, :]
-    row = 0
-    for (cls, elements), n_rows in zip(page, band, strict=True):
-      patches = n_rows * cols
-      # Element k owns patches [start_k, start_{k+1}) of the band, in reading order.
-      starts = (np.arange(len(elements) + 1) * patches) // len(elements)
-      for k, (etype, words) in enumerate(elements):
-        for j, p in enumerate(range(starts[k], starts[k + 1])):
-          r, c = row + p // cols, p % cols
-          feats[r, c] += w.class_emb[cls] + w.element_emb[etype]
-          if j < len(words) and rng.random() < s.text_visibility:
-            feats[r, c] += w.word_emb[words[j]]
-      row += n_rows
-    feats += s.feature_noise * rng.standard_normal(feats.shape).astype(np.float32)
-    return feats.reshape(rows * cols, s.feature_dim)
+    s = self.spec
+    return layout_features(page, self._world, grid_rows=s.grid_rows, grid_cols=s.grid_cols,
+                           text_visibility=s.text_visibility, feature_noise=s.feature_noise,
+                           rng=rng)
+
+
+def layout_features(page, world: World, *, grid_rows: int, grid_cols: int, text_visibility: float,
+                    feature_noise: float, rng) -> np.ndarray:
+  """The rendered layout features_PxF (P = grid_rows * grid_cols) of a page
+  [(class or None, [(element type, [word indices into vocab.WORDS])])], as the module docstring
+  describes. Shared with the HTML converter so models transfer between the two datasets; a class
+  of None (content outside any section) adds no class embedding. At most grid_rows sections."""
+  rows, cols, w = grid_rows, grid_cols, world
+  if not 0 < len(page) <= rows:
+    raise ValueError(f'layout_features: {len(page)} sections for {rows} rows')
+  # Share rows out by element count, at least one row per section.
+  counts = np.array([len(el) for _, el in page], float)
+  spare_rows = rows - len(page)
+  band = np.ones(len(page), int) + np.floor(counts / max(counts.sum(), 1) * spare_rows).astype(int)
+  band[np.argsort(-counts, kind='stable')[:rows - band.sum()]] += 1
+  feats = np.zeros((rows, cols, w.row_emb.shape[-1]), np.float32)
+  feats += w.row_emb[:rows, None] + w.col_emb[None, :cols]
+  row = 0
+  for (cls, elements), n_rows in zip(page, band, strict=True):
+    patches = n_rows * cols
+    # Element k owns patches [start_k, start_{k+1}) of the band, in reading order.
+    starts = (np.arange(len(elements) + 1) * patches) // max(len(elements), 1)
+    for k, (etype, words) in enumerate(elements):
+      for j, p in enumerate(range(starts[k], starts[k + 1])):
+        r, c = row + p // cols, p % cols
+        feats[r, c] += w.element_emb[etype] if cls is None else (
+            w.class_emb[cls] + w.element_emb[etype])
+        if j < len(words) and rng.random() < text_visibility:
+          feats[r, c] += w.word_emb[words[j]]
+    row += n_rows
+  feats += feature_noise * rng.standard_normal(feats.shape).astype(np.float32)
+  return feats.reshape(rows * cols, -1)

@@ -16,8 +16,7 @@ import numpy as np
 
 from phase1_jax import config as config_lib
 from phase1_jax import decoding
-from phase1_jax import metrics as metrics_lib
-from phase1_jax.data import pipeline, vocab
+from phase1_jax.data import bpe, pipeline, records, vocab
 from phase1_jax.training import evaluation, parallel, reporting
 
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'schemas',
@@ -73,35 +72,45 @@ class FeatureFile:
     return {'features': self.features[i], 'feature_mask': np.ones(self.features.shape[1], bool)}
 
 
-def _sections(tokens: list[str], semantic: np.ndarray, class_names) -> list[dict]:
+def markup_decoder(config: ml_collections.ConfigDict):
+  """token ids (before EOS) -> markup text: the fixed vocabulary's tokens joined by spaces, or
+  the prepared dataset's byte-level BPE (data.name='files')."""
+  if config.data.name == 'files':
+    tokenizer = bpe.load(os.path.join(config.data.path, records.TOKENIZER_FILE))
+    return lambda ids: bpe.decode(tokenizer, ids)
+  id_to_token = vocab.id_to_token(config.model.vocab_size)
+  return lambda ids: ' '.join(id_to_token[i] for i in ids)
+
+
+def _sections(ids: list[int], semantic: np.ndarray, decode) -> list[dict]:
   """Maximal runs of tokens with the same predicted semantic class."""
   sections, start = [], 0
-  for i in range(1, len(tokens) + 1):
-    if i == len(tokens) or semantic[i] != semantic[start]:
-      sections.append({'semantic_class': class_names[int(semantic[start])], 'start': start,
-                       'end': i, 'markup': ' '.join(tokens[start:i])})
+  for i in range(1, len(ids) + 1):
+    if i == len(ids) or semantic[i] != semantic[start]:
+      sections.append({'semantic_class': vocab.SEMANTIC_CLASSES[int(semantic[start])],
+                       'start': start, 'end': i, 'markup': decode(ids[start:i])})
       start = i
   return sections
 
 
 def page_records(out: dict, sources: list[str], *, settings: dict, threshold: float,
-                 id_to_token) -> list[dict]:
+                 decode) -> list[dict]:
   """JSON records of a decoded batch (numpy arrays from decoding.generate)."""
-  strings = metrics_lib.tokens_to_strings(out['tokens'], id_to_token, eos_id=vocab.EOS_ID,
-                                          pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
   records = []
   for row, source in enumerate(sources):
-    tokens = strings[row]
-    ids = out['tokens'][row]
+    tokens_T = out['tokens'][row]
+    finished = bool((tokens_T == vocab.EOS_ID).any())
+    ids = [int(t) for t in tokens_T[:int(np.argmax(tokens_T == vocab.EOS_ID)) if finished
+                                    else len(tokens_T)]]
     elements = [{'type': vocab.ELEMENT_TYPES[e], 'probability': float(p)}
                 for e, p in enumerate(out['element_probs'][row]) if p >= threshold]
     records.append({
         'source': source,
-        'markup': ' '.join(tokens),
-        'token_ids': [int(t) for t in ids[:len(tokens)]],
-        'finished': bool((ids == vocab.EOS_ID).any()),
+        'markup': decode(ids),
+        'token_ids': ids,
+        'finished': finished,
         'score': float(out['score'][row]),
-        'sections': _sections(tokens, out['semantic'][row], vocab.SEMANTIC_CLASSES),
+        'sections': _sections(ids, out['semantic'][row], decode),
         'elements': sorted(elements, key=lambda e: -e['probability']),
         'settings': settings,
     })
@@ -132,7 +141,7 @@ def generate_pages(config: ml_collections.ConfigDict, workdir: str, *, num_sampl
       'seed': config.decode.seed, 'element_threshold': config.eval.element_threshold,
       'checkpoint_step': step, 'attention_kind': config.model.attention.kind,
   }
-  id_to_token = vocab.id_to_token(config.model.vocab_size)
+  decode = markup_decoder(config)
   rng = jax.random.key(config.decode.seed)
   lines, done = [], 0
   for batch, real in pipeline.eval_batches(source, batch_size=config.eval.batch_size,
@@ -144,7 +153,7 @@ def generate_pages(config: ml_collections.ConfigDict, workdir: str, *, num_sampl
     out = {k: np.asarray(v)[:real] for k, v in out.items()}
     for record in page_records(out, [source_name(done + i) for i in range(real)],
                                settings=record_settings,
-                               threshold=config.eval.element_threshold, id_to_token=id_to_token):
+                               threshold=config.eval.element_threshold, decode=decode):
       lines.append(json.dumps(record))
     done += real
   output = output or os.path.join(workdir, 'generations.jsonl')

@@ -9,7 +9,7 @@ import optax
 from flax import nnx
 
 from phase1_jax import losses
-from phase1_jax.data import vocab
+from phase1_jax.data import pipeline
 from phase1_jax.training.state import TrainState
 
 MODEL_INPUTS = ('features', 'feature_mask', 'inputs')
@@ -25,7 +25,7 @@ class LossSpec:
   @classmethod
   def from_config(cls, config) -> 'LossSpec':
     weights = tuple((task, config.loss[f'{task}_weight']) for task in losses.TASKS)
-    return cls(config.loss.weighting, weights, vocab.ELEMENT_OPEN_TAG_IDS)
+    return cls(config.loss.weighting, weights, pipeline.element_open_tag_ids(config))
 
   def __call__(self, outputs, batch, log_vars_4, axis_name=None):
     return losses.multitask_loss(

@@ -1,0 +1,175 @@
+"""The on-disk page dataset: ArrayRecord shards of msgpack records, described by dataset.json.
+
+Layout of a prepared directory DIR (see README, "Your own pages"):
+  DIR/dataset.json            fields, vocabulary, label names, split shard lists, summary
+  DIR/tokenizer.json          the byte-level BPE (Hugging Face `tokenizers`) of the detail tokens
+  DIR/train/train-00000.array_record, ...   (group_size 1: each record is read alone)
+  DIR/val/val-00000.array_record, ...
+
+One record is a msgpack map of one page (arrays as {'dtype', 'shape', 'data': raw bytes}):
+  features        float16 [num_patches, feature_dim]  rendered layout or user features
+  tokens          int32   [num_tokens]   detail token ids of the normalised markup (no BOS/EOS)
+  semantic_labels int8    [num_tokens]   section class of each token, -1 outside every section
+  element_labels  uint8   [num_element_types]  multi-hot element types of the page
+  source_id       str     the page's path relative to the HTML folder
+FilePages reads a split through grain's ArrayRecordDataSource (random access, never whole into
+memory) and returns exactly SyntheticPages' example dict, padded or cut to the configured sizes.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import msgpack
+import numpy as np
+from array_record.python import array_record_module
+
+from phase1_jax.data import vocab
+
+FORMAT, VERSION = 'phase1_jax.page_records', 1
+METADATA_FILE, TOKENIZER_FILE = 'dataset.json', 'tokenizer.json'
+ARRAY_FIELDS = {'features': 'float16', 'tokens': 'int32', 'semantic_labels': 'int8',
+                'element_labels': 'uint8'}
+FIELD_SHAPES = {'features': ['num_patches', 'feature_dim'], 'tokens': ['num_tokens'],
+                'semantic_labels': ['num_tokens'], 'element_labels': ['num_element_types']}
+
+
+class DatasetError(ValueError):
+  """A prepared dataset directory or record is unusable; one line naming the file or record."""
+
+
+def encode_record(page: dict) -> bytes:
+  """One page dict (ARRAY_FIELDS arrays + 'source_id') -> record bytes."""
+  out = {'source_id': str(page['source_id'])}
+  for name, dtype in ARRAY_FIELDS.items():
+    a = np.ascontiguousarray(page[name], dtype=dtype)
+    out[name] = {'dtype': dtype, 'shape': list(a.shape), 'data': a.tobytes()}
+  return msgpack.packb(out, use_bin_type=True)
+
+
+def decode_record(data: bytes) -> dict:
+  raw = msgpack.unpackb(data, raw=False)
+  page = {'source_id': raw['source_id']}
+  for name in ARRAY_FIELDS:
+    f = raw[name]
+    page[name] = np.frombuffer(f['data'], dtype=f['dtype']).reshape(f['shape'])
+  return page
+
+
+class ShardWriter:
+  """Writes records of one split into DIR/split/split-NNNNN.array_record, a new shard every
+  `records_per_shard` records. `shards` and `count` describe what was written."""
+
+  def __init__(self, directory: str, split: str, records_per_shard: int = 1000):
+    self.directory, self.split, self.per_shard = directory, split, records_per_shard
+    os.makedirs(os.path.join(directory, split), exist_ok=True)
+    self.shards, self.count, self._writer, self._in_shard = [], 0, None, 0
+
+  def write(self, page: dict):
+    if self._writer is None or self._in_shard == self.per_shard:
+      self._close_shard()
+      rel = os.path.join(self.split, f'{self.split}-{len(self.shards):05d}.array_record')
+      self._writer = array_record_module.ArrayRecordWriter(
+          os.path.join(self.directory, rel), 'group_size:1')
+      self.shards.append(rel)
+    self._writer.write(encode_record(page))
+    self._in_shard += 1
+    self.count += 1
+
+  def _close_shard(self):
+    if self._writer is not None:
+      self._writer.close()
+    self._writer, self._in_shard = None, 0
+
+  def close(self):
+    self._close_shard()
+
+
+def write_metadata(directory: str, metadata: dict):
+  tmp = os.path.join(directory, METADATA_FILE + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(metadata, f, indent=1)
+  os.replace(tmp, os.path.join(directory, METADATA_FILE))
+
+
+def read_metadata(directory: str) -> dict:
+  """dataset.json of a prepared directory, checked for the keys the loader needs."""
+  path = os.path.join(directory, METADATA_FILE)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise DatasetError(f'{path}: not found (prepare the directory with '
+                       'python -m phase1_jax.data.prepare)') from None
+  except (OSError, ValueError) as e:
+    raise DatasetError(f'{path}: unreadable ({e})') from None
+  if meta.get('format') != FORMAT or meta.get('version') != VERSION:
+    raise DatasetError(f'{path}: format {meta.get("format")!r} version {meta.get("version")!r}, '
+                       f'expected {FORMAT!r} version {VERSION}')
+  for split in ('train', 'val'):
+    for shard in meta['splits'][split]['shards']:
+      if not os.path.isfile(os.path.join(directory, shard)):
+        raise DatasetError(f'{os.path.join(directory, shard)}: shard listed in {path} is missing')
+  return meta
+
+
+def to_example(page: dict, *, max_seq_len: int, num_patches: int) -> dict[str, np.ndarray]:
+  """A record as SyntheticPages' example dict: tokens cut to max_seq_len - 1 (room for EOS),
+  features cut or zero-padded to num_patches (feature_mask marks the real ones), float32."""
+  t = max_seq_len
+  tokens = page['tokens'][:t - 1]
+  sem = page['semantic_labels'][:t - 1]
+  n = len(tokens)
+  inputs = np.full(t, vocab.PAD_ID, np.int32)
+  targets = np.full(t, vocab.PAD_ID, np.int32)
+  inputs[0] = vocab.BOS_ID
+  inputs[1:n + 1] = tokens
+  targets[:n] = tokens
+  targets[n] = vocab.EOS_ID
+  semantic = np.zeros(t, np.int32)
+  semantic[:n] = np.maximum(sem, 0)
+  semantic_mask = np.zeros(t, bool)
+  semantic_mask[:n] = sem >= 0          # tokens outside every section carry no class
+  p = min(len(page['features']), num_patches)
+  features = np.zeros((num_patches, page['features'].shape[-1]), np.float32)
+  features[:p] = page['features'][:p]
+  return {
+      'features': features,
+      'feature_mask': np.arange(num_patches) < p,
+      'inputs': inputs,
+      'targets': targets,
+      'target_mask': np.arange(t) <= n,
+      'semantic_labels': semantic,
+      'semantic_mask': semantic_mask,
+      'element_labels': page['element_labels'].astype(np.float32),
+  }
+
+
+class FilePages:
+  """Random-access source of a prepared split: `pages[i]` is SyntheticPages' example dict."""
+
+  def __init__(self, directory: str, split: str, *, max_seq_len: int, num_patches: int):
+    meta = read_metadata(directory)
+    if split not in meta['splits']:
+      raise DatasetError(f'{directory}: no split {split!r} in {METADATA_FILE}')
+    self.directory, self.split, self.metadata = directory, split, meta
+    self.max_seq_len, self.num_patches = max_seq_len, num_patches
+    shards = [os.path.join(directory, s) for s in meta['splits'][split]['shards']]
+    self._source = grain.sources.ArrayRecordDataSource(shards) if shards else []
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def record(self, index: int) -> dict:
+    if not 0 <= index < len(self):
+      raise IndexError(f'{self.split} record {index} out of range [0, {len(self)})')
+    try:
+      return decode_record(self._source[index])
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
+      raise DatasetError(
+          f'{self.directory}: {self.split} record {index} is corrupt ({e})') from None
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return to_example(self.record(int(index)), max_seq_len=self.max_seq_len,
+                      num_patches=self.num_patches)
