@@ -120,7 +120,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     if main_process and (epoch + 1) % t.histogram_every_epochs == 0:
       reporter.histograms(step, par.eval_params(state))
     reporter.history({'kind': 'epoch', **result})
-    print(reporting.epoch_summary(epoch + 1, t.num_epochs, result), flush=True)
+    if main_process:
+      print(reporting.epoch_summary(epoch + 1, t.num_epochs, result), flush=True)
 
     value = result.get(best_metric, math.nan)
     stopper.update(value)
@@ -172,7 +173,8 @@ def _train_epoch(config, par, state, train_step, source, epoch, steps_per_epoch,
   batches = pipeline.train_iterator(source, batch_size=t.batch_size, seed=config.data.seed,
                                     epoch=epoch, shard_index=par.process_index,
                                     shard_count=par.process_count)
-  bar = reporting.progress_bar(steps_per_epoch, desc=f'Epoch {epoch + 1}/{t.num_epochs}')
+  bar = reporting.progress_bar(steps_per_epoch, desc=f'Epoch {epoch + 1}/{t.num_epochs}',
+                               disable=par.process_index != 0)
   loss_sum, tokens, pending = 0.0, 0, None
   start = time.perf_counter()
 

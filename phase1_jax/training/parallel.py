@@ -121,7 +121,8 @@ class DataParallel:
     replica (all are equal)."""
     if self.mode != 'pmap':
       return tree
-    return jax.tree.map(lambda x: x.addressable_data(0), tree)
+    # Each device's shard of a pmap output is its replica with a leading axis of 1.
+    return jax.tree.map(lambda x: x.addressable_data(0).reshape(x.shape[1:]), tree)
 
   def eval_params(self, state):
     """Params for evaluation and logging, usable by a plain jit on this process: one replica
