@@ -39,7 +39,8 @@ def forward(graphdef, model_params, batch, dropout_key=None):
   return model(*(batch[k] for k in MODEL_INPUTS), dropout_key=dropout_key)
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec, axis_name=None):
+def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec, axis_name=None,
+               gather_params=None):
   """One micro-batch: forward, loss, backward, optimizer update. Returns (state, metrics).
 
   `axis_name`: run per device under pmap/shard_map with the batch split over that axis and the
@@ -51,7 +52,8 @@ def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec, a
     dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
 
   def loss_fn(params):
-    outputs = forward(graphdef, params['model'], batch, dropout_key)
+    model_params = params['model'] if gather_params is None else gather_params(params['model'])
+    outputs = forward(graphdef, model_params, batch, dropout_key)
     return loss_spec(outputs, batch, params['loss_log_vars'], axis_name)
 
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
