@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from typing import Any
 
 import grain
@@ -28,6 +29,10 @@ from orbax.checkpoint import checkpoint_managers as ocp_policies
 log = logging.getLogger(__name__)
 
 _STATE, _EXTRA, _DATA = 'state', 'extra', 'data'
+_TMP_SUFFIX = '.orbax-checkpoint-tmp'
+# The run's config is saved in `extra` under this key; restore(expect_config=) compares it.
+CONFIG_KEY = 'config'
+_MISSING = object()
 
 
 class CheckpointError(RuntimeError):
@@ -107,7 +112,21 @@ class Checkpointer:
         _EXTRA: ocp.JsonCheckpointHandler(),
         _DATA: grain.checkpoint.CheckpointHandler(),
     }
+    self._remove_partial_saves()
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def _remove_partial_saves(self) -> None:
+    """Deletes step directories a kill left uncommitted (``<step>.orbax-checkpoint-tmp``).
+
+    Orbax ignores them, but removes them only at the next save (cleanup_tmp_directories), so a
+    run killed again before saving would pile them up.
+    """
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if name.endswith(_TMP_SUFFIX):
+        log.warning('Removing uncommitted checkpoint %s', os.path.join(self.directory, name))
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   # ----------------------------------------------------------------- queries
   def _metric_value(self, metrics) -> float:
@@ -156,9 +175,13 @@ class Checkpointer:
     items = {_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(dict(extra or {}))}
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    if metrics is not None:
-      metrics = {str(k): float(v) for k, v in metrics.items()}
-    saved = self._mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    # {} rather than None: Orbax warns on every metric-less save once best_fn is set; an empty
+    # dict ranks worst, like a missing metric.
+    metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
+    try:
+      saved = self._mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    except Exception as e:  # a full disk or a lost directory surfaces as assorted types
+      raise self._write_error(step, e) from e
     if saved:
       log.info('Saving checkpoint step %d to %s', step, self.directory)
     return saved
@@ -190,11 +213,30 @@ class Checkpointer:
           f'{path}: checkpoint leaf {unexpected[0]!r} has no place in the restore target '
           f'({len(unexpected)} such leaves)')
 
-  def restore(self, step: int, abstract_state, *, data_iterator=None) -> tuple[Any, dict]:
+  def _check_config(self, step: int, extra: dict, expect_config: dict | None) -> None:
+    """Raises CheckpointMismatchError when a field of `expect_config` ({'model.d_model': 32})
+    differs from the config saved with the step (steps saved without one are not checked)."""
+    saved = extra.get(CONFIG_KEY)
+    if not expect_config or not isinstance(saved, dict):
+      return
+    for path, want in expect_config.items():
+      node = saved
+      for part in path.split('.'):
+        node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+      if node is not _MISSING and node != want:
+        raise CheckpointMismatchError(
+            f'{self.step_dir(step)}: checkpoint was trained with {path}={node!r} but the '
+            f'config has {path}={want!r}')
+
+  def restore(self, step: int, abstract_state, *, data_iterator=None,
+              expect_config: dict | None = None) -> tuple[Any, dict]:
     """Returns ``(state, extra)``; restores ``data_iterator`` in place if given.
 
     ``abstract_state`` is the state's pytree of ``jax.ShapeDtypeStruct``
-    (``jax.eval_shape``); the result has the same pytree type.
+    (``jax.eval_shape``); the result has the same pytree type. ``data_iterator`` may also be a
+    function of the step's ``extra`` returning the iterator to fill (or None: no data restore),
+    for iterators that depend on where the step was (its epoch). ``expect_config`` maps dotted
+    config fields to the values this run needs (see _check_config).
     """
     self.wait_until_finished()
     if step not in self._mgr.all_steps():
@@ -202,34 +244,42 @@ class Checkpointer:
       what = f'steps present: {have}' if have else 'it holds no checkpoints'
       raise FileNotFoundError(f'{self.directory}: no checkpoint for step {step} ({what})')
     path = self.step_dir(step)
-    if data_iterator is not None and not os.path.isdir(os.path.join(path, _DATA)):
-      raise CheckpointError(f'{path}: step {step} was saved without a data iterator position')
     try:
+      # Three reads, cheapest first: a config mismatch is named before any array is touched.
+      extra = dict(self._mgr.restore(
+          step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))[_EXTRA] or {})
+      self._check_config(step, extra, expect_config)
       self._check_matches(step, abstract_state)
-      items = {_STATE: ocp.args.StandardRestore(abstract_state), _EXTRA: ocp.args.JsonRestore()}
-      if data_iterator is not None:
-        items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-      restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
+      state = self._mgr.restore(
+          step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
+      iterator = data_iterator(extra) if callable(data_iterator) else data_iterator
+      if iterator is not None:
+        if not os.path.isdir(os.path.join(path, _DATA)):
+          raise CheckpointError(f'{path}: step {step} was saved without a data iterator position')
+        self._mgr.restore(step, args=ocp.args.Composite(
+            **{_DATA: grain.checkpoint.CheckpointRestore(iterator)}))
     except CheckpointError:
       raise
     except Exception as e:  # Orbax raises assorted types for damaged files.
       detail = (str(e).strip().splitlines() or [''])[0][:300]
       raise CheckpointError(f'{path}: cannot restore step {step} '
                             f'({type(e).__name__}: {detail})') from e
-    return restored[_STATE], dict(restored[_EXTRA] or {})
+    return state[_STATE], extra
 
-  def restore_latest_good(self, abstract_state, data_iterator=None):
+  def restore_latest_good(self, abstract_state, data_iterator=None,
+                          expect_config: dict | None = None):
     """Restores the newest step that loads, skipping corrupt ones.
 
     Returns ``(step, state, extra)``, or None when there are no checkpoints.
-    A tree/shape mismatch is raised at once (older steps would mismatch too);
+    A tree/shape/config mismatch is raised at once (older steps would mismatch too);
     if every step is corrupt, the newest step's CheckpointError is raised.
     """
     steps = sorted(self._mgr.all_steps(), reverse=True)
     first_error = None
     for step in steps:
       try:
-        state, extra = self.restore(step, abstract_state, data_iterator=data_iterator)
+        state, extra = self.restore(step, abstract_state, data_iterator=data_iterator,
+                                    expect_config=expect_config)
       except CheckpointMismatchError:
         raise
       except CheckpointError as e:
@@ -245,12 +295,30 @@ class Checkpointer:
     return None
 
   # --------------------------------------------------------------- lifecycle
+  def _write_error(self, step, e: Exception) -> CheckpointError:
+    detail = (str(e).strip().splitlines() or [''])[0][:300]
+    where = f'step {step}' if step is not None else 'a pending step'
+    return CheckpointError(f'{self.directory}: cannot write checkpoint {where} '
+                           f'({type(e).__name__}: {detail}); older checkpoints are intact')
+
   def wait_until_finished(self) -> None:
-    self._mgr.wait_until_finished()
+    """Blocks until async saves are committed; a failed one raises CheckpointError."""
+    try:
+      self._mgr.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(None, e) from e
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: True on every host once any got a preemption notice, at a common step
+    (Orbax's preemption sync; needs jax.distributed). Single-process runs check their own
+    signal handler instead."""
+    return jax.process_count() > 1 and bool(self._mgr.reached_preemption(step))
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    try:
+      self.wait_until_finished()
+    finally:
+      self._mgr.close()
 
   def __enter__(self) -> 'Checkpointer':
     return self

@@ -116,7 +116,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, whic
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{ckpt_dir}: no checkpoint to evaluate')
-    state, extra = ckpt.restore(step, state_lib.abstract_train_state(config, tx))
+    state, extra = ckpt.restore(step, state_lib.abstract_train_state(config, tx),
+                                expect_config={f: config_lib.flatten(config.to_dict())[f]
+                                               for f in config_lib.ARCHITECTURE_FIELDS})
   result = with_targets(config, Evaluator(config, graphdef)(state.params, source))
   report = {
       'checkpoint_step': step,

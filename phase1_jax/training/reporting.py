@@ -156,7 +156,9 @@ class Reporter:
   def _tb(self) -> SummaryWriter:
     """The current event writer, opened on first use (each with a unique file)."""
     if self._writer is None:
-      purge = self.start_step if self._purge_pending else None
+      # TensorBoard drops events at steps >= purge_step; the restored step's own events were
+      # written (and flushed) before its checkpoint, so only later ones are stale.
+      purge = self.start_step + 1 if self._purge_pending else None
       self._purge_pending = False
       self._writer = SummaryWriter(self.tensorboard_dir,
                                    purge_step=purge,
