@@ -7,6 +7,10 @@ reproduce bit for bit: parameters, optimizer state, history records and TensorBo
 import json
 import os
 import signal
+import struct
+import subprocess
+import sys
+import time
 
 import chex
 import jax
@@ -15,8 +19,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import REPO
-from tensorboardX.proto.event_pb2 import SessionLog
-from test_reporting import read_events
+from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from phase1_jax import config as config_lib
 from phase1_jax.data import pipeline
@@ -56,6 +59,21 @@ def final_state(config, workdir):
 def history(workdir):
   records = json.load(open(os.path.join(workdir, 'training_history.json')))
   return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def read_events(path):
+  """The complete records of a TFRecord event file ([len u64][crc u32][data][crc u32]...); a
+  record cut short by a kill is ignored, as TensorBoard does."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  events, pos = [], 0
+  while pos + 12 <= len(data):
+    (length,) = struct.unpack('<Q', data[pos:pos + 8])
+    if pos + 12 + length + 4 > len(data):
+      break
+    events.append(Event.FromString(data[pos + 12:pos + 12 + length]))
+    pos += 12 + length + 4
+  return events
 
 
 def tensorboard_scalars(workdir):
@@ -251,3 +269,91 @@ def test_unwritable_workdir_fails_before_anything(tmp_path):
   (tmp_path / 'file').write_text('not a directory')
   with pytest.raises(faults.WorkdirError, match=rf'^{tmp_path}/file/run: workdir is not writable'):
     loop.train_and_evaluate(make_config(), str(tmp_path / 'file' / 'run'))
+
+
+# ------------------------------------------------------------------------ kills (subprocesses)
+def start_cli(workdir, log, **overrides):
+  """`python -m phase1_jax.train` on the reference config (+ overrides), output to `log`."""
+  flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **overrides}.items()]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'JAX_COMPILATION_CACHE_DIR': str(REPO / '.jax_cache'),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+  return subprocess.Popen([sys.executable, '-m', 'phase1_jax.train', '--config', 'configs/tiny.py',
+                           '--workdir', workdir, *flags], cwd=REPO, env=env, stdout=log,
+                          stderr=subprocess.STDOUT)
+
+
+def checkpoint_dirs(workdir):
+  """(committed steps, uncommitted step directories) in workdir/checkpoints."""
+  try:
+    names = os.listdir(os.path.join(workdir, 'checkpoints'))
+  except FileNotFoundError:
+    return [], []
+  return sorted(int(n) for n in names if n.isdigit()), [n for n in names if 'tmp' in n]
+
+
+def wait_for(proc, condition, timeout=240):
+  """Polls `condition()` every few ms while `proc` runs; True when it held, False if proc ended."""
+  deadline = time.monotonic() + timeout
+  while proc.poll() is None:
+    if condition():
+      return True
+    assert time.monotonic() < deadline, 'trainer made no progress'
+    time.sleep(0.003)
+  return False
+
+
+@pytest.mark.slow
+def test_sigkills_sigterm_and_a_truncated_checkpoint_then_the_same_run(tmp_path, reference):
+  """10 SIGKILLs at random steps (some while an async save is being written), a SIGTERM, and a
+  truncated newest checkpoint; the run that finishes is the uninterrupted one, bit for bit.
+  Checkpoints every step (async, as by default), so each kill loses at most one step."""
+  config, reference_dir = reference
+  workdir, log_path = str(tmp_path / 'run'), tmp_path / 'log.txt'
+  kill = {'checkpoint.every_steps': 1, 'checkpoint.async_save': True}
+  rng = np.random.default_rng(20261126)   # fixed: the same kill plan every time
+  killed_during_save = 0
+  with open(log_path, 'w') as log:
+    for _ in range(10):
+      proc = start_cli(workdir, log, **kill)
+      target = (checkpoint_dirs(workdir)[0] or [0])[-1] + int(rng.integers(1, 3))
+      during_save = rng.random() < 0.5
+
+      def reached(target=target, during_save=during_save):
+        committed, partial = checkpoint_dirs(workdir)
+        if during_save:   # as soon as a newer step's save is under way
+          return any(int(n.split('.')[0]) >= target for n in partial)
+        return (committed or [0])[-1] >= target   # then a random moment later
+      assert wait_for(proc, reached), f'the run ended before its kill:\n{log_path.read_text()}'
+      if not during_save:
+        time.sleep(rng.uniform(0, 0.3))
+      proc.send_signal(signal.SIGKILL)
+      assert proc.wait() == -signal.SIGKILL
+      killed_during_save += bool(checkpoint_dirs(workdir)[1])
+
+    proc = start_cli(workdir, log, **kill)
+    start = (checkpoint_dirs(workdir)[0] or [0])[-1]
+    assert wait_for(proc, lambda: (checkpoint_dirs(workdir)[0] or [0])[-1] >= start + 2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == faults.PREEMPTED_EXIT_CODE
+  last = log_path.read_text().strip().splitlines()[-1]
+  assert last.startswith('preempted: SIGTERM: stopped after step '), last
+  stopped_at = int(last.split('after step ')[1].split(';')[0])
+  committed, partial = checkpoint_dirs(workdir)
+  assert committed[-1] == stopped_at and not partial   # waited for the async commit
+
+  # Truncate the newest checkpoint's array data: the restart falls back to the step before.
+  data_dir = os.path.join(workdir, 'checkpoints', str(stopped_at), 'state', 'd')
+  victim = max((os.path.join(data_dir, f) for f in os.listdir(data_dir)), key=os.path.getsize)
+  with open(victim, 'r+b') as f:
+    f.truncate(os.path.getsize(victim) // 2)
+  with open(log_path, 'w') as log:
+    proc = start_cli(workdir, log, **kill)
+    assert proc.wait(timeout=600) == 0, log_path.read_text()
+  out = log_path.read_text()
+  assert f'checkpoints/{stopped_at}: cannot restore step {stopped_at}' in out, out
+  assert f'Restored older checkpoint step {committed[-2]}' in out, out
+  assert not checkpoint_dirs(workdir)[1]   # uncommitted saves were cleaned up
+  print(f'{killed_during_save} of 10 SIGKILLs left an uncommitted save behind')
+  assert_same_run(config, workdir, reference_dir)
