@@ -43,6 +43,15 @@ class CheckpointMismatchError(CheckpointError):
   """The saved state's tree, shapes or dtypes differ from the restore target."""
 
 
+def _one_line(e: Exception, limit: int = 300) -> str:
+  """'Type: first line' of an error, its middle elided past `limit` chars: tensorstore puts the
+  cause (e.g. 'No space left on device') at the end of long messages."""
+  text = (str(e).strip().splitlines() or [''])[0]
+  if len(text) > limit:
+    text = f'{text[:limit // 2]} ... {text[-limit // 2:]}'
+  return f'{type(e).__name__}: {text}'
+
+
 def _key_name(key) -> str:
   """One pytree path entry as a plain string ('params', '0', 'kernel'...)."""
   for attr in ('key', 'name', 'idx'):
@@ -112,6 +121,7 @@ class Checkpointer:
         _EXTRA: ocp.JsonCheckpointHandler(),
         _DATA: grain.checkpoint.CheckpointHandler(),
     }
+    self._last_saved = None
     self._remove_partial_saves()
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -183,6 +193,7 @@ class Checkpointer:
     except Exception as e:  # a full disk or a lost directory surfaces as assorted types
       raise self._write_error(step, e) from e
     if saved:
+      self._last_saved = step
       log.info('Saving checkpoint step %d to %s', step, self.directory)
     return saved
 
@@ -261,9 +272,7 @@ class Checkpointer:
     except CheckpointError:
       raise
     except Exception as e:  # Orbax raises assorted types for damaged files.
-      detail = (str(e).strip().splitlines() or [''])[0][:300]
-      raise CheckpointError(f'{path}: cannot restore step {step} '
-                            f'({type(e).__name__}: {detail})') from e
+      raise CheckpointError(f'{path}: cannot restore step {step} ({_one_line(e)})') from e
     return state[_STATE], extra
 
   def restore_latest_good(self, abstract_state, data_iterator=None,
@@ -296,17 +305,15 @@ class Checkpointer:
 
   # --------------------------------------------------------------- lifecycle
   def _write_error(self, step, e: Exception) -> CheckpointError:
-    detail = (str(e).strip().splitlines() or [''])[0][:300]
-    where = f'step {step}' if step is not None else 'a pending step'
-    return CheckpointError(f'{self.directory}: cannot write checkpoint {where} '
-                           f'({type(e).__name__}: {detail}); older checkpoints are intact')
+    return CheckpointError(f'{self.directory}: cannot write checkpoint step {step} '
+                           f'({_one_line(e)}); older checkpoints are intact')
 
   def wait_until_finished(self) -> None:
     """Blocks until async saves are committed; a failed one raises CheckpointError."""
     try:
       self._mgr.wait_until_finished()
     except Exception as e:
-      raise self._write_error(None, e) from e
+      raise self._write_error(self._last_saved, e) from e
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-host: True on every host once any got a preemption notice, at a common step

@@ -17,7 +17,7 @@ from phase1_jax.model.phase1 import parameter_report
 from phase1_jax.training import evaluation, faults, parallel, reporting
 from phase1_jax.training import state as state_lib
 from phase1_jax.training import step as step_lib
-from phase1_jax.training.checkpoint import CONFIG_KEY, Checkpointer
+from phase1_jax.training.checkpoint import CONFIG_KEY, Checkpointer, CheckpointError
 
 
 def default_workdir(config: ml_collections.ConfigDict) -> str:
@@ -143,10 +143,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         if stopped:
           print(stopped)
           break
-  finally:
-    # Also on errors: commit the saves already started, so the last good checkpoint is whole.
-    ckpt.close()
+  except BaseException:
+    # Commit the saves already started, so the last good checkpoint is whole; a failure to do so
+    # is logged, not raised over the error that got us here.
+    try:
+      ckpt.close()
+    except CheckpointError as e:
+      logging.error('%s', e)
     reporter.close()
+    raise
+  ckpt.close()
+  reporter.close()
   report = evaluation.evaluate_checkpoint(config, workdir, which='best')
   print(f'Best checkpoint (step {report["checkpoint_step"]}): {_targets_line(report)}')
   return report
