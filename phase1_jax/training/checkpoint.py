@@ -22,9 +22,10 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
+
+from phase1_jax.training import checkpoint_compat as compat
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ _STATE, _EXTRA, _DATA = 'state', 'extra', 'data'
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'
 # The run's config is saved in `extra` under this key; restore(expect_config=) compares it.
 CONFIG_KEY = 'config'
-_MISSING = object()
 
 
 class CheckpointError(RuntimeError):
@@ -50,27 +50,6 @@ def _one_line(e: Exception, limit: int = 300) -> str:
   if len(text) > limit:
     text = f'{text[:limit // 2]} ... {text[-limit // 2:]}'
   return f'{type(e).__name__}: {text}'
-
-
-def _key_name(key) -> str:
-  """One pytree path entry as a plain string ('params', '0', 'kernel'...)."""
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def _flat_by_path(tree) -> dict[str, Any]:
-  """{'params/layers/0/kernel/value': leaf, ...}; None leaves are skipped."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(_key_name(k) for k in path): leaf for path, leaf in leaves}
-
-
-def _storage_shape_dtype(leaf) -> tuple[tuple[int, ...], np.dtype]:
-  """Shape/dtype as stored on disk (typed PRNG keys are stored as key data)."""
-  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-    leaf = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-  return tuple(leaf.shape), np.dtype(leaf.dtype)
 
 
 class Checkpointer:
@@ -199,45 +178,19 @@ class Checkpointer:
 
   # ----------------------------------------------------------------- restore
   def _check_matches(self, step: int, abstract_state) -> None:
-    """Raises CheckpointMismatchError on the first differing leaf."""
-    path = self.step_dir(step)
+    """Raises CheckpointMismatchError naming the first leaf whose tree place, shape or dtype
+    differs from the restore target."""
     state_meta = self._mgr.item_metadata(step)[_STATE]
     if getattr(state_meta, 'tree', None) is None:
-      raise CheckpointError(f'{path}: state metadata is missing or unreadable')
-    saved = _flat_by_path(state_meta.tree)
-    wanted = _flat_by_path(abstract_state)
-    for name, leaf in wanted.items():
-      if name not in saved:
-        raise CheckpointMismatchError(f'{path}: leaf {name!r} is missing from the checkpoint')
-      meta = saved[name]
-      if not hasattr(meta, 'shape') or not hasattr(meta, 'dtype'):
-        continue
-      want_shape, want_dtype = _storage_shape_dtype(leaf)
-      got_shape, got_dtype = tuple(meta.shape), np.dtype(meta.dtype)
-      if (want_shape, want_dtype) != (got_shape, got_dtype):
-        raise CheckpointMismatchError(
-            f'{path}: leaf {name!r} is {got_dtype}{list(got_shape)} in the checkpoint '
-            f'but {want_dtype}{list(want_shape)} in the restore target')
-    unexpected = [name for name in saved if name not in wanted]
-    if unexpected:
-      raise CheckpointMismatchError(
-          f'{path}: checkpoint leaf {unexpected[0]!r} has no place in the restore target '
-          f'({len(unexpected)} such leaves)')
+      raise CheckpointError(f'{self.step_dir(step)}: state metadata is missing or unreadable')
+    problem = compat.tree_mismatch(state_meta.tree, abstract_state)
+    if problem:
+      raise CheckpointMismatchError(f'{self.step_dir(step)}: {problem}')
 
   def _check_config(self, step: int, extra: dict, expect_config: dict | None) -> None:
-    """Raises CheckpointMismatchError when a field of `expect_config` ({'model.d_model': 32})
-    differs from the config saved with the step (steps saved without one are not checked)."""
-    saved = extra.get(CONFIG_KEY)
-    if not expect_config or not isinstance(saved, dict):
-      return
-    for path, want in expect_config.items():
-      node = saved
-      for part in path.split('.'):
-        node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
-      if node is not _MISSING and node != want:
-        raise CheckpointMismatchError(
-            f'{self.step_dir(step)}: checkpoint was trained with {path}={node!r} but the '
-            f'config has {path}={want!r}')
+    problem = compat.config_mismatch(extra.get(CONFIG_KEY), expect_config or {})
+    if problem:
+      raise CheckpointMismatchError(f'{self.step_dir(step)}: {problem}')
 
   def restore(self, step: int, abstract_state, *, data_iterator=None,
               expect_config: dict | None = None) -> tuple[Any, dict]:

@@ -197,7 +197,7 @@ class _Run:
     self.resumed_batches = resumed_batches
     self.epoch_step = extra.get('epoch_step', 0)
     self.loss_sum, self.loss_count = extra.get('loss_sum', 0.0), extra.get('loss_count', 0)
-    self.reporter = self.signals = None
+    self.reporter = self.signals = self.stop_reason = None
 
   def save(self, state, epoch, epoch_step, *, metrics=None, stopped=None, data_iterator=None,
            seconds=0.0):
@@ -210,11 +210,24 @@ class _Run:
         'nonfinite': self.nonfinite.state(), 'train_seconds': self.train_seconds + seconds,
         'stopped': stopped, CONFIG_KEY: self.config.to_dict()})
 
+  def should_stop(self, step: int) -> str | None:
+    """Why to stop after `step` (a signal's name), or None; called after every step. On several
+    hosts only Orbax's preemption sync counts: it names the same step on every host, where one
+    host acting on its own signal would save alone and hang the others."""
+    if jax.process_count() > 1:
+      if self.ckpt.reached_preemption(step):
+        self.stop_reason = 'preemption'
+    elif self.signals.requested:
+      self.stop_reason = self.signals.requested
+    return self.stop_reason
+
   def stop_if_signalled(self, state) -> None:
-    step = int(state.step)
-    if self.signals.requested or self.ckpt.reached_preemption(step):
+    """After a checkpoint: waits for its commit and raises Preempted if a stop was asked for."""
+    if jax.process_count() == 1 and self.signals.requested:
+      self.stop_reason = self.signals.requested
+    if self.stop_reason:
       self.ckpt.wait_until_finished()
-      raise faults.Preempted(self.signals.requested or 'preemption', step, self.ckpt.directory)
+      raise faults.Preempted(self.stop_reason, int(state.step), self.ckpt.directory)
 
   def train_epoch(self, state, train_step, source, epoch):
     """One pass over the shuffled training split (the rest of it, after a mid-epoch resume).
@@ -265,7 +278,7 @@ class _Run:
       pending = (step, metrics)
       # The epoch's last step is checkpointed after evaluation, with the metrics.
       mid_epoch = self.epoch_step < self.steps_per_epoch
-      signalled = mid_epoch and (self.signals.requested or self.ckpt.reached_preemption(step))
+      signalled = self.should_stop(step) and mid_epoch
       if mid_epoch and (signalled or (every and step % every == 0)):
         pull(*pending)
         pending = None
