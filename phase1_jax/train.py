@@ -32,8 +32,8 @@ def main(argv):
   except faults.Preempted as e:  # checkpoint committed; a distinct status says "resubmit me"
     print(f'preempted: {e}', file=sys.stderr)
     sys.exit(faults.PREEMPTED_EXIT_CODE)
-  except (ConfigError, CheckpointError, DataError, faults.NonFiniteError, faults.WorkdirError,
-          FileNotFoundError) as e:  # user errors and run faults: one line
+  except (ConfigError, CheckpointError, DataError, faults.NonFiniteError,
+          OSError) as e:  # user errors and run faults (full disk, lost workdir...): one line
     sys.exit(f'error: {e}')
 
 

@@ -271,6 +271,15 @@ def test_unwritable_workdir_fails_before_anything(tmp_path):
     loop.train_and_evaluate(make_config(), str(tmp_path / 'file' / 'run'))
 
 
+def test_cli_unwritable_workdir_is_one_line(tmp_path):
+  (tmp_path / 'file').write_text('not a directory')
+  with open(tmp_path / 'log.txt', 'w') as log:
+    rc = start_cli(str(tmp_path / 'file' / 'run'), log).wait(timeout=300)
+  lines = (tmp_path / 'log.txt').read_text().strip().splitlines()
+  assert rc == 1 and lines[-1] == (f'error: {tmp_path}/file/run: workdir is not writable '
+                                   '(Not a directory)'), lines
+
+
 # ------------------------------------------------------------------------ kills (subprocesses)
 def start_cli(workdir, log, **overrides):
   """`python -m phase1_jax.train` on the reference config (+ overrides), output to `log`."""
