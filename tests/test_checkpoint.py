@@ -243,3 +243,17 @@ def test_disk_full_is_one_line_and_keeps_older_steps(tmp_path, mode):
     restored, _ = ckpt.restore(1, state)
   np.testing.assert_array_equal(np.asarray(restored['w'])[:2], expected)
   assert os.listdir(directory) == ['1']
+
+
+def test_uncommitted_saves_removed_on_open(tmp_path):
+  """What a kill during a save leaves (a tmp step directory, with or without Orbax's timestamp
+  suffix) is deleted when the directory is opened; committed steps and other files stay."""
+  save_steps(tmp_path, [1.0])
+  for name in ('2.orbax-checkpoint-tmp', '3.orbax-checkpoint-tmp-1764100000'):
+    os.makedirs(tmp_path / name / 'state.orbax-checkpoint-tmp')
+  (tmp_path / 'notes.orbax-checkpoint-tmp.txt').write_text('not a step')
+  with Checkpointer(tmp_path) as ckpt:
+    assert sorted(os.listdir(tmp_path)) == ['1', 'notes.orbax-checkpoint-tmp.txt']
+    assert ckpt.all_steps() == [1]
+    _, extra = ckpt.restore(1, abstract(make_state()))
+  assert extra == {'epoch': 1}

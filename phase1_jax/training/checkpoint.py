@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 from typing import Any
 
@@ -30,7 +31,8 @@ from phase1_jax.training import checkpoint_compat as compat
 log = logging.getLogger(__name__)
 
 _STATE, _EXTRA, _DATA = 'state', 'extra', 'data'
-_TMP_SUFFIX = '.orbax-checkpoint-tmp'
+# An uncommitted step: '<step>.orbax-checkpoint-tmp', some Orbax paths add '-<timestamp>'.
+_TMP_STEP_DIR = re.compile(r'\d+\.orbax-checkpoint-tmp(-\d+)?')
 # The run's config is saved in `extra` under this key; restore(expect_config=) compares it.
 CONFIG_KEY = 'config'
 
@@ -113,7 +115,7 @@ class Checkpointer:
     if jax.process_index() != 0 or not os.path.isdir(self.directory):
       return
     for name in os.listdir(self.directory):
-      if name.endswith(_TMP_SUFFIX):
+      if _TMP_STEP_DIR.fullmatch(name):
         log.warning('Removing uncommitted checkpoint %s', os.path.join(self.directory, name))
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
