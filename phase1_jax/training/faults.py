@@ -10,6 +10,7 @@ import threading
 # ("temporary failure, try again"), so a scheduler can tell "resubmit me" from success (0),
 # errors (1) and an outright kill (128 + signal number, e.g. 137 for SIGKILL).
 PREEMPTED_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -36,9 +37,8 @@ class StopSignals:
   elsewhere (a thread running training) this is inert.
   """
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
+  def __init__(self, signals=STOP_SIGNALS):
+    self.signals = tuple(signals)
     self.requested: str | None = None
     self._previous = {}
 
@@ -50,7 +50,7 @@ class StopSignals:
 
   def __enter__(self) -> 'StopSignals':
     if threading.current_thread() is threading.main_thread():
-      for sig in self.SIGNALS:
+      for sig in self.signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import signal
 import time
 
 import jax
@@ -113,7 +114,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   evaluator = evaluation.Evaluator(config, graphdef)
 
   try:
-    with faults.StopSignals() as signals:
+    # Several hosts: SIGTERM stays with jax.distributed's preemption notifier, which Orbax's
+    # preemption sync (reached_preemption) reads; a Python handler would replace it.
+    with faults.StopSignals(faults.STOP_SIGNALS if jax.process_count() == 1 else
+                            (signal.SIGINT,)) as signals:
       run.signals = signals
       for epoch in range(start_epoch, t.num_epochs):
         epoch_start = time.perf_counter()
