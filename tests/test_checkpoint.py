@@ -137,7 +137,11 @@ def test_corrupt_step_raises_and_falls_back(tmp_path, where, how):
       ckpt.restore(2, target)
     assert '\n' not in str(info.value)
     step, state, extra = ckpt.restore_latest_good(target)
+    # The unreadable step is set aside, so a resumed run can save step 2 again.
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    assert ckpt.save(2, make_state(2))
   assert step == 1 and extra == {'epoch': 1}
+  assert sorted(os.listdir(tmp_path)) == ['1', '2', '2.unreadable']
   np.testing.assert_array_equal(state.params['embed']['table'],
                                 make_state(1).params['embed']['table'])
 

@@ -364,5 +364,6 @@ def test_sigkills_sigterm_and_a_truncated_checkpoint_then_the_same_run(tmp_path,
   assert f'checkpoints/{stopped_at}: cannot restore step {stopped_at}' in out, out
   assert f'Restored older checkpoint step {committed[-2]}' in out, out
   assert not checkpoint_dirs(workdir)[1]   # uncommitted saves were cleaned up
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', f'{stopped_at}.unreadable'))
   print(f'{killed_during_save} of 10 SIGKILLs left an uncommitted save behind')
   assert_same_run(config, workdir, reference_dir)

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import time
 from typing import Any
 
 import grain
@@ -237,10 +238,13 @@ class Checkpointer:
     Returns ``(step, state, extra)``, or None when there are no checkpoints.
     A tree/shape/config mismatch is raised at once (older steps would mismatch too);
     if every step is corrupt, the newest step's CheckpointError is raised.
+    The unreadable steps newer than the restored one are renamed ``<step>.unreadable`` (kept
+    for inspection): the resumed run saves those steps again, and Orbax refuses a step that
+    exists, or could pick a corrupt one as "best".
     """
     steps = sorted(self._mgr.all_steps(), reverse=True)
     first_error = None
-    for step in steps:
+    for index, step in enumerate(steps):
       try:
         state, extra = self.restore(step, abstract_state, data_iterator=data_iterator,
                                     expect_config=expect_config)
@@ -252,11 +256,22 @@ class Checkpointer:
         continue
       if step != steps[0]:
         log.warning('Restored older checkpoint step %d (newest %d was unreadable).', step, steps[0])
+        self._set_aside(steps[:index])
       return step, state, extra
     if first_error is not None:
       raise CheckpointError(f'{self.directory}: no readable checkpoint among steps '
                             f'{sorted(steps)}; newest error: {first_error}')
     return None
+
+  def _set_aside(self, steps) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        target = f'{self.step_dir(step)}.unreadable'
+        if os.path.exists(target):
+          target = f'{target}.{time.time_ns()}'
+        os.rename(self.step_dir(step), target)
+        log.warning('Moved unreadable checkpoint step %d to %s', step, target)
+    self._mgr.reload()
 
   # --------------------------------------------------------------- lifecycle
   def _write_error(self, step, e: Exception) -> CheckpointError:
