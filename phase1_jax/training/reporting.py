@@ -110,7 +110,10 @@ class Reporter:
     self.history_path = os.path.join(self.workdir, HISTORY_FILE)
     self.tensorboard_dir = os.path.join(self.workdir, TENSORBOARD_DIR)
     self._writer: SummaryWriter | None = None
-    self._purge_pending = self.start_step > 0
+    # Also from step 0: a run killed before its first checkpoint left events that the new run
+    # repeats.
+    self._purge_pending = self.enabled and (self.start_step > 0 or (
+        os.path.isdir(self.tensorboard_dir) and bool(os.listdir(self.tensorboard_dir))))
     self._history: list[dict] = []
     if self.enabled:
       os.makedirs(self.tensorboard_dir, exist_ok=True)
