@@ -302,6 +302,13 @@ def checkpoint_dirs(workdir):
   return sorted(int(n) for n in names if n.isdigit()), [n for n in names if 'tmp' in n]
 
 
+def modified_since(workdir, name, started):
+  try:
+    return os.stat(os.path.join(workdir, 'checkpoints', name)).st_mtime >= started
+  except FileNotFoundError:   # committed (renamed) meanwhile
+    return False
+
+
 def wait_for(proc, condition, timeout=240):
   """Polls `condition()` every few ms while `proc` runs; True when it held, False if proc ended."""
   deadline = time.monotonic() + timeout
@@ -322,22 +329,29 @@ def test_sigkills_sigterm_and_a_truncated_checkpoint_then_the_same_run(tmp_path,
   workdir, log_path = str(tmp_path / 'run'), tmp_path / 'log.txt'
   kill = {'checkpoint.every_steps': 1, 'checkpoint.async_save': True}
   rng = np.random.default_rng(20261126)   # fixed: the same kill plan every time
-  killed_during_save = 0
+  killed_during_save, kills = 0, []
   with open(log_path, 'w') as log:
     for _ in range(10):
+      started = time.time()
       proc = start_cli(workdir, log, **kill)
       target = (checkpoint_dirs(workdir)[0] or [0])[-1] + int(rng.integers(1, 3))
       during_save = rng.random() < 0.5
 
-      def reached(target=target, during_save=during_save):
+      def reached(target=target, during_save=during_save, started=started):
         committed, partial = checkpoint_dirs(workdir)
-        if during_save:   # as soon as a newer step's save is under way
-          return any(int(n.split('.')[0]) >= target for n in partial)
-        return (committed or [0])[-1] >= target and not partial   # between saves
+        if during_save:   # as soon as this process's save of the step after target is under way
+          return any(int(n.split('.')[0]) > target and modified_since(workdir, n, started)
+                     for n in partial)
+        # Between saves, or one step later at the latest: the plan's 15 steps of progress then
+        # cannot overrun the run's 24 and end it before its last kill.
+        last = (committed or [0])[-1]
+        return last >= target + 1 or (last >= target and not partial)
       assert wait_for(proc, reached), f'the run ended before its kill:\n{log_path.read_text()}'
       proc.send_signal(signal.SIGKILL)
       assert proc.wait() == -signal.SIGKILL
-      killed_during_save += bool(checkpoint_dirs(workdir)[1])
+      committed, partial = checkpoint_dirs(workdir)
+      kills.append(f'{committed[-1] if committed else 0}{"+save" if partial else ""}')
+      killed_during_save += bool(partial)
 
     proc = start_cli(workdir, log, **kill)
     start = (checkpoint_dirs(workdir)[0] or [0])[-1]
@@ -363,6 +377,6 @@ def test_sigkills_sigterm_and_a_truncated_checkpoint_then_the_same_run(tmp_path,
   assert f'Restored older checkpoint step {committed[-2]}' in out, out
   assert not checkpoint_dirs(workdir)[1]   # uncommitted saves were cleaned up
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', f'{stopped_at}.unreadable'))
-  print(f'{killed_during_save} of 10 SIGKILLs left an uncommitted save behind')
+  print(f'SIGKILLs after committed steps {kills} (+save: an uncommitted save was left)')
   assert killed_during_save >= 1
   assert_same_run(config, workdir, reference_dir)
