@@ -109,7 +109,9 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str 
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{ckpt_dir}: no checkpoint to evaluate')
-    state, extra = ckpt.restore(step, state_lib.abstract_train_state(config, tx))
+    state, extra = ckpt.restore(step, state_lib.abstract_train_state(config, tx),
+                                expect_config={f: config_lib.flatten(config.to_dict())[f]
+                                               for f in config_lib.ARCHITECTURE_FIELDS})
   return graphdef, state.params, step, extra
 
 
