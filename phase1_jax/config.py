@@ -5,6 +5,7 @@ runs before anything compiles and raises `ConfigError` with one line naming the 
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 
@@ -92,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.histogram_every_epochs = 1
   t.early_stopping_patience = 5     # epochs without improvement of checkpoint.best_metric
   t.stop_when_targets_met = False   # end training at the first epoch whose eval passes every target
+  t.max_consecutive_nonfinite = 5   # steps with a non-finite loss/gradient are skipped; this many
+                                    # in a row stop training (ERROR, last good checkpoint kept)
 
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 64
@@ -124,7 +127,28 @@ def base_config() -> ml_collections.ConfigDict:
   k.max_to_keep = 2
   k.best_metric = 'targets_score'
   k.async_save = True
+  k.every_steps = 0             # also checkpoint every this many steps inside an epoch (0: epoch
+                                # ends only); a kill loses at most this many steps
   return c
+
+
+# Fields that fix the parameters' meaning: a checkpoint trained with other values cannot be
+# resumed or evaluated under this config (checked against the config saved in the checkpoint).
+ARCHITECTURE_FIELDS = ('model.vocab_size', 'model.num_semantic_classes', 'model.num_element_types',
+                       'model.d_model', 'model.num_heads', 'model.num_layers',
+                       'model.num_unique_layers', 'model.mlp_dim', 'model.tie_detail_head',
+                       'data.feature_dim', 'data.max_seq_len')
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'model.d_model': 768, ...} of a nested dict (or ConfigDict.to_dict())."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
 
 
 def load_file(path: str | os.PathLike, *args) -> ml_collections.ConfigDict:
@@ -170,7 +194,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if get(path) not in allowed:
       raise _fail(path, f'must be one of {", ".join(map(str, allowed))}', get(path))
 
+  # A typo in a config file adds a new field silently (files build unlocked ConfigDicts).
+  known = flatten(base_config().to_dict())
+  for path in flatten(config.to_dict()):
+    if path not in known:
+      close = difflib.get_close_matches(path, known, n=1)
+      hint = f' (did you mean {close[0]}?)' if close else ''
+      raise ConfigError(f'config.{path}: unknown field{hint}')
+
+  def boolean(*paths):
+    for p in paths:
+      if not isinstance(get(p), bool):
+        raise _fail(p, 'must be True or False', get(p))
+
+  name = get('exp_name')
+  if not isinstance(name, str) or not name or '/' in name or name.strip() != name:
+    raise _fail('exp_name', 'must be a non-empty name without "/" or surrounding spaces', name)
+  boolean('model.tie_detail_head', 'model.scan_layers', 'model.remat',
+          'train.stop_when_targets_met', 'checkpoint.async_save')
   one_of('data.name', DATA_NAMES)
+  if not isinstance(config.data.path, str):
+    raise _fail('data.path', 'must be a directory path (a string)', config.data.path)
   positive('data.train_samples', 'data.val_samples', 'data.max_seq_len', 'data.grid_rows',
            'data.grid_cols', 'data.feature_dim', 'data.min_sections', 'data.max_sections',
            'data.max_elements_per_section')
@@ -216,6 +260,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   positive('train.batch_size', 'train.num_epochs', 'train.accumulate_grad_batches',
            'train.log_every_steps', 'train.histogram_every_epochs')
   positive('train.warmup_steps', 'train.early_stopping_patience', allow_zero=True)
+  positive('train.max_consecutive_nonfinite')
   in_range('train.learning_rate', 0, 1, lo_open=True)
   in_range('train.end_learning_rate_ratio', 0, 1)
   in_range('train.weight_decay', 0, 1)
@@ -248,8 +293,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   positive('parallel.fsdp')
   positive('parallel.data', 'parallel.process_id', allow_zero=True)
   one_of('parallel.distributed', DISTRIBUTED)
+  positive('parallel.num_processes')
+  if not isinstance(config.parallel.coordinator_address, str):
+    raise _fail('parallel.coordinator_address', "must be 'host:port' (a string)",
+                config.parallel.coordinator_address)
   if config.parallel.distributed == 'manual':
-    positive('parallel.num_processes')
     if ':' not in config.parallel.coordinator_address:
       raise _fail('parallel.coordinator_address', "must be 'host:port' with "
                   "parallel.distributed='manual'", config.parallel.coordinator_address)
@@ -258,6 +306,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   f'({config.parallel.num_processes})', config.parallel.process_id)
 
   positive('checkpoint.max_to_keep')
+  positive('checkpoint.every_steps', allow_zero=True)
   one_of('checkpoint.best_metric', tuple(METRIC_MODES))
   best = config.checkpoint.best_metric
   if best in ('bleu', 'targets_score') and config.eval.bleu_samples == 0:

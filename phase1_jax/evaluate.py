@@ -8,6 +8,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from phase1_jax.config import ConfigError
+from phase1_jax.data.pipeline import DataError
 from phase1_jax.training.checkpoint import CheckpointError
 from phase1_jax.training.evaluation import evaluate_checkpoint
 
@@ -23,7 +24,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, which='best')
-  except (ConfigError, CheckpointError, FileNotFoundError) as e:  # user errors: one line
+  except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:  # user errors: one line
     sys.exit(f'error: {e}')
 
 

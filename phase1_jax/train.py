@@ -1,6 +1,9 @@
 """Train the Phase 1 decoder.
 
   python -m phase1_jax.train --config configs/small.py [--config.train.batch_size=8] [--workdir DIR]
+
+Exit status: 0 done, 1 error (one line on stderr), 75 stopped by SIGTERM/SIGINT after saving a
+checkpoint (run the same command to resume).
 """
 import sys
 
@@ -8,6 +11,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from phase1_jax.config import ConfigError
+from phase1_jax.data.pipeline import DataError
+from phase1_jax.training import faults
 from phase1_jax.training.checkpoint import CheckpointError
 from phase1_jax.training.loop import train_and_evaluate
 
@@ -24,7 +29,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, CheckpointError, FileNotFoundError) as e:  # user errors: one line
+  except faults.Preempted as e:  # checkpoint committed; a distinct status says "resubmit me"
+    print(f'preempted: {e}', file=sys.stderr)
+    sys.exit(faults.PREEMPTED_EXIT_CODE)
+  except (ConfigError, CheckpointError, DataError, faults.NonFiniteError,
+          OSError) as e:  # user errors and run faults (full disk, lost workdir...): one line
     sys.exit(f'error: {e}')
 
 

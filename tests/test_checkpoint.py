@@ -1,6 +1,9 @@
 """Tests for phase1_jax.training.checkpoint (tiny states, CPU only)."""
 
 import os
+import re
+import subprocess
+import sys
 
 import flax.struct
 import grain
@@ -10,6 +13,8 @@ import numpy as np
 import pytest
 
 from phase1_jax.training.checkpoint import Checkpointer, CheckpointError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @flax.struct.dataclass
@@ -132,7 +137,11 @@ def test_corrupt_step_raises_and_falls_back(tmp_path, where, how):
       ckpt.restore(2, target)
     assert '\n' not in str(info.value)
     step, state, extra = ckpt.restore_latest_good(target)
+    # The unreadable step is set aside, so a resumed run can save step 2 again.
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    assert ckpt.save(2, make_state(2))
   assert step == 1 and extra == {'epoch': 1}
+  assert sorted(os.listdir(tmp_path)) == ['1', '2', '2.unreadable']
   np.testing.assert_array_equal(state.params['embed']['table'],
                                 make_state(1).params['embed']['table'])
 
@@ -195,3 +204,60 @@ def test_grain_iterator_round_trip(tmp_path):
     ckpt.save(4, state)
     with pytest.raises(CheckpointError, match='without a data iterator'):
       ckpt.restore(4, abstract(state), data_iterator=make_iter())
+
+
+DISK_FULL = '''
+import resource, signal, sys
+import numpy as np
+from phase1_jax.training.checkpoint import Checkpointer, CheckpointError
+directory, mode = sys.argv[1:]
+state = {'w': np.random.default_rng().standard_normal((256, 256)).astype(np.float32)}
+with Checkpointer(directory, async_save=False) as ckpt:
+  ckpt.save(1, state)
+# Files may not grow past 20 kB from here on: writes fail with EFBIG, like a full disk.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+ckpt = Checkpointer(directory, async_save=mode == 'async')
+try:
+  ckpt.save(2, {'w': state['w'] + 1})
+  ckpt.wait_until_finished()
+except CheckpointError as e:
+  print(e)
+np.save(sys.argv[1] + '.npy', state['w'][:2])
+'''
+
+
+@pytest.mark.parametrize('mode', ['sync', 'async'])
+def test_disk_full_is_one_line_and_keeps_older_steps(tmp_path, mode):
+  """A save that cannot be written (file size limit: EFBIG, as ENOSPC would) raises one line
+  naming the directory, step and cause; the step before stays restorable, the partial one is
+  removed when the directory is opened again."""
+  directory = str(tmp_path / 'ckpt')
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, '-c', DISK_FULL, directory, mode], capture_output=True,
+                        text=True, env=env, timeout=300)
+  out = proc.stdout.strip().splitlines()
+  assert proc.returncode == 0 and len(out) == 1, proc.stderr[-3000:]
+  assert re.fullmatch(rf'{directory}: cannot write checkpoint step 2 \(.*File too large.*\); '
+                      'older checkpoints are intact', out[0]), out[0]
+  expected = np.load(directory + '.npy')
+  state = {'w': jax.ShapeDtypeStruct((256, 256), jnp.float32)}
+  with Checkpointer(directory) as ckpt:
+    assert ckpt.all_steps() == [1]
+    restored, _ = ckpt.restore(1, state)
+  np.testing.assert_array_equal(np.asarray(restored['w'])[:2], expected)
+  assert os.listdir(directory) == ['1']
+
+
+def test_uncommitted_saves_removed_on_open(tmp_path):
+  """What a kill during a save leaves (a tmp step directory, with or without Orbax's timestamp
+  suffix) is deleted when the directory is opened; committed steps and other files stay."""
+  save_steps(tmp_path, [1.0])
+  for name in ('2.orbax-checkpoint-tmp', '3.orbax-checkpoint-tmp-1764100000'):
+    os.makedirs(tmp_path / name / 'state.orbax-checkpoint-tmp')
+  (tmp_path / 'notes.orbax-checkpoint-tmp.txt').write_text('not a step')
+  with Checkpointer(tmp_path) as ckpt:
+    assert sorted(os.listdir(tmp_path)) == ['1', 'notes.orbax-checkpoint-tmp.txt']
+    assert ckpt.all_steps() == [1]
+    _, extra = ckpt.restore(1, abstract(make_state()))
+  assert extra == {'epoch': 1}

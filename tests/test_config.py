@@ -2,6 +2,7 @@
 naming its field."""
 from __future__ import annotations
 
+import ml_collections
 import pytest
 from conftest import REPO
 
@@ -147,3 +148,48 @@ def test_compute_dtypes_listed():
     config = base_config()
     config.model.compute_dtype = name
     validate(config)
+
+
+def _wrong_value(value):
+  """A value of the field's type (or a neighbour) that breaks every rule a field of it can have."""
+  if isinstance(value, bool):
+    return 'yes'
+  if isinstance(value, (int, float)):
+    return -1.5
+  return 7   # strings: not a string at all ('' is a fine value of some of them)
+
+
+@pytest.mark.parametrize('path', sorted(config_lib.flatten(base_config().to_dict())))
+def test_every_field_is_validated(path):
+  """Each leaf of the config tree has a rule: a wrong value of it is reported naming it."""
+  tree = base_config().to_dict()
+  *parents, leaf = path.split('.')
+  node = tree
+  for p in parents:
+    node = node[p]
+  node[leaf] = _wrong_value(node[leaf])
+  with pytest.raises(ConfigError) as info:
+    validate(ml_collections.ConfigDict(tree))
+  assert str(info.value).startswith(f'config.{path}='), str(info.value)
+
+
+def test_unknown_field_named_with_suggestion():
+  config = base_config()
+  config.train.batch_sise = 8  # a typo in a config file adds a field
+  with pytest.raises(ConfigError, match=r'^config\.train\.batch_sise: unknown field \(did you '
+                     r'mean train\.batch_size\?\)$'):
+    validate(config)
+
+
+@pytest.mark.parametrize('path,value', [('checkpoint.every_steps', -1),
+                                        ('train.max_consecutive_nonfinite', 0),
+                                        ('exp_name', 'a/b'), ('checkpoint.async_save', 1)])
+def test_fault_tolerance_fields(path, value):
+  tree = base_config().to_dict()
+  *parents, leaf = path.split('.')
+  node = tree
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=rf'^config\.{path}='):
+    validate(ml_collections.ConfigDict(tree))

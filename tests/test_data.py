@@ -342,8 +342,42 @@ def test_make_source_from_config():
   config.data.val_samples = 7
   config.data.max_seq_len = 40
   config.model.num_element_types = 12
-  src = pipeline.make_source(config, 'val')
+  checked = pipeline.make_source(config, 'val')
+  assert isinstance(checked, pipeline.CheckedSource) and checked.name == 'synthetic val split'
+  src = checked.source
   assert len(src) == 7 and src.split == 'val' and src.seed == config.data.seed
   assert src.spec.max_seq_len == 40 and src.spec.num_element_types == 12
   assert src.spec.grid_rows * src.spec.grid_cols == src[0]['features'].shape[0]
   assert len(pipeline.make_source(config, 'train')) == config.data.train_samples
+
+
+class _OneBadRecord:
+  """Pages of `pages`, except that record `bad` has `fault` applied."""
+
+  def __init__(self, pages, bad, fault):
+    self.pages, self.bad, self.fault = pages, bad, fault
+
+  def __len__(self):
+    return len(self.pages)
+
+  def __getitem__(self, i):
+    return self.fault(self.pages[i]) if i == self.bad else self.pages[i]
+
+
+@pytest.mark.parametrize('fault,match', [
+    (lambda r: {**r, 'features': r['features'][:, :-1]}, r'features is float32\[\d+, \d+\]'),
+    (lambda r: {**r, 'inputs': r['inputs'].astype(np.int64)}, r'inputs is int64'),
+    (lambda r: {k: v for k, v in r.items() if k != 'targets'}, r'record lacks targets'),
+    (lambda r: [r], r'record is a list, not a dict'),
+])
+def test_malformed_record_names_source_and_index(fault, match):
+  """A bad record anywhere in an epoch is reported as '<source>[<index>]: <what>', through
+  grain's threaded prefetching, before it reaches a batch."""
+  config = base_config()
+  config.data.train_samples = 24
+  good = pipeline.make_source(config, 'train')
+  bad = int(np.random.default_rng().integers(24))
+  src = pipeline.CheckedSource(_OneBadRecord(good.source, bad, fault), 'pages.bin', good.fields)
+  with pytest.raises(pipeline.DataError, match=rf'^pages\.bin\[{bad}\]: {match}'):
+    list(pipeline.train_iterator(src, batch_size=4, seed=1, epoch=0))
+  assert len(list(pipeline.train_iterator(good, batch_size=4, seed=1, epoch=0))) == 6

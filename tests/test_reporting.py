@@ -79,8 +79,19 @@ def test_resume_marks_purge_step(tmp_path):
       for e in read_events(new)
       if e.HasField('session_log') and e.session_log.status == SessionLog.START
   ]
-  assert starts == [2]
+  assert starts == [3]  # TensorBoard drops older events at steps >= 3: step 2 is kept
   assert scalar_points([new]) == [('train/loss', 3, 30.0), ('train/loss', 4, 40.0)]
+
+
+def test_restart_before_any_checkpoint_purges_too(tmp_path):
+  with Reporter(tmp_path) as rep:   # killed before its first checkpoint: step 0 again
+    rep.scalars(1, {'loss': 1.0})
+  assert not [e for e in read_events(event_files(tmp_path)[0]) if e.HasField('session_log')]
+  with Reporter(tmp_path, start_step=0) as rep:
+    rep.scalars(1, {'loss': 2.0})
+  starts = [e.step for e in read_events(event_files(tmp_path)[1]) if e.HasField('session_log')
+            and e.session_log.status == SessionLog.START]
+  assert starts == [1]
 
 
 def test_history_append_and_resume_truncation(tmp_path):

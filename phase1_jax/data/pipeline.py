@@ -27,15 +27,56 @@ def page_spec(config: ml_collections.ConfigDict) -> synthetic.PageSpec:
       max_words_per_element=d.max_words_per_element)
 
 
+class DataError(ValueError):
+  """A record does not have the documented keys, shapes or dtypes; names the source and index."""
+
+
+def record_spec(spec: synthetic.PageSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{key: (shape, dtype)} every page record must have (see SyntheticPages)."""
+  t, p = spec.max_seq_len, spec.grid_rows * spec.grid_cols
+  i32, f32, b = np.dtype(np.int32), np.dtype(np.float32), np.dtype(bool)
+  return {'features': ((p, spec.feature_dim), f32), 'feature_mask': ((p,), b),
+          'inputs': ((t,), i32), 'targets': ((t,), i32), 'target_mask': ((t,), b),
+          'semantic_labels': ((t,), i32), 'semantic_mask': ((t,), b),
+          'element_labels': ((spec.num_element_types,), f32)}
+
+
+class CheckedSource:
+  """Wraps a random-access source; every record read is checked against `spec`, and a bad one
+  raises DataError naming `name` and the index (instead of a shape error deep inside a batch)."""
+
+  def __init__(self, source, name: str, fields: dict):
+    self.source, self.name, self.fields = source, name, fields
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    record = self.source[index]
+    where = f'{self.name}[{index}]'
+    if not isinstance(record, dict):
+      raise DataError(f'{where}: record is a {type(record).__name__}, not a dict of arrays')
+    missing = [k for k in self.fields if k not in record]
+    if missing:
+      raise DataError(f'{where}: record lacks {", ".join(missing)}')
+    for key, (shape, dtype) in self.fields.items():
+      value = np.asarray(record[key])
+      if value.shape != shape or value.dtype != dtype:
+        raise DataError(f'{where}: {key} is {value.dtype}{list(value.shape)}, expected '
+                        f'{dtype}{list(shape)}')
+    return record
+
+
 def make_source(config: ml_collections.ConfigDict, split: str):
-  """The random-access page source of a split ('train' or 'val')."""
+  """The random-access page source of a split ('train' or 'val'), record-checked."""
   d = config.data
   if d.name == 'files':
     return records.FilePages(d.path, split, max_seq_len=d.max_seq_len,
                              num_patches=d.grid_rows * d.grid_cols)
   n = {'train': config.data.train_samples, 'val': config.data.val_samples}[split]
-  return synthetic.SyntheticPages(page_spec(config), num_samples=n, seed=config.data.seed,
-                                  split=split)
+  spec = page_spec(config)
+  pages = synthetic.SyntheticPages(spec, num_samples=n, seed=config.data.seed, split=split)
+  return CheckedSource(pages, f'{config.data.name} {split} split', record_spec(spec))
 
 
 def element_open_tag_ids(config: ml_collections.ConfigDict) -> tuple[int, ...]:

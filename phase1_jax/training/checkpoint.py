@@ -17,17 +17,25 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import shutil
+import time
 from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
+
+from phase1_jax.training import checkpoint_compat as compat
 
 log = logging.getLogger(__name__)
 
 _STATE, _EXTRA, _DATA = 'state', 'extra', 'data'
+# An uncommitted step: '<step>.orbax-checkpoint-tmp', some Orbax paths add '-<timestamp>'.
+_TMP_STEP_DIR = re.compile(r'\d+\.orbax-checkpoint-tmp(-\d+)?')
+# The run's config is saved in `extra` under this key; restore(expect_config=) compares it.
+CONFIG_KEY = 'config'
 
 
 class CheckpointError(RuntimeError):
@@ -38,25 +46,13 @@ class CheckpointMismatchError(CheckpointError):
   """The saved state's tree, shapes or dtypes differ from the restore target."""
 
 
-def _key_name(key) -> str:
-  """One pytree path entry as a plain string ('params', '0', 'kernel'...)."""
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def _flat_by_path(tree) -> dict[str, Any]:
-  """{'params/layers/0/kernel/value': leaf, ...}; None leaves are skipped."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(_key_name(k) for k in path): leaf for path, leaf in leaves}
-
-
-def _storage_shape_dtype(leaf) -> tuple[tuple[int, ...], np.dtype]:
-  """Shape/dtype as stored on disk (typed PRNG keys are stored as key data)."""
-  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-    leaf = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-  return tuple(leaf.shape), np.dtype(leaf.dtype)
+def _one_line(e: Exception, limit: int = 300) -> str:
+  """'Type: first line' of an error, its middle elided past `limit` chars: tensorstore puts the
+  cause (e.g. 'No space left on device') at the end of long messages."""
+  text = (str(e).strip().splitlines() or [''])[0]
+  if len(text) > limit:
+    text = f'{text[:limit // 2]} ... {text[-limit // 2:]}'
+  return f'{type(e).__name__}: {text}'
 
 
 class Checkpointer:
@@ -107,7 +103,22 @@ class Checkpointer:
         _EXTRA: ocp.JsonCheckpointHandler(),
         _DATA: grain.checkpoint.CheckpointHandler(),
     }
+    self._last_saved = None
+    self._remove_partial_saves()
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def _remove_partial_saves(self) -> None:
+    """Deletes step directories a kill left uncommitted (``<step>.orbax-checkpoint-tmp``).
+
+    Orbax ignores them, but removes them only at the next save (cleanup_tmp_directories), so a
+    run killed again before saving would pile them up.
+    """
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if _TMP_STEP_DIR.fullmatch(name):
+        log.warning('Removing uncommitted checkpoint %s', os.path.join(self.directory, name))
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   # ----------------------------------------------------------------- queries
   def _metric_value(self, metrics) -> float:
@@ -156,45 +167,43 @@ class Checkpointer:
     items = {_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(dict(extra or {}))}
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    if metrics is not None:
-      metrics = {str(k): float(v) for k, v in metrics.items()}
-    saved = self._mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    # {} rather than None: Orbax warns on every metric-less save once best_fn is set; an empty
+    # dict ranks worst, like a missing metric.
+    metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
+    try:
+      saved = self._mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    except Exception as e:  # a full disk or a lost directory surfaces as assorted types
+      raise self._write_error(step, e) from e
     if saved:
+      self._last_saved = step
       log.info('Saving checkpoint step %d to %s', step, self.directory)
     return saved
 
   # ----------------------------------------------------------------- restore
   def _check_matches(self, step: int, abstract_state) -> None:
-    """Raises CheckpointMismatchError on the first differing leaf."""
-    path = self.step_dir(step)
+    """Raises CheckpointMismatchError naming the first leaf whose tree place, shape or dtype
+    differs from the restore target."""
     state_meta = self._mgr.item_metadata(step)[_STATE]
     if getattr(state_meta, 'tree', None) is None:
-      raise CheckpointError(f'{path}: state metadata is missing or unreadable')
-    saved = _flat_by_path(state_meta.tree)
-    wanted = _flat_by_path(abstract_state)
-    for name, leaf in wanted.items():
-      if name not in saved:
-        raise CheckpointMismatchError(f'{path}: leaf {name!r} is missing from the checkpoint')
-      meta = saved[name]
-      if not hasattr(meta, 'shape') or not hasattr(meta, 'dtype'):
-        continue
-      want_shape, want_dtype = _storage_shape_dtype(leaf)
-      got_shape, got_dtype = tuple(meta.shape), np.dtype(meta.dtype)
-      if (want_shape, want_dtype) != (got_shape, got_dtype):
-        raise CheckpointMismatchError(
-            f'{path}: leaf {name!r} is {got_dtype}{list(got_shape)} in the checkpoint '
-            f'but {want_dtype}{list(want_shape)} in the restore target')
-    unexpected = [name for name in saved if name not in wanted]
-    if unexpected:
-      raise CheckpointMismatchError(
-          f'{path}: checkpoint leaf {unexpected[0]!r} has no place in the restore target '
-          f'({len(unexpected)} such leaves)')
+      raise CheckpointError(f'{self.step_dir(step)}: state metadata is missing or unreadable')
+    problem = compat.tree_mismatch(state_meta.tree, abstract_state)
+    if problem:
+      raise CheckpointMismatchError(f'{self.step_dir(step)}: {problem}')
 
-  def restore(self, step: int, abstract_state, *, data_iterator=None) -> tuple[Any, dict]:
+  def _check_config(self, step: int, extra: dict, expect_config: dict | None) -> None:
+    problem = compat.config_mismatch(extra.get(CONFIG_KEY), expect_config or {})
+    if problem:
+      raise CheckpointMismatchError(f'{self.step_dir(step)}: {problem}')
+
+  def restore(self, step: int, abstract_state, *, data_iterator=None,
+              expect_config: dict | None = None) -> tuple[Any, dict]:
     """Returns ``(state, extra)``; restores ``data_iterator`` in place if given.
 
     ``abstract_state`` is the state's pytree of ``jax.ShapeDtypeStruct``
-    (``jax.eval_shape``); the result has the same pytree type.
+    (``jax.eval_shape``); the result has the same pytree type. ``data_iterator`` may also be a
+    function of the step's ``extra`` returning the iterator to fill (or None: no data restore),
+    for iterators that depend on where the step was (its epoch). ``expect_config`` maps dotted
+    config fields to the values this run needs (see _check_config).
     """
     self.wait_until_finished()
     if step not in self._mgr.all_steps():
@@ -202,34 +211,43 @@ class Checkpointer:
       what = f'steps present: {have}' if have else 'it holds no checkpoints'
       raise FileNotFoundError(f'{self.directory}: no checkpoint for step {step} ({what})')
     path = self.step_dir(step)
-    if data_iterator is not None and not os.path.isdir(os.path.join(path, _DATA)):
-      raise CheckpointError(f'{path}: step {step} was saved without a data iterator position')
     try:
+      # Three reads, cheapest first: a config mismatch is named before any array is touched.
+      extra = dict(self._mgr.restore(
+          step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))[_EXTRA] or {})
+      self._check_config(step, extra, expect_config)
       self._check_matches(step, abstract_state)
-      items = {_STATE: ocp.args.StandardRestore(abstract_state), _EXTRA: ocp.args.JsonRestore()}
-      if data_iterator is not None:
-        items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-      restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
+      state = self._mgr.restore(
+          step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
+      iterator = data_iterator(extra) if callable(data_iterator) else data_iterator
+      if iterator is not None:
+        if not os.path.isdir(os.path.join(path, _DATA)):
+          raise CheckpointError(f'{path}: step {step} was saved without a data iterator position')
+        self._mgr.restore(step, args=ocp.args.Composite(
+            **{_DATA: grain.checkpoint.CheckpointRestore(iterator)}))
     except CheckpointError:
       raise
     except Exception as e:  # Orbax raises assorted types for damaged files.
-      detail = (str(e).strip().splitlines() or [''])[0][:300]
-      raise CheckpointError(f'{path}: cannot restore step {step} '
-                            f'({type(e).__name__}: {detail})') from e
-    return restored[_STATE], dict(restored[_EXTRA] or {})
+      raise CheckpointError(f'{path}: cannot restore step {step} ({_one_line(e)})') from e
+    return state[_STATE], extra
 
-  def restore_latest_good(self, abstract_state, data_iterator=None):
+  def restore_latest_good(self, abstract_state, data_iterator=None,
+                          expect_config: dict | None = None):
     """Restores the newest step that loads, skipping corrupt ones.
 
     Returns ``(step, state, extra)``, or None when there are no checkpoints.
-    A tree/shape mismatch is raised at once (older steps would mismatch too);
+    A tree/shape/config mismatch is raised at once (older steps would mismatch too);
     if every step is corrupt, the newest step's CheckpointError is raised.
+    The unreadable steps newer than the restored one are renamed ``<step>.unreadable`` (kept
+    for inspection): the resumed run saves those steps again, and Orbax refuses a step that
+    exists, or could pick a corrupt one as "best".
     """
     steps = sorted(self._mgr.all_steps(), reverse=True)
     first_error = None
-    for step in steps:
+    for index, step in enumerate(steps):
       try:
-        state, extra = self.restore(step, abstract_state, data_iterator=data_iterator)
+        state, extra = self.restore(step, abstract_state, data_iterator=data_iterator,
+                                    expect_config=expect_config)
       except CheckpointMismatchError:
         raise
       except CheckpointError as e:
@@ -238,19 +256,46 @@ class Checkpointer:
         continue
       if step != steps[0]:
         log.warning('Restored older checkpoint step %d (newest %d was unreadable).', step, steps[0])
+        self._set_aside(steps[:index])
       return step, state, extra
     if first_error is not None:
       raise CheckpointError(f'{self.directory}: no readable checkpoint among steps '
                             f'{sorted(steps)}; newest error: {first_error}')
     return None
 
+  def _set_aside(self, steps) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        target = f'{self.step_dir(step)}.unreadable'
+        if os.path.exists(target):
+          target = f'{target}.{time.time_ns()}'
+        os.rename(self.step_dir(step), target)
+        log.warning('Moved unreadable checkpoint step %d to %s', step, target)
+    self._mgr.reload()
+
   # --------------------------------------------------------------- lifecycle
+  def _write_error(self, step, e: Exception) -> CheckpointError:
+    return CheckpointError(f'{self.directory}: cannot write checkpoint step {step} '
+                           f'({_one_line(e)}); older checkpoints are intact')
+
   def wait_until_finished(self) -> None:
-    self._mgr.wait_until_finished()
+    """Blocks until async saves are committed; a failed one raises CheckpointError."""
+    try:
+      self._mgr.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(self._last_saved, e) from e
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: True on every host once any got a preemption notice, at a common step
+    (Orbax's preemption sync; needs jax.distributed). Single-process runs check their own
+    signal handler instead."""
+    return jax.process_count() > 1 and bool(self._mgr.reached_preemption(step))
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    try:
+      self.wait_until_finished()
+    finally:
+      self._mgr.close()
 
   def __enter__(self) -> 'Checkpointer':
     return self

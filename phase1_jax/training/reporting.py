@@ -114,7 +114,10 @@ class Reporter:
     self.history_path = os.path.join(self.workdir, HISTORY_FILE)
     self.tensorboard_dir = os.path.join(self.workdir, TENSORBOARD_DIR)
     self._writer: SummaryWriter | None = None
-    self._purge_pending = self.start_step > 0
+    # Also from step 0: a run killed before its first checkpoint left events that the new run
+    # repeats.
+    self._purge_pending = self.enabled and (self.start_step > 0 or (
+        os.path.isdir(self.tensorboard_dir) and bool(os.listdir(self.tensorboard_dir))))
     self._history: list[dict] = []
     if self.enabled:
       os.makedirs(self.tensorboard_dir, exist_ok=True)
@@ -160,7 +163,9 @@ class Reporter:
   def _tb(self) -> SummaryWriter:
     """The current event writer, opened on first use (each with a unique file)."""
     if self._writer is None:
-      purge = self.start_step if self._purge_pending else None
+      # TensorBoard drops events at steps >= purge_step; the restored step's own events were
+      # written (and flushed) before its checkpoint, so only later ones are stale.
+      purge = self.start_step + 1 if self._purge_pending else None
       self._purge_pending = False
       self._writer = SummaryWriter(self.tensorboard_dir,
                                    purge_step=purge,

@@ -43,9 +43,12 @@ def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec, a
                gather_params=None):
   """One micro-batch: forward, loss, backward, optimizer update. Returns (state, metrics).
 
+  metrics['nonfinite'] is 1 when the step was skipped (non-finite loss or gradient norm).
   `axis_name`: run per device under pmap/shard_map with the batch split over that axis and the
   state replicated; gradients and metrics are summed over it (losses.py makes each device's
   loss its share of the global one), so every replica applies the whole batch's update.
+  `gather_params` (FSDP): applied to the model params before the forward pass, e.g. a sharding
+  constraint that all-gathers them, so the activations stay sharded by batch only.
   """
   dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   if axis_name is not None:   # different masks on different devices
@@ -56,15 +59,24 @@ def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec, a
     outputs = forward(graphdef, model_params, batch, dropout_key)
     return loss_spec(outputs, batch, params['loss_log_vars'], axis_name)
 
-  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   aux['tokens'] = batch['target_mask'].sum()
   if axis_name is not None:
     shares = {k: v for k, v in aux.items() if not k.startswith('weight_')}
     aux.update(jax.lax.psum(shares, axis_name))
-    grads = jax.lax.psum(grads, axis_name)
+    loss, grads = aux['loss'], jax.lax.psum(grads, axis_name)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  aux['grad_norm'] = optax.tree.norm(grads)
+  # NaN guard: a step with a non-finite loss or gradient keeps the old params AND the whole old
+  # optimizer state, so Adam's moments and a MultiSteps accumulator never see it. (Not
+  # optax.apply_if_finite: it ignores the loss and applies the NaN update after N skips.) The step
+  # counter still advances: the batch was consumed and the next dropout key must differ.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  aux['grad_norm'] = grad_norm
+  aux['nonfinite'] = jnp.logical_not(finite).astype(jnp.int32)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), aux
 
 
