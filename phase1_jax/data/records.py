@@ -25,7 +25,7 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
-from phase1_jax.data import vocab
+from phase1_jax.data import synthetic
 
 FORMAT, VERSION = 'phase1_jax.page_records', 1
 METADATA_FILE, TOKENIZER_FILE = 'dataset.json', 'tokenizer.json'
@@ -121,12 +121,7 @@ def to_example(page: dict, *, max_seq_len: int, num_patches: int) -> dict[str, n
   tokens = page['tokens'][:t - 1]
   sem = page['semantic_labels'][:t - 1]
   n = len(tokens)
-  inputs = np.full(t, vocab.PAD_ID, np.int32)
-  targets = np.full(t, vocab.PAD_ID, np.int32)
-  inputs[0] = vocab.BOS_ID
-  inputs[1:n + 1] = tokens
-  targets[:n] = tokens
-  targets[n] = vocab.EOS_ID
+  inputs, targets = synthetic.decoder_arrays(tokens, t)
   semantic = np.zeros(t, np.int32)
   semantic[:n] = np.maximum(sem, 0)
   semantic_mask = np.zeros(t, bool)

@@ -83,6 +83,20 @@ class World:
     self.word_ids = np.array([vocab.TOKEN_TO_ID[w] for w in vocab.WORDS])
 
 
+
+def decoder_arrays(tokens, max_seq_len: int):
+  """Teacher forcing of a page's n < max_seq_len tokens: inputs = BOS + tokens, targets =
+  tokens + EOS, PAD after; both int32 [max_seq_len]."""
+  n = len(tokens)
+  inputs = np.full(max_seq_len, vocab.PAD_ID, np.int32)
+  targets = np.full(max_seq_len, vocab.PAD_ID, np.int32)
+  inputs[0] = vocab.BOS_ID
+  inputs[1:n + 1] = tokens
+  targets[:n] = tokens
+  targets[n] = vocab.EOS_ID
+  return inputs, targets
+
+
 class SyntheticPages:
   """Random-access source of pages: `pages[i]` is a dict of numpy arrays (grain-compatible).
 
@@ -147,12 +161,7 @@ class SyntheticPages:
 
     t = s.max_seq_len
     n = len(tokens)
-    inputs = np.full(t, vocab.PAD_ID, np.int32)
-    targets = np.full(t, vocab.PAD_ID, np.int32)
-    inputs[0] = vocab.BOS_ID
-    inputs[1:n + 1] = tokens
-    targets[:n] = tokens
-    targets[n] = vocab.EOS_ID
+    inputs, targets = decoder_arrays(tokens, t)
     semantic = np.zeros(t, np.int32)
     semantic[:n] = sem
     element_labels = np.zeros(s.num_element_types, np.float32)
