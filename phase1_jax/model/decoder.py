@@ -49,12 +49,12 @@ class MultiHeadAttention(nnx.Module):
     out = attend(self._heads(self.q(x_BxTxD)), k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
     return self.out(out.reshape(b, t, d))
 
-  def self_step(self, x_Bx1xD, cache: dict, pos, *, kind: str, options: dict):
-    """One decoding position `pos` against this application's KV cache (kv_cache.py), which it
-    returns updated."""
+  def self_step(self, x_Bx1xD, cache: dict, pos, index, *, kind: str, options: dict):
+    """One decoding position `pos` of layer application `index` against the KV cache
+    (kv_cache.py), which it returns updated."""
     b, _, d = x_Bx1xD.shape
     q, k, v = (self._heads(y)[:, 0] for y in jnp.split(self.qkv(x_Bx1xD), 3, axis=-1))
-    out_BxNxH, cache = kv_cache.step(cache, q, k, v, pos, kind=kind, options=options)
+    out_BxNxH, cache = kv_cache.step(cache, q, k, v, pos, index, kind=kind, options=options)
     return self.out(out_BxNxH.reshape(b, 1, d)), cache
 
 
@@ -89,9 +89,10 @@ class DecoderLayer(nnx.Module):
   def _mlp(self, x_BxTxD):
     return self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x_BxTxD))))
 
-  def decode_step(self, x_Bx1xD, cache: dict, pos, memory_k, memory_v, memory_mask_BxS):
-    """The layer at one position with its KV cache (no dropout): (x_Bx1xD, cache)."""
-    h, cache = self.self_attn.self_step(self.self_norm(x_Bx1xD), cache, pos,
+  def decode_step(self, x_Bx1xD, cache: dict, pos, index, memory_k, memory_v, memory_mask_BxS):
+    """The layer as application `index`, at one position, with the KV cache (no dropout):
+    (x_Bx1xD, cache)."""
+    h, cache = self.self_attn.self_step(self.self_norm(x_Bx1xD), cache, pos, index,
                                         kind=self.attention_kind,
                                         options=dict(self.attention_options))
     x_Bx1xD = x_Bx1xD + h
@@ -150,15 +151,18 @@ class SharedDecoderBackbone(nnx.Module):
     return nnx.vmap(lambda layer: layer.cross_attn.memory_kv(memory_BxSxD))(self.layers)
 
   def decode_step(self, x_Bx1xD, cache: dict, pos, memory_kv, memory_mask_BxS):
-    """All applications at one position. cache: kv_cache.init's dict, leading axis L."""
+    """All applications at one position. cache: kv_cache.init's dict, leading axis L, carried
+    whole through the loop over applications so each writes its row in place (a scan over
+    per-application slices copied the whole cache at every position)."""
     graphdef, stacked = nnx.split(self.layers)
     u = self.num_unique_layers
     memory_k, memory_v = memory_kv
 
-    def body(x, xs):
-      i, cache_i = xs
+    def body(i, carry):
+      x, cache = carry
       pick = lambda p: jax.lax.dynamic_index_in_dim(p, i % u, keepdims=False)
       layer = nnx.merge(graphdef, jax.tree.map(pick, stacked))
-      return layer.decode_step(x, cache_i, pos, pick(memory_k), pick(memory_v), memory_mask_BxS)
+      return layer.decode_step(x, cache, pos, i, pick(memory_k), pick(memory_v),
+                               memory_mask_BxS)
 
-    return jax.lax.scan(body, x_Bx1xD, (jnp.arange(self.num_layers), cache))
+    return jax.lax.fori_loop(0, self.num_layers, body, (x_Bx1xD, cache))

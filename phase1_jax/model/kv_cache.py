@@ -12,8 +12,10 @@ that share weights still see different inputs) and the batch second:
   the previous block's queries and the block's first query against each block's mean key, top_k
   among the blocks entirely before the local ones.
 
-`step(cache, q, k, v, pos, ...)` works on one application's slice (no L axis) and returns the
-attention output at `pos` with the updated slice. Scores and softmax in float32, as in `attend`.
+`step(cache, q, k, v, pos, index, ...)` writes application `index`'s key/value row into the
+stacked cache in place (a row-sized dynamic update of the decoding loop's carry, not a copy of
+the cache) and returns the attention output at `pos` with the cache. Scores and softmax in
+float32, as in `attend`.
 """
 from __future__ import annotations
 
@@ -61,12 +63,22 @@ def _attend(q_BxNxH, k_BxLxNxH, v_BxLxNxH, visible):
   return jnp.einsum('bnl,blnh->bnh', probs_BxNxL.astype(q_BxNxH.dtype), v_BxLxNxH)
 
 
-def step(cache: dict, q_BxNxH, k_BxNxH, v_BxNxH, pos, *, kind: str, options: dict):
-  """Writes position `pos`'s key/value and attends its query: (out_BxNxH, cache)."""
+def _row(x, index):
+  return jax.lax.dynamic_index_in_dim(x, index, keepdims=False)
+
+
+def _set_row(x, index, value):
+  return jax.lax.dynamic_update_index_in_dim(x, value.astype(x.dtype), index, axis=0)
+
+
+def step(cache: dict, q_BxNxH, k_BxNxH, v_BxNxH, pos, index, *, kind: str, options: dict):
+  """Application `index` at position `pos`: writes its key/value and attends its query over its
+  cache. Returns (out_BxNxH, cache)."""
   kind_layout = layout(kind)
-  length = cache['k'].shape[1]
+  length = cache['k'].shape[2]
   row = pos % length if kind_layout == 'ring' else pos
-  write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x[:, None], row, axis=1)
+  write = lambda c, x: jax.lax.dynamic_update_slice(
+      c, x[None, :, None].astype(c.dtype), (index, 0, row, 0, 0))
   cache = {**cache, 'k': write(cache['k'], k_BxNxH), 'v': write(cache['v'], v_BxNxH)}
   rows_L = jnp.arange(length)
   if kind_layout == 'full':
@@ -78,15 +90,16 @@ def step(cache: dict, q_BxNxH, k_BxNxH, v_BxNxH, pos, *, kind: str, options: dic
     # Row r holds the latest position p <= pos with p % W == r, if any has been written.
     visible = (pos - (pos - rows_L) % length >= 0)[None, None]
   else:
-    cache, visible = _topk_visible(cache, q_BxNxH, pos, options)
-  return _attend(q_BxNxH, cache['k'], cache['v'], visible), cache
+    cache, visible = _topk_visible(cache, q_BxNxH, pos, index, options)
+  out = _attend(q_BxNxH, _row(cache['k'], index), _row(cache['v'], index), visible)
+  return out, cache
 
 
-def _topk_visible(cache, q_BxNxH, pos, options):
+def _topk_visible(cache, q_BxNxH, pos, index, options):
   """Block selection at each block's first position, then the visible rows [B, N, L]: the local
   blocks (causal) and the selected ones."""
   b = _block_size(options)
-  length = cache['k'].shape[1]
+  length = cache['k'].shape[2]
   n = length // b
   prev = min(math.ceil((options['window_size'] - 1) / b), n - 1)
   k_eff = min(options['top_k'], max(n - prev - 1, 0))
@@ -96,21 +109,23 @@ def _topk_visible(cache, q_BxNxH, pos, options):
 
   def select(cache):
     count = jnp.where(block > 0, b, 0)   # the previous block's queries, none before block 0
-    query_BxNxH = (cache['q_sum'] + q32_BxNxH) / (count + 1).astype(jnp.float32)
-    keys = cache['k'].astype(jnp.float32)
+    query_BxNxH = (_row(cache['q_sum'], index) + q32_BxNxH) / (count + 1).astype(jnp.float32)
+    keys = _row(cache['k'], index).astype(jnp.float32)
     pooled_BxKxNxH = keys.reshape(keys.shape[0], n, b, *keys.shape[2:]).mean(2)
     scores_BxNxK = jnp.einsum('bnh,bknh->bnk', query_BxNxH, pooled_BxKxNxH)
     eligible_K = jnp.arange(n) < block - prev
     _, idx_BxNxk = jax.lax.top_k(jnp.where(eligible_K, scores_BxNxK, -jnp.inf), k_eff)
     picked = jax.nn.one_hot(idx_BxNxk, n, dtype=bool) & eligible_K[idx_BxNxk][..., None]
-    return {**cache, 'q_sum': q32_BxNxH, 'selected': picked.any(-2)}
+    return {**cache, 'q_sum': _set_row(cache['q_sum'], index, q32_BxNxH),
+            'selected': _set_row(cache['selected'], index, picked.any(-2))}
 
   def accumulate(cache):
-    return {**cache, 'q_sum': cache['q_sum'] + q32_BxNxH}
+    return {**cache, 'q_sum': _set_row(cache['q_sum'], index,
+                                       _row(cache['q_sum'], index) + q32_BxNxH)}
 
   if k_eff:
     cache = jax.lax.cond(pos % b == 0, select, accumulate, cache)
   rows_L = jnp.arange(length)
   local_L = (rows_L <= pos) & (rows_L // b >= block - prev)
-  selected_BxNxL = jnp.repeat(cache['selected'], b, axis=-1)
+  selected_BxNxL = jnp.repeat(_row(cache['selected'], index), b, axis=-1)
   return cache, local_L[None, None] | selected_BxNxL
