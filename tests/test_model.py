@@ -166,9 +166,10 @@ def test_self_attention_module_matches_numpy():
 L, U = 3, 2
 
 
-def make_backbone(scan=True, remat=False):
+def make_backbone(scan=True, remat=False, remat_policy='nothing_saveable'):
   return SharedDecoderBackbone(num_layers=L, num_unique_layers=U, scan=scan, remat=remat,
-                               rngs=nnx.Rngs(0), dtype=jnp.float32, **LAYER_KW)
+                               remat_policy=remat_policy, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                               **LAYER_KW)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -203,8 +204,8 @@ def _hand_loop(state, x, token_mask, memory, memory_mask, key):
   return outs
 
 
-def backbone_graphdef(scan, remat):
-  return nnx.split(nnx.eval_shape(lambda: make_backbone(scan, remat)))[0]
+def backbone_graphdef(scan, remat, remat_policy='nothing_saveable'):
+  return nnx.split(nnx.eval_shape(lambda: make_backbone(scan, remat, remat_policy)))[0]
 
 
 @pytest.fixture(scope='module')
@@ -254,6 +255,20 @@ def test_backbone_remat_same_gradients(backbone_case):
   g = np.asarray(remat[0]['layers']['mlp_in']['kernel'][...])
   assert np.abs(g[0]).max() > 0 and np.abs(g[1]).max() > 0
   assert np.abs(np.asarray(remat[1])).max() > 0
+
+
+@pytest.mark.parametrize('policy', ['dots_saveable', 'dots_with_no_batch_dims_saveable'])
+def test_backbone_remat_policies_same_gradients(backbone_case, policy):
+  state, args, _ = backbone_case
+  weights = jnp.asarray(np.random.default_rng(6).standard_normal((B, T, D)), jnp.float32)
+  plain = _backbone_grads(backbone_graphdef(False, False), state, *args, weights)
+  remat = _backbone_grads(backbone_graphdef(False, True, policy), state, *args, weights)
+  chex.assert_trees_all_close(remat, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_unknown_remat_policy():
+  with pytest.raises(ValueError, match='remat_policy'):
+    make_backbone(remat=True, remat_policy='dots')
 
 
 # ------------------------------------------------------------------------------- parameter counts
