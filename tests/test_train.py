@@ -160,3 +160,14 @@ def test_gradient_accumulation_updates_every_k_micro_batches():
   mu = lambda s: optax.tree_utils.tree_get(s, 'mu')
   chex.assert_trees_all_close(jax.device_get(mu(state.opt_state)), mu(want_state), atol=1e-8,
                               rtol=1e-5)
+
+
+def test_prefetch_to_device_yields_all_batches_in_order():
+  batches = [{'x': np.full((2, 3), i, np.float32)} for i in range(5)]
+  it = iter(batches)
+  got = []
+  for batch in parallel.prefetch_to_device(it, size=2):
+    assert isinstance(batch['x'], jax.Array)
+    got.append(int(batch['x'][0, 0]))
+  assert got == [0, 1, 2, 3, 4]
+  assert list(parallel.prefetch_to_device(iter([]), size=2)) == []

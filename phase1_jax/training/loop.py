@@ -148,7 +148,7 @@ def _train_epoch(config, state, train_step, source, epoch, steps_per_epoch, sche
   """One pass over the shuffled training split. Returns (state, mean train loss).
 
   The next step is dispatched before the previous step's metrics are pulled to the host, so the
-  device never waits on Python logging.
+  device never waits on Python logging; batches are put on the device two steps ahead.
   """
   t = config.train
   batches = pipeline.train_iterator(source, batch_size=t.batch_size, seed=config.data.seed,
@@ -172,7 +172,7 @@ def _train_epoch(config, state, train_step, source, epoch, steps_per_epoch, sche
       reporter.history({'kind': 'train', 'step': step, 'epoch': epoch + 1, **metrics})
 
   step = int(state.step)
-  for batch in batches:
+  for batch in parallel.prefetch_to_device(batches, size=2):
     state, metrics = train_step(state, batch)
     step += 1
     if pending is not None:

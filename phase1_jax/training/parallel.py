@@ -4,7 +4,9 @@ Single-program jit for now; data-parallel meshes and pmap come here too.
 """
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 
 import jax
 from flax import nnx
@@ -32,3 +34,23 @@ def jit_greedy_decode(*, graphdef, max_len: int, bos_id: int, eos_id: int, pad_i
     return decoding.greedy_decode(model, features, feature_mask, max_len=max_len, bos_id=bos_id,
                                   eos_id=eos_id, pad_id=pad_id)
   return jax.jit(fn)
+
+
+def prefetch_to_device(batches, size: int = 2, sharding=None):
+  """Yields the batches of `batches` as device arrays, `size` batches ahead of the consumer.
+
+  `jax.device_put` only dispatches the copy, so the next batches travel to the device while the
+  current step runs, and the step never waits on a host-to-device transfer. No thread: the
+  iterator is advanced in the consumer's thread (grain reads ahead on its own workers). Note it
+  reads `size` batches ahead of what has been yielded.
+  """
+  queue = collections.deque()
+
+  def put(n):
+    for batch in itertools.islice(batches, n):
+      queue.append(jax.device_put(batch, sharding))
+
+  put(size)
+  while queue:
+    yield queue.popleft()
+    put(1)
