@@ -36,8 +36,8 @@ def implied_element_probs(detail_logprobs_BxTxV, target_mask_BxT, element_token_
 
 
 def chunked_logsumexp(h_NxD, weight_VxD, bias_V=None, *, chunk_size: int):
-  """logsumexp_v(h_n . w_v + b_v) per row n, float32 [N], computed over vocabulary chunks of
-  `chunk_size` rows so that at most an N x chunk_size float32 block of logits exists at a time.
+  """logsumexp_v(h_n . w_v + b_v) per row n, float32 [N], computed over vocabulary chunks of at
+  most `chunk_size` rows so that at most an N x chunk_size float32 block of logits exists at once.
 
   A `lax.scan` over the chunks with an online (running max, running sum) log-sum-exp; the body is
   rematerialized, so the backward pass recomputes each chunk's logits instead of storing them.
@@ -45,8 +45,11 @@ def chunked_logsumexp(h_NxD, weight_VxD, bias_V=None, *, chunk_size: int):
   derivative (the softmax) for any m.
   """
   v, d = weight_VxD.shape
-  pad = (-v) % chunk_size
-  n_chunks = (v + pad) // chunk_size
+  # As few chunks as chunk_size allows, evened out so the padding is under one row per chunk
+  # (V = 50000 at 4096: 13 chunks of 3847, not 13 of 4096 with 3248 padded rows of work).
+  n_chunks = -(-v // chunk_size)
+  chunk_size = -(-v // n_chunks)
+  pad = n_chunks * chunk_size - v
   w_CxKxD = jnp.pad(weight_VxD, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, d)
   b_V = jnp.zeros((v,), jnp.float32) if bias_V is None else bias_V.astype(jnp.float32)
   # Padded vocabulary rows get -inf; each chunk holds at least one real row, so maxima are finite.

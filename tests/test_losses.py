@@ -233,7 +233,7 @@ def as_full_logits(outputs):
 
 
 @pytest.mark.parametrize('bias', [False, True])
-@pytest.mark.parametrize('chunk', [10, 37, 64])
+@pytest.mark.parametrize('chunk', [10, 16, 37, 64])
 def test_chunked_detail_loss_equals_full_logits(bias, chunk):
   outputs, batch = chunked_case(6, bias)
   weights = dict(WEIGHTS)
