@@ -22,7 +22,6 @@ gradient and weight gradient), less the feature projection's input gradient (fea
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -54,19 +53,25 @@ def xla_flops(compiled) -> float | None:
   return None if not cost else float(cost.get('flops', 0.0)) or None
 
 
-def measure_peak(dtype, n: int = 2048, repeats: int = 10) -> dict:
-  """The device's achieved matmul FLOP/s: an n x n x n matmul in `dtype` (median of `repeats`)."""
+def peak_runner(dtype, n: int = 2048):
+  """(run, flops): `run()` does one n x n x n matmul in `dtype` on the device and waits for it.
+
+  The benchmarks time it in the same interleaved rounds as the steps, so the peak and the steps
+  see the same machine load, and MFU = (step FLOP/s) / (peak FLOP/s) compares like with like.
+  """
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
   mm = jax.jit(lambda x, y: x @ y)
   jax.block_until_ready(mm(a, b))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(mm(a, b))
-    times.append(time.perf_counter() - start)
-  return {'dtype': str(jnp.dtype(dtype)), 'n': n, 'flops_per_second': 2 * n ** 3 / min(times),
-          'median_flops_per_second': 2 * n ** 3 / statistics.median(times)}
+  return (lambda: jax.block_until_ready(mm(a, b))), 2 * n ** 3
+
+
+def peak_summary(dtype, times, flops, n: int = 2048) -> dict:
+  """The matmul peak from its interleaved timings: median-based (what MFU divides by) and best."""
+  return {'dtype': str(jnp.dtype(dtype)), 'n': n, 'repeats': len(times),
+          'flops_per_second': flops / statistics.median(times),
+          'best_flops_per_second': flops / min(times),
+          'spread': (max(times) - min(times)) / statistics.median(times)}
 
 
 def stats(times: list[float]) -> dict:
