@@ -392,6 +392,23 @@ def test_dropout_keys(tiny_forward, tiny_batch):
     assert np.abs(np.asarray(a[k]) - np.asarray(det[k])).max() > 1e-3, k
 
 
+@pytest.mark.parametrize('tied', [True, False])
+def test_detail_hidden_and_weight_give_the_logits(tiny_batch, tied):
+  """detail_logits=False (for the chunked loss) returns h and the head's weights instead of the
+  logits: h @ weight.T + bias equals the logits, and the other outputs are unchanged."""
+  model = materialize(lambda: make_tiny(tie_detail_head=tied), seed=3)
+  graphdef, state = nnx.split(model)
+  args = model_args(tiny_batch)
+  full = JittedModel(model)(*args)
+  split = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a, detail_logits=False))(state, *args)
+  assert 'detail_logits' not in split and ('detail_bias' in split) == (not tied)
+  logits = jnp.einsum('btd,vd->btv', split['detail_hidden'], split['detail_weight'])
+  logits = logits + split.get('detail_bias', 0.0)
+  np.testing.assert_allclose(logits, full['detail_logits'], rtol=1e-5, atol=1e-5)
+  for k in ('semantic_logits', 'element_logits'):
+    np.testing.assert_allclose(split[k], full[k], rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------- element classifier
 
 def test_element_classifier_ignores_padded_positions():

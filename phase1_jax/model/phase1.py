@@ -32,7 +32,7 @@ class Phase1Decoder(nnx.Module):
     embed = lambda n: nnx.Embed(n, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.token_embed, self.position_embed = embed(vocab_size), embed(max_seq_len)
     self.feature_proj = Dense(feature_dim, d_model, dtype=dtype, param_dtype=jnp.float32,
-                                   rngs=rngs)
+                              rngs=rngs)
     norm = lambda: nnx.LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.memory_norm, self.final_norm = norm(), norm()
     self.dropout = nnx.Dropout(dropout_rate)
