@@ -53,12 +53,20 @@ def xla_flops(compiled) -> float | None:
   return None if not cost else float(cost.get('flops', 0.0)) or None
 
 
-def peak_runner(dtype, n: int = 2048):
-  """(run, flops): `run()` does one n x n x n matmul in `dtype` on the device and waits for it.
+def peak_size() -> int:
+  """Matmul size for the peak: 2048 on CPU (about 0.1 s per call there), 8192 on GPU/TPU (a 2048
+  matmul is too short to reach an accelerator's peak)."""
+  return 2048 if jax.default_backend() == 'cpu' else 8192
+
+
+def peak_runner(dtype, n: int | None = None):
+  """(run, flops): `run()` does one n x n x n matmul in `dtype` on the device and waits for it
+  (n: peak_size()).
 
   The benchmarks time it in the same interleaved rounds as the steps, so the peak and the steps
   see the same machine load, and MFU = (step FLOP/s) / (peak FLOP/s) compares like with like.
   """
+  n = n or peak_size()
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
   mm = jax.jit(lambda x, y: x @ y)
@@ -66,9 +74,10 @@ def peak_runner(dtype, n: int = 2048):
   return (lambda: jax.block_until_ready(mm(a, b))), 2 * n ** 3
 
 
-def peak_summary(dtype, times, flops, n: int = 2048) -> dict:
+def peak_summary(dtype, times, flops) -> dict:
   """The matmul peak from its interleaved timings: median-based (what MFU divides by) and best."""
-  return {'dtype': str(jnp.dtype(dtype)), 'n': n, 'repeats': len(times),
+  return {'dtype': str(jnp.dtype(dtype)), 'n': round((flops / 2) ** (1 / 3)),
+          'repeats': len(times),
           'flops_per_second': flops / statistics.median(times),
           'best_flops_per_second': flops / min(times),
           'spread': (max(times) - min(times)) / statistics.median(times)}

@@ -10,8 +10,8 @@ the host (which waits for the step); variants run interleaved round by round so 
 all alike. Achieved FLOP/s = the analytic FLOPs of a step (perf_common.py documents the formula;
 checked here against XLA's cost analysis, which counts a scanned layer body once, so only
 unrolled variants are compared) / median step time; MFU = achieved / the matmul peak measured in
-the same run (a 2048^3 matmul in the variant's compute dtype, timed in the same interleaved
-rounds: median over median). Memory: XLA's compiled memory of
+the same run (an n^3 matmul in the variant's compute dtype, n = 2048 on CPU and 8192 on GPU/TPU,
+timed in the same interleaved rounds: median over median). Memory: XLA's compiled memory of
 the step (arguments + outputs + temporaries - donated aliases). With --depths, also the compile
 time of scanned and unrolled stacks of each depth (layer applications over 2 unique layers).
 Writes benchmarks/results/train_step_<device>_<config>[_<tag>].json.
