@@ -1,94 +1,203 @@
-"""Train-step time of a config under compute-dtype and layer-loop variants, in one process.
+"""Train-step performance of a config: compile time, step time, tokens/s, FLOP/s, MFU, memory.
 
-  python benchmarks/train_step.py --config configs/small.py [--repeats 20]
+  python benchmarks/train_step.py --config configs/small.py
+  python benchmarks/train_step.py --config configs/small.py --set model.vocab_size=50000 \
+      --variants float32_unrolled,float32_unrolled_chunked --depths '' --tag vocab50k
 
-For each variant: compile time, then the median (and spread) of `repeats` step times after two
-warm-up steps, each timed to `block_until_ready()`. Variants run interleaved round by round so
-machine noise hits all of them alike; compare them as ratios. Writes
-benchmarks/results/train_step_<device>_<config>.json.
+For each variant (config overrides, VARIANTS below): trace+lower and XLA compile timed apart;
+then the median and spread of `repeats` steps after two warm-up steps, each to the step's loss on
+the host (which waits for the step); variants run interleaved round by round so machine noise hits
+all alike. Achieved FLOP/s = the analytic FLOPs of a step (perf_common.py documents the formula;
+checked here against XLA's cost analysis, which counts a scanned layer body once, so only
+unrolled variants are compared) / median step time; MFU = achieved / the matmul peak measured in
+the same run (an n^3 matmul in the variant's compute dtype, n = 2048 on CPU and 8192 on GPU/TPU,
+timed in the same interleaved rounds: median over median). Memory: XLA's compiled memory of
+the step (arguments + outputs + temporaries - donated aliases). With --depths, also the compile
+time of scanned and unrolled stacks of each depth (layer applications over 2 unique layers).
+Writes benchmarks/results/train_step_<device>_<config>[_<tag>].json.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
-import statistics
+import sys
 import time
 
 import jax
+from flax import nnx
 
-from phase1_jax import config as config_lib
-from phase1_jax.data import pipeline
-from phase1_jax.training import parallel
-from phase1_jax.training import state as state_lib
-from phase1_jax.training import step as step_lib
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+import perf_common  # noqa: E402
+
+from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax.data import pipeline  # noqa: E402
+from phase1_jax.model.phase1 import count_params  # noqa: E402
+from phase1_jax.training import parallel  # noqa: E402
+from phase1_jax.training import state as state_lib  # noqa: E402
+from phase1_jax.training import step as step_lib  # noqa: E402
 
 VARIANTS = {
-    'float32_scan': {'compute_dtype': 'float32', 'scan_layers': True},
-    'float32_unrolled': {'compute_dtype': 'float32', 'scan_layers': False},
-    'bfloat16_scan': {'compute_dtype': 'bfloat16', 'scan_layers': True},
-    'bfloat16_unrolled': {'compute_dtype': 'bfloat16', 'scan_layers': False},
+    'float32_unrolled': {'model.compute_dtype': 'float32', 'model.scan_layers': False},
+    'float32_scan': {'model.compute_dtype': 'float32', 'model.scan_layers': True},
+    'bfloat16_unrolled': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': False},
+    'bfloat16_scan': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': True},
+    'float32_scan_remat': {'model.compute_dtype': 'float32', 'model.scan_layers': True,
+                           'model.remat': True},
+    'float32_unrolled_chunked': {'model.compute_dtype': 'float32', 'model.scan_layers': False,
+                                 'loss.vocab_chunk_size': 4096},
+    'bfloat16_scan_chunked': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': True,
+                              'loss.vocab_chunk_size': 4096},
+}
+DEFAULT_VARIANTS = {
+    'cpu': 'float32_unrolled,float32_scan,bfloat16_unrolled,bfloat16_scan',
+    'gpu': 'bfloat16_scan,bfloat16_unrolled,float32_scan,bfloat16_scan_chunked',
 }
 
 
-def build(config, overrides, batch):
-  for k, v in overrides.items():
-    config.model[k] = v
+def apply_overrides(config, overrides: dict):
+  for path, value in overrides.items():
+    *parents, leaf = path.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def parse_sets(items) -> dict:
+  out = {}
+  for item in items:
+    key, value = item.split('=', 1)
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def build(config, batch):
   tx, _ = state_lib.make_optimizer(config, steps_per_epoch=1000)
   graphdef, state = state_lib.create_train_state(config, tx)
   step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
                                  loss_spec=step_lib.LossSpec.from_config(config))
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  lowered = step.lower(state, batch)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+  return graphdef, state, compiled, lower_s, compile_s
+
+
+def run_variant(config, batch):
+  graphdef, state, compiled, lower_s, compile_s = build(config, batch)
+  params = count_params(nnx.merge(graphdef, state.params['model']))
   for _ in range(2):  # warm-up
     state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  return {'compiled': compiled, 'state': state, 'compile_seconds': compile_s, 'times': []}
+  float(metrics['loss'])
+  return {'compiled': compiled, 'state': state, 'times': [],
+          'row': {'lower_seconds': lower_s, 'compile_seconds': compile_s, 'params': params,
+                  'xla_flops': perf_common.xla_flops(compiled),
+                  'compiled_memory_bytes': perf_common.peak_memory_bytes(compiled),
+                  'compute_dtype': str(state_lib.compute_dtype(config.model.compute_dtype)),
+                  'scan_layers': config.model.scan_layers, 'remat': config.model.remat,
+                  'vocab_chunk_size': config.loss.vocab_chunk_size}}
+
+
+def compile_by_depth(config_path, sets, batch, depths):
+  """Compile seconds of the train step at each depth, scanned and unrolled (2 unique layers)."""
+  out = {}
+  for scan in (True, False):
+    for depth in depths:
+      config = apply_overrides(config_lib.load_file(config_path), {
+          **sets, 'model.num_layers': depth, 'model.num_unique_layers': min(2, depth),
+          'model.scan_layers': scan})
+      _, _, _, lower_s, compile_s = build(config, batch)
+      out[f'{"scan" if scan else "unrolled"}_{depth}'] = {
+          'num_layers': depth, 'lower_seconds': lower_s, 'compile_seconds': compile_s}
+      print(f'compile {"scan" if scan else "unrolled"} x{depth}: lower {lower_s:.1f} s, '
+            f'compile {compile_s:.1f} s', flush=True)
+  return out
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', default='configs/small.py')
   parser.add_argument('--repeats', type=int, default=20)
-  parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--variants', default=None, help=f'names from {", ".join(VARIANTS)}')
+  parser.add_argument('--set', action='append', default=[], help='config override a.b=value')
+  parser.add_argument('--depths', default='2,12', help="compile-time depths ('' to skip)")
+  parser.add_argument('--tag', default='')
   args = parser.parse_args()
+  sets = parse_sets(args.set)
+  backend = jax.default_backend()
+  names = (args.variants or DEFAULT_VARIANTS.get(backend, DEFAULT_VARIANTS['gpu'])).split(',')
 
-  base = config_lib.load_file(args.config)
+  base = apply_overrides(config_lib.load_file(args.config), sets)
   source = pipeline.make_source(base, 'train')
   batch = next(pipeline.train_iterator(source, batch_size=base.train.batch_size, seed=0, epoch=0))
-  names = args.variants.split(',')
-  runs = {name: build(config_lib.load_file(args.config), VARIANTS[name], batch) for name in names}
+  batch = jax.device_put(batch)
+  runs = {}
+  for name in names:
+    config = apply_overrides(config_lib.load_file(args.config), {**sets, **VARIANTS[name]})
+    runs[name] = run_variant(config, batch)
+    print(f'{name}: lower {runs[name]["row"]["lower_seconds"]:.1f} s, compile '
+          f'{runs[name]["row"]["compile_seconds"]:.1f} s', flush=True)
+  dtypes = sorted({runs[n]['row']['compute_dtype'] for n in names})
+  peak_runs = {dt: (*perf_common.peak_runner(dt), []) for dt in dtypes}
   for _ in range(args.repeats):
     for name in names:
       run = runs[name]
       start = time.perf_counter()
       run['state'], metrics = run['compiled'](run['state'], batch)
-      jax.block_until_ready(metrics)
+      float(metrics['loss'])  # waits for the step
       run['times'].append(time.perf_counter() - start)
+    for run_peak, _, times in peak_runs.values():
+      start = time.perf_counter()
+      run_peak()
+      times.append(time.perf_counter() - start)
+  peaks = {dt: perf_common.peak_summary(dt, times, flops)
+           for dt, (_, flops, times) in peak_runs.items()}
 
-  tokens = int(batch['target_mask'].sum())
-  device = jax.devices()[0].device_kind.replace(' ', '_').lower()
-  baseline = statistics.median(runs[names[0]]['times'])
-  results = {'config': args.config, 'device': jax.devices()[0].device_kind,
-             'backend': jax.default_backend(), 'batch_size': base.train.batch_size,
-             'seq_len': base.data.max_seq_len, 'real_tokens_per_batch': tokens,
-             'repeats': args.repeats, 'variants': {}}
-  print(f'{"variant":<20} {"compile s":>10} {"median ms":>10} {"min-max ms":>15} '
-        f'{"tokens/s":>10} {"vs " + names[0]:>22}')
+  flops = perf_common.analytic_flops(base)
+  positions = base.train.batch_size * base.data.max_seq_len
+  results = {'config': args.config, 'overrides': sets, 'device': jax.devices()[0].device_kind,
+             'backend': backend, 'device_count': jax.device_count(),
+             'jax_version': jax.__version__, 'batch_size': base.train.batch_size,
+             'seq_len': base.data.max_seq_len, 'positions_per_batch': positions,
+             'real_tokens_per_batch': int(batch['target_mask'].sum()),
+             'analytic_flops': flops, 'matmul_peak': peaks, 'repeats': args.repeats,
+             'variants': {}}
+  print(f'{"variant":<26} {"compile s":>9} {"median ms":>10} {"spread":>7} {"tokens/s":>9} '
+        f'{"GFLOP/s":>8} {"MFU":>6} {"memory MiB":>10} {"XLA/analytic":>12}')
   for name in names:
-    times = runs[name]['times']
-    med = statistics.median(times)
-    row = {'compile_seconds': runs[name]['compile_seconds'], 'median_seconds': med,
-           'min_seconds': min(times), 'max_seconds': max(times), 'tokens_per_second': tokens / med,
-           'speedup_vs_first': baseline / med}
+    row = {**runs[name]['row'], **perf_common.stats(runs[name]['times'])}
+    med = row['median_seconds']
+    row['tokens_per_second'] = positions / med
+    row['real_tokens_per_second'] = results['real_tokens_per_batch'] / med
+    row['flops_per_second'] = flops['train_step'] / med
+    row['mfu'] = row['flops_per_second'] / peaks[row['compute_dtype']]['flops_per_second']
+    # XLA counts a scanned body once (layers, vocabulary chunks): compare unscanned steps only.
+    if row['xla_flops'] and not row['scan_layers'] and not row['vocab_chunk_size']:
+      row['xla_over_analytic_flops'] = row['xla_flops'] / flops['train_step']
     results['variants'][name] = row
-    print(f'{name:<20} {row["compile_seconds"]:>10.1f} {med * 1e3:>10.1f} '
-          f'{min(times) * 1e3:>7.1f}-{max(times) * 1e3:<7.1f} {tokens / med:>10,.0f} '
-          f'{baseline / med:>21.2f}x')
+    mem = row['compiled_memory_bytes']
+    ratio = row.get('xla_over_analytic_flops')
+    print(f'{name:<26} {row["compile_seconds"]:>9.1f} {med * 1e3:>10.1f} {row["spread"]:>7.0%} '
+          f'{row["tokens_per_second"]:>9,.0f} {row["flops_per_second"] / 1e9:>8.1f} '
+          f'{row["mfu"]:>6.1%} {"" if mem is None else f"{mem / 2**20:,.0f}":>10} '
+          f'{"" if ratio is None else f"{ratio:.3f}":>12}')
+  print('matmul peak (median; best): ' + ', '.join(
+      f'{k} {v["flops_per_second"] / 1e9:.0f}; {v["best_flops_per_second"] / 1e9:.0f} GFLOP/s'
+      for k, v in peaks.items()))
+  depths = [int(d) for d in args.depths.split(',') if d]
+  if depths:
+    results['compile_by_depth'] = compile_by_depth(args.config, sets, batch, depths)
   os.makedirs('benchmarks/results', exist_ok=True)
-  stem = os.path.splitext(os.path.basename(args.config))[0]
-  out = f'benchmarks/results/train_step_{device}_{stem}.json'
+  stem = os.path.splitext(os.path.basename(args.config))[0] + (f'_{args.tag}' if args.tag else '')
+  out = f'benchmarks/results/train_step_{perf_common.device_name()}_{stem}.json'
   with open(out, 'w') as f:
     json.dump(results, f, indent=2)
   print(f'wrote {out}')

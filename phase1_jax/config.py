@@ -15,6 +15,8 @@ from phase1_jax.data import vocab
 
 ATTENTION_KINDS = ('dense', 'dot_product', 'window', 'window_topk')
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
+# The names of model/decoder.py's REMAT_POLICIES (config does not import the model).
+REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
 LOSS_WEIGHTINGS = ('fixed', 'uncertainty')
 DECODE_STRATEGIES = ('greedy', 'sample', 'beam')
 DATA_NAMES = ('synthetic', 'files')
@@ -63,8 +65,14 @@ def base_config() -> ml_collections.ConfigDict:
   m.dropout_rate = 0.1
   m.compute_dtype = 'auto'      # auto: bfloat16 on GPU/TPU, float32 on CPU (measured faster there)
   m.tie_detail_head = True
-  m.scan_layers = True          # lax.scan over applications: compile time flat in depth
+  # True: lax.scan over the applications, compile time flat in depth: the default, for deep
+  # stacks and GPU/TPU. The CPU configs (small, bench_cpu, long) set False: a Python loop over
+  # few applications runs the step faster on CPU (measured: README, benchmarks/train_step.py).
+  m.scan_layers = True
   m.remat = False
+  # With remat: what a layer application keeps for the backward pass (nothing_saveable: only its
+  # input; dots_saveable / dots_with_no_batch_dims_saveable: also matmul outputs).
+  m.remat_policy = 'nothing_saveable'
   m.attention = ml_collections.ConfigDict()
   m.attention.kind = 'dense'      # dense | dot_product | window | window_topk
   m.attention.window_size = 256   # window kinds: each token sees itself and window_size - 1 before
@@ -77,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   loss.semantic_weight = 0.3
   loss.element_weight = 0.2
   loss.consistency_weight = 0.1
+  # > 0: the training detail cross-entropy walks the vocabulary this many entries at a time, so
+  # no B x T x V float32 logits exist (large vocabularies); 0: plain full logits.
+  loss.vocab_chunk_size = 0
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 16
@@ -249,11 +260,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 m.num_unique_layers)
   in_range('model.dropout_rate', 0, 1, hi_open=True)
   one_of('model.compute_dtype', COMPUTE_DTYPES)
+  one_of('model.remat_policy', REMAT_POLICIES)
   one_of('model.attention.kind', ATTENTION_KINDS)
   positive('model.attention.window_size')
   positive('model.attention.top_k', 'model.attention.block_size', allow_zero=True)
 
   one_of('loss.weighting', LOSS_WEIGHTINGS)
+  positive('loss.vocab_chunk_size', allow_zero=True)
   for name in ('detail', 'semantic', 'element', 'consistency'):
     in_range(f'loss.{name}_weight', 0, float('inf'))
 

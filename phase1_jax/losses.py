@@ -1,7 +1,14 @@
 """MultiTaskLoss: detail CE, semantic CE, element BCE and a cross-head consistency term.
 
 Pure functions of arrays, all in float32. Shapes: B batch, T positions, V vocab, C semantic
-classes, E element types.
+classes, E element types, D model width, N = B*T.
+
+The detail head's logits are either given whole (`outputs['detail_logits']`, B x T x V) or, for
+large vocabularies, as the final states and the head's weights (`detail_hidden`, `detail_weight`,
+optional `detail_bias`): then `chunked_logsumexp` walks the vocabulary `vocab_chunk_size` entries
+at a time and no B x T x V array is ever built, forward or backward. Every term needs only three
+things per position: the log-sum-exp over the vocabulary, the target's logit, and the open-tag
+tokens' logits (p(tag) = exp(logit_tag - lse)), and the last two are row gathers of the weight.
 
 `axis_name` (inside pmap/shard_map over a data axis): each device holds part of the global
 batch. Every mean then divides the device's local sum by the *global* count (a psum of the
@@ -35,22 +42,95 @@ def implied_element_probs(detail_logprobs_BxTxV, target_mask_BxT, element_token_
   return jnp.max(jnp.where(target_mask_BxT[..., None], p_BxTxE, 0.0), axis=1)
 
 
-def task_losses(outputs, batch, element_token_ids_E, axis_name=None):
+def chunked_logsumexp(h_NxD, weight_VxD, bias_V=None, *, chunk_size: int):
+  """logsumexp_v(h_n . w_v + b_v) per row n, float32 [N], computed over vocabulary chunks of at
+  most `chunk_size` rows so that at most an N x chunk_size float32 block of logits exists at once.
+
+  A `lax.scan` over the chunks with an online (running max, running sum) log-sum-exp; the body is
+  rematerialized, so the backward pass recomputes each chunk's logits instead of storing them.
+  The running max is held out of the gradient: lse = m + log sum exp(l - m) has the same
+  derivative (the softmax) for any m.
+  """
+  v, d = weight_VxD.shape
+  # As few chunks as chunk_size allows, evened out so the padding is under one row per chunk
+  # (V = 50000 at 4096: 13 chunks of 3847, not 13 of 4096 with 3248 padded rows of work).
+  n_chunks = -(-v // chunk_size)
+  chunk_size = -(-v // n_chunks)
+  pad = n_chunks * chunk_size - v
+  w_CxKxD = jnp.pad(weight_VxD, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, d)
+  b_V = jnp.zeros((v,), jnp.float32) if bias_V is None else bias_V.astype(jnp.float32)
+  # Padded vocabulary rows get -inf; each chunk holds at least one real row, so maxima are finite.
+  b_CxK = jnp.pad(b_V, (0, pad), constant_values=-jnp.inf).reshape(n_chunks, chunk_size)
+  h_NxD = h_NxD.astype(weight_VxD.dtype)
+
+  @jax.checkpoint
+  def body(carry, chunk):
+    m_N, s_N = carry
+    w_KxD, b_K = chunk
+    logits_NxK = jnp.einsum('nd,kd->nk', h_NxD, w_KxD,
+                            preferred_element_type=jnp.float32) + b_K
+    new_m_N = jax.lax.stop_gradient(jnp.maximum(m_N, logits_NxK.max(axis=-1)))
+    s_N = s_N * jnp.exp(m_N - new_m_N) + jnp.exp(logits_NxK - new_m_N[:, None]).sum(axis=-1)
+    return (new_m_N, s_N), None
+
+  n = h_NxD.shape[0]
+  init = (jnp.full((n,), -1e30, jnp.float32), jnp.zeros((n,), jnp.float32))
+  (m_N, s_N), _ = jax.lax.scan(body, init, (w_CxKxD, b_CxK))
+  return m_N + jnp.log(s_N)
+
+
+def _target_logits(h_NxD, weight_VxD, bias_V, ids_N):
+  """Logit of vocabulary id ids_N[n] at row n, float32 [N]: a gather of N weight rows."""
+  w_NxD = weight_VxD[ids_N]
+  logits_N = jnp.einsum('nd,nd->n', h_NxD, w_NxD, preferred_element_type=jnp.float32)
+  return logits_N if bias_V is None else logits_N + bias_V.astype(jnp.float32)[ids_N]
+
+
+def detail_terms(outputs, targets_BxT, element_token_ids_E, vocab_chunk_size: int = 0):
+  """(nll_BxT, element-tag log-probabilities BxTxE) of the detail head, float32.
+
+  From `detail_logits` when the outputs hold them; else chunked from `detail_hidden` and
+  `detail_weight` (and `detail_bias`) with `vocab_chunk_size` (see module docstring).
+  """
+  if 'detail_logits' in outputs:
+    logprobs_BxTxV = jax.nn.log_softmax(outputs['detail_logits'].astype(jnp.float32))
+    nll_BxT = -jnp.take_along_axis(logprobs_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    return nll_BxT, logprobs_BxTxV[..., element_token_ids_E]
+  if vocab_chunk_size <= 0:
+    raise ValueError('vocab_chunk_size: must be positive when outputs hold detail_hidden '
+                     'instead of detail_logits')
+  h_BxTxD, w_VxD = outputs['detail_hidden'], outputs['detail_weight']
+  bias_V = outputs.get('detail_bias')
+  b, t, d = h_BxTxD.shape
+  h_NxD = h_BxTxD.reshape(b * t, d).astype(w_VxD.dtype)
+  lse_N = chunked_logsumexp(h_NxD, w_VxD, bias_V, chunk_size=vocab_chunk_size)
+  target_N = _target_logits(h_NxD, w_VxD, bias_V, targets_BxT.reshape(b * t))
+  tags_NxE = jnp.einsum('nd,ed->ne', h_NxD, w_VxD[element_token_ids_E],
+                        preferred_element_type=jnp.float32)
+  if bias_V is not None:
+    tags_NxE = tags_NxE + bias_V.astype(jnp.float32)[element_token_ids_E]
+  return ((lse_N - target_N).reshape(b, t),
+          (tags_NxE - lse_N[:, None]).reshape(b, t, -1))
+
+
+def task_losses(outputs, batch, element_token_ids_E, vocab_chunk_size: int = 0, axis_name=None):
   """The four unweighted task losses, float32 scalars.
 
-  outputs: detail_logits_BxTxV, semantic_logits_BxTxC, element_logits_BxE.
+  outputs: detail_logits_BxTxV (or detail_hidden_BxTxD + detail_weight_VxD [+ detail_bias_V] with
+    vocab_chunk_size > 0), semantic_logits_BxTxC, element_logits_BxE.
   batch: targets_BxT, target_mask_BxT, semantic_labels_BxT, semantic_mask_BxT, element_labels_BxE,
     and optionally page_mask_B (False for padding pages of a short eval batch: they count nowhere).
   """
   page_mask_B = batch.get('page_mask', jnp.ones(batch['targets'].shape[:1], bool))
-  logprobs_BxTxV = jax.nn.log_softmax(outputs['detail_logits'].astype(jnp.float32))
   target_mask = batch['target_mask'] & page_mask_B[:, None]
-  nll_BxT = -jnp.take_along_axis(logprobs_BxTxV, batch['targets'][..., None], axis=-1)[..., 0]
+  nll_BxT, tag_logprobs_BxTxE = detail_terms(outputs, batch['targets'], element_token_ids_E,
+                                             vocab_chunk_size)
   semantic_nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
       outputs['semantic_logits'].astype(jnp.float32), batch['semantic_labels'])
   element_logits_BxE = outputs['element_logits'].astype(jnp.float32)
   element_bce_BxE = optax.sigmoid_binary_cross_entropy(element_logits_BxE, batch['element_labels'])
-  implied_BxE = implied_element_probs(logprobs_BxTxV, target_mask, element_token_ids_E)
+  implied_BxE = implied_element_probs(tag_logprobs_BxTxE, target_mask,
+                                     jnp.arange(tag_logprobs_BxTxE.shape[-1]))
   consistency_BxE = jnp.square(implied_BxE - jax.nn.sigmoid(element_logits_BxE))
   mean = lambda x, mask: masked_mean(x, mask, axis_name)
   return {
@@ -81,10 +161,10 @@ def combine(losses: dict, *, weighting: str, weights: dict, log_vars_4=None, axi
 
 
 def multitask_loss(outputs, batch, *, element_token_ids_E, weighting: str, weights: dict,
-                   log_vars_4=None, axis_name=None):
+                   log_vars_4=None, vocab_chunk_size: int = 0, axis_name=None):
   """(total, aux) where aux holds each task loss and its effective weight, for logging. With
   `axis_name`, total and the task losses are this device's shares (psum them)."""
-  losses = task_losses(outputs, batch, element_token_ids_E, axis_name)
+  losses = task_losses(outputs, batch, element_token_ids_E, vocab_chunk_size, axis_name)
   total, w = combine(losses, weighting=weighting, weights=weights, log_vars_4=log_vars_4,
                      axis_name=axis_name)
   aux = {f'loss_{k}': v for k, v in losses.items()}

@@ -203,3 +203,97 @@ def test_multitask_loss_aux(weighting):
     np.testing.assert_allclose(aux[f'weight_{k}'], w[k], rtol=1e-6)
   for v in jax.tree.leaves(aux):
     chex.assert_type(v, jnp.float32)
+
+
+# Vocabulary-chunked detail cross-entropy: the same losses and gradients as full logits.
+CB, CT, CD, CV = 2, 5, 8, 37      # 37 = 4 chunks of 10 with 3 padded rows in the last
+
+
+def chunked_case(seed, bias):
+  rng = np.random.default_rng(seed)
+  outputs, batch = make_case(seed)
+  batch = {**batch, 'targets': rng.integers(0, CV, (CB, CT)).astype(np.int32),
+           'target_mask': rng.random((CB, CT)) < 0.7, 'semantic_labels': np.zeros((CB, CT), int),
+           'semantic_mask': np.ones((CB, CT), bool)}
+  batch['target_mask'][:, 0] = True
+  outputs = {'semantic_logits': rng.standard_normal((CB, CT, C)).astype(np.float32),
+             'element_logits': outputs['element_logits'],
+             'detail_hidden': rng.standard_normal((CB, CT, CD)).astype(np.float32),
+             'detail_weight': rng.standard_normal((CV, CD)).astype(np.float32)}
+  if bias:
+    outputs['detail_bias'] = rng.standard_normal((CV,)).astype(np.float32)
+  return outputs, batch
+
+
+def as_full_logits(outputs):
+  full = {k: v for k, v in outputs.items() if not k.startswith('detail_')}
+  logits = jnp.einsum('btd,vd->btv', outputs['detail_hidden'], outputs['detail_weight'])
+  full['detail_logits'] = logits + outputs.get('detail_bias', 0.0)
+  return full
+
+
+@pytest.mark.parametrize('bias', [False, True])
+@pytest.mark.parametrize('chunk', [10, 16, 37, 64])
+def test_chunked_detail_loss_equals_full_logits(bias, chunk):
+  outputs, batch = chunked_case(6, bias)
+  weights = dict(WEIGHTS)
+
+  def total(outs, chunk_size):
+    return losses.multitask_loss(outs, batch, element_token_ids_E=jnp.asarray(ELEMENT_IDS),
+                                 weighting='fixed', weights=weights,
+                                 vocab_chunk_size=chunk_size)[0]
+
+  diff_keys = [k for k in outputs if k.startswith('detail_')]
+  grad_chunked = jax.jit(jax.value_and_grad(
+      lambda d: total({**outputs, **d}, chunk)))
+  grad_full = jax.jit(jax.value_and_grad(
+      lambda d: total(as_full_logits({**outputs, **d}), 0)))
+  params = {k: jnp.asarray(outputs[k]) for k in diff_keys}
+  (l_c, g_c), (l_f, g_f) = grad_chunked(params), grad_full(params)
+  np.testing.assert_allclose(l_c, l_f, rtol=1e-5)
+  chex.assert_trees_all_close(g_c, g_f, rtol=1e-4, atol=1e-6)
+  assert float(jnp.abs(g_c['detail_weight']).max()) > 0
+  # Each task term separately as well (the consistency term reads p(open tag) via the lse).
+  got = losses.task_losses(outputs, batch, jnp.asarray(ELEMENT_IDS), chunk)
+  want = losses.task_losses(as_full_logits(outputs), batch, jnp.asarray(ELEMENT_IDS))
+  chex.assert_trees_all_close(got, want, rtol=1e-5)
+
+
+def test_chunked_logsumexp_matches_and_is_stable():
+  rng = np.random.default_rng(7)
+  h = jnp.asarray(rng.standard_normal((6, CD)).astype(np.float32)) * 30   # large logits
+  w = jnp.asarray(rng.standard_normal((CV, CD)).astype(np.float32))
+  got = losses.chunked_logsumexp(h, w, chunk_size=8)
+  chex.assert_shape(got, (6,))
+  chex.assert_tree_all_finite(got)
+  np.testing.assert_allclose(got, jax.nn.logsumexp(h @ w.T, axis=-1), rtol=1e-6)
+
+
+def test_chunked_loss_without_chunk_size_raises():
+  outputs, batch = chunked_case(8, False)
+  with pytest.raises(ValueError, match='vocab_chunk_size'):
+    losses.task_losses(outputs, batch, jnp.asarray(ELEMENT_IDS))
+
+
+def test_chunked_loss_gradient_never_holds_full_logits():
+  """XLA's compiled memory of loss+gradient: chunked stays far below one N x V float32 array."""
+  n, d, v, chunk = 512, 16, 8192, 256
+  h = jax.ShapeDtypeStruct((1, n, d), jnp.float32)
+  w = jax.ShapeDtypeStruct((v, d), jnp.float32)
+  tgt = jax.ShapeDtypeStruct((1, n), jnp.int32)
+
+  def detail_loss(h, w, t, chunk_size):
+    outs = {'detail_hidden': h, 'detail_weight': w}
+    if chunk_size == 0:
+      outs = {'detail_logits': jnp.einsum('btd,vd->btv', h, w)}
+    nll, tags = losses.detail_terms(outs, t, jnp.asarray(ELEMENT_IDS), chunk_size)
+    return nll.mean() + tags.mean()
+
+  def temp_bytes(chunk_size):
+    f = jax.jit(jax.grad(lambda h, w, t: detail_loss(h, w, t, chunk_size), argnums=(0, 1)))
+    return f.lower(h, w, tgt).compile().memory_analysis().temp_size_in_bytes
+
+  logits_bytes = n * v * 4
+  chunked, full = temp_bytes(chunk), temp_bytes(0)
+  assert full >= logits_bytes
+  assert chunked < logits_bytes / 4, (chunked, logits_bytes)

@@ -167,9 +167,10 @@ def test_self_attention_module_matches_numpy():
 L, U = 3, 2
 
 
-def make_backbone(scan=True, remat=False):
+def make_backbone(scan=True, remat=False, remat_policy='nothing_saveable'):
   return SharedDecoderBackbone(num_layers=L, num_unique_layers=U, scan=scan, remat=remat,
-                               rngs=nnx.Rngs(0), dtype=jnp.float32, **LAYER_KW)
+                               remat_policy=remat_policy, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                               **LAYER_KW)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -204,8 +205,8 @@ def _hand_loop(state, x, token_mask, memory, memory_mask, key):
   return outs
 
 
-def backbone_graphdef(scan, remat):
-  return nnx.split(nnx.eval_shape(lambda: make_backbone(scan, remat)))[0]
+def backbone_graphdef(scan, remat, remat_policy='nothing_saveable'):
+  return nnx.split(nnx.eval_shape(lambda: make_backbone(scan, remat, remat_policy)))[0]
 
 
 @pytest.fixture(scope='module')
@@ -255,6 +256,20 @@ def test_backbone_remat_same_gradients(backbone_case):
   g = np.asarray(remat[0]['layers']['mlp_in']['kernel'][...])
   assert np.abs(g[0]).max() > 0 and np.abs(g[1]).max() > 0
   assert np.abs(np.asarray(remat[1])).max() > 0
+
+
+@pytest.mark.parametrize('policy', ['dots_saveable', 'dots_with_no_batch_dims_saveable'])
+def test_backbone_remat_policies_same_gradients(backbone_case, policy):
+  state, args, _ = backbone_case
+  weights = jnp.asarray(np.random.default_rng(6).standard_normal((B, T, D)), jnp.float32)
+  plain = _backbone_grads(backbone_graphdef(False, False), state, *args, weights)
+  remat = _backbone_grads(backbone_graphdef(False, True, policy), state, *args, weights)
+  chex.assert_trees_all_close(remat, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_unknown_remat_policy():
+  with pytest.raises(ValueError, match='remat_policy'):
+    make_backbone(remat=True, remat_policy='dots')
 
 
 # ------------------------------------------------------------------------------- parameter counts
@@ -376,6 +391,23 @@ def test_dropout_keys(tiny_forward, tiny_batch):
   for k in det:
     assert np.abs(np.asarray(a[k]) - np.asarray(b[k])).max() > 1e-3, k
     assert np.abs(np.asarray(a[k]) - np.asarray(det[k])).max() > 1e-3, k
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_detail_hidden_and_weight_give_the_logits(tiny_batch, tied):
+  """detail_logits=False (for the chunked loss) returns h and the head's weights instead of the
+  logits: h @ weight.T + bias equals the logits, and the other outputs are unchanged."""
+  model = materialize(lambda: make_tiny(tie_detail_head=tied), seed=3)
+  graphdef, state = nnx.split(model)
+  args = model_args(tiny_batch)
+  full = JittedModel(model)(*args)
+  split = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a, detail_logits=False))(state, *args)
+  assert 'detail_logits' not in split and ('detail_bias' in split) == (not tied)
+  logits = jnp.einsum('btd,vd->btv', split['detail_hidden'], split['detail_weight'])
+  logits = logits + split.get('detail_bias', 0.0)
+  np.testing.assert_allclose(logits, full['detail_logits'], rtol=1e-5, atol=1e-5)
+  for k in ('semantic_logits', 'element_logits'):
+    np.testing.assert_allclose(split[k], full[k], rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- element classifier

@@ -7,6 +7,7 @@ from flax import nnx
 
 from phase1_jax.model import kv_cache
 from phase1_jax.model.attention import attend
+from phase1_jax.model.layers import Dense
 
 
 class MultiHeadAttention(nnx.Module):
@@ -14,7 +15,7 @@ class MultiHeadAttention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, *, cross: bool, dtype, rngs: nnx.Rngs):
     self.num_heads, self.cross = num_heads, cross
-    lin = lambda i, o: nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    lin = lambda i, o: Dense(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     if cross:
       self.q, self.kv = lin(d_model, d_model), lin(d_model, 2 * d_model)
     else:
@@ -67,8 +68,8 @@ class DecoderLayer(nnx.Module):
     self.self_norm, self.cross_norm, self.mlp_norm = norm(), norm(), norm()
     self.self_attn = MultiHeadAttention(d_model, num_heads, cross=False, dtype=dtype, rngs=rngs)
     self.cross_attn = MultiHeadAttention(d_model, num_heads, cross=True, dtype=dtype, rngs=rngs)
-    self.mlp_in = nnx.Linear(d_model, mlp_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-    self.mlp_out = nnx.Linear(mlp_dim, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.mlp_in = Dense(d_model, mlp_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.mlp_out = Dense(mlp_dim, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     # No stored RNG: keys come in as arguments so the layer can be scanned and shared.
     self.dropout = nnx.Dropout(dropout_rate)
     self.attention_kind = attention_kind
@@ -101,18 +102,33 @@ class DecoderLayer(nnx.Module):
     return x_Bx1xD + self._mlp(x_Bx1xD), cache
 
 
+# model.remat_policy: which intermediates of a layer application the backward pass may keep
+# (everything else is recomputed). Names are jax.checkpoint_policies'.
+REMAT_POLICIES = {
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable':
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class SharedDecoderBackbone(nnx.Module):
   """`num_layers` applications of `num_unique_layers` distinct layers: application i uses i % U.
 
   The U layers are stored stacked (every param has a leading axis U). With `scan=True` the
   applications run under `lax.scan`, so compile time stays flat in depth; `remat=True` recomputes
-  each application's activations in the backward pass instead of storing them.
+  each application's activations in the backward pass instead of storing them, except what
+  `remat_policy` (a REMAT_POLICIES name) lets it keep.
   """
 
   def __init__(self, *, num_layers: int, num_unique_layers: int, scan: bool = True,
-               remat: bool = False, rngs: nnx.Rngs, **layer_kwargs):
+               remat: bool = False, remat_policy: str = 'nothing_saveable', rngs: nnx.Rngs,
+               **layer_kwargs):
+    if remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'remat_policy={remat_policy!r}: must be one of '
+                       f'{", ".join(REMAT_POLICIES)}')
     self.num_layers, self.num_unique_layers = num_layers, num_unique_layers
-    self.scan, self.remat = scan, remat
+    self.scan, self.remat, self.remat_policy = scan, remat, remat_policy
 
     @nnx.split_rngs(splits=num_unique_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -131,7 +147,8 @@ class SharedDecoderBackbone(nnx.Module):
       return nnx.merge(graphdef, params)(x, token_mask_BxT, memory_BxSxD, memory_mask_BxS, key)
 
     if self.remat:
-      apply = jax.checkpoint(apply, static_argnums=() if self.scan else (1,))
+      apply = jax.checkpoint(apply, static_argnums=() if self.scan else (1,),
+                             policy=REMAT_POLICIES[self.remat_policy])
     keys = (None if dropout_key is None else jax.random.split(dropout_key, self.num_layers))
     if not self.scan:
       for i in range(self.num_layers):

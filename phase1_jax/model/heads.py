@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phase1_jax.model.layers import Dense
+
 
 class DualGenerationHeads(nnx.Module):
   """Detail head (next markup token over the vocabulary) and semantic head (section class per
@@ -12,14 +14,24 @@ class DualGenerationHeads(nnx.Module):
 
   def __init__(self, d_model: int, vocab_size: int, num_semantic_classes: int, *, tied: bool,
                dtype, rngs: nnx.Rngs):
-    lin = lambda o: nnx.Linear(d_model, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    lin = lambda o: Dense(d_model, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.detail = None if tied else lin(vocab_size)
     self.semantic = lin(num_semantic_classes)
 
+  def detail_weights(self, token_embedding_VxD, dtype):
+    """(weight_VxD, bias_V or None) of the detail head: what a chunked loss needs instead of the
+    logits (logits = h @ weight.T + bias)."""
+    if self.detail is None:
+      return token_embedding_VxD.astype(dtype), None
+    return self.detail.kernel[...].T.astype(dtype), self.detail.bias[...]
+
   def __call__(self, h_BxTxD, token_embedding_VxD=None):
     if self.detail is None:
-      detail_BxTxV = jnp.einsum('btd,vd->btv', h_BxTxD, token_embedding_VxD.astype(h_BxTxD.dtype),
-                                preferred_element_type=jnp.float32)
+      # On a 2-D [tokens, D] view, as in Dense: avoids a transposed copy for the weight gradient.
+      h_NxD = h_BxTxD.reshape(-1, h_BxTxD.shape[-1])
+      detail_NxV = jnp.einsum('nd,vd->nv', h_NxD, token_embedding_VxD.astype(h_BxTxD.dtype),
+                              preferred_element_type=jnp.float32)
+      detail_BxTxV = detail_NxV.reshape(*h_BxTxD.shape[:-1], -1)
     else:
       detail_BxTxV = self.detail(h_BxTxD).astype(jnp.float32)
     return detail_BxTxV, self.semantic(h_BxTxD).astype(jnp.float32)

@@ -8,13 +8,16 @@ from flax import nnx
 from phase1_jax.model import kv_cache
 from phase1_jax.model.decoder import SharedDecoderBackbone
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
+from phase1_jax.model.layers import Dense
 
 
 class Phase1Decoder(nnx.Module):
   """Reads fused page features and writes markup, per-token semantics and element types.
 
   __call__(features_BxPxF, feature_mask_BxP, inputs_BxT, dropout_key=None) -> dict with
-    detail_logits_BxTxV, semantic_logits_BxTxC, element_logits_BxE (all float32).
+    detail_logits_BxTxV, semantic_logits_BxTxC, element_logits_BxE (all float32). With
+    detail_logits=False: detail_hidden_BxTxD and detail_weight_VxD (+ detail_bias_V if untied)
+    replace the detail logits, for losses.py's vocabulary-chunked cross-entropy.
   Token positions where inputs == pad_id are masked everywhere (attention keys, pooling).
   """
 
@@ -23,18 +26,20 @@ class Phase1Decoder(nnx.Module):
                num_unique_layers: int, mlp_dim: int, dropout_rate: float = 0.0,
                dtype=jnp.float32, attention_kind: str = 'dense',
                attention_options: dict | None = None, tie_detail_head: bool = True,
-               scan_layers: bool = True, remat: bool = False, pad_id: int = 0,
+               scan_layers: bool = True, remat: bool = False,
+               remat_policy: str = 'nothing_saveable', pad_id: int = 0,
                rngs: nnx.Rngs):
     self.pad_id, self.dtype = pad_id, dtype
     embed = lambda n: nnx.Embed(n, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.token_embed, self.position_embed = embed(vocab_size), embed(max_seq_len)
-    self.feature_proj = nnx.Linear(feature_dim, d_model, dtype=dtype, param_dtype=jnp.float32,
-                                   rngs=rngs)
+    self.feature_proj = Dense(feature_dim, d_model, dtype=dtype, param_dtype=jnp.float32,
+                              rngs=rngs)
     norm = lambda: nnx.LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.memory_norm, self.final_norm = norm(), norm()
     self.dropout = nnx.Dropout(dropout_rate)
     self.backbone = SharedDecoderBackbone(
         num_layers=num_layers, num_unique_layers=num_unique_layers, scan=scan_layers, remat=remat,
+        remat_policy=remat_policy,
         d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate,
         dtype=dtype, attention_kind=attention_kind, attention_options=attention_options,
         rngs=rngs)
@@ -49,7 +54,8 @@ class Phase1Decoder(nnx.Module):
     """The decoder's memory: projected, normalized features [batch, patches, d_model]."""
     return self.memory_norm(self.feature_proj(features_BxPxF.astype(self.dtype)))
 
-  def __call__(self, features_BxPxF, feature_mask_BxP, inputs_BxT, dropout_key=None):
+  def __call__(self, features_BxPxF, feature_mask_BxP, inputs_BxT, dropout_key=None, *,
+               detail_logits: bool = True):
     token_mask_BxT = inputs_BxT != self.pad_id
     t = inputs_BxT.shape[1]
     x_BxTxD = self.token_embed(inputs_BxT) + self.position_embed(jnp.arange(t))[None]
@@ -58,12 +64,18 @@ class Phase1Decoder(nnx.Module):
     memory_BxPxD = self.encode_memory(features_BxPxF)
     h_BxTxD = self.backbone(x_BxTxD, token_mask_BxT, memory_BxPxD, feature_mask_BxP, keys[1])
     h_BxTxD = self.final_norm(h_BxTxD)
-    detail_BxTxV, semantic_BxTxC = self.heads(h_BxTxD, self.token_embed.embedding[...])
-    return {
-        'detail_logits': detail_BxTxV,
-        'semantic_logits': semantic_BxTxC,
-        'element_logits': self.element_classifier(h_BxTxD, token_mask_BxT),
-    }
+    outputs = {'element_logits': self.element_classifier(h_BxTxD, token_mask_BxT)}
+    if detail_logits:
+      outputs['detail_logits'], outputs['semantic_logits'] = self.heads(
+          h_BxTxD, self.token_embed.embedding[...])
+      return outputs
+    # For a vocabulary-chunked loss: the states and the head's weights, no B x T x V logits.
+    weight_VxD, bias_V = self.heads.detail_weights(self.token_embed.embedding[...], self.dtype)
+    outputs.update(detail_hidden=h_BxTxD, detail_weight=weight_VxD,
+                   semantic_logits=self.heads.semantic(h_BxTxD).astype(jnp.float32))
+    if bias_V is not None:
+      outputs['detail_bias'] = bias_V
+    return outputs
 
   def init_decode_state(self, features_BxPxF, max_len: int):
     """What decoding keeps per sequence: memory K/V per unique layer (computed once), and an

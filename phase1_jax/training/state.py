@@ -47,7 +47,7 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Phase1D
           m.attention.kind, window_size=m.attention.window_size, top_k=m.attention.top_k,
           block_size=m.attention.block_size or None),
       tie_detail_head=m.tie_detail_head,
-      scan_layers=m.scan_layers, remat=m.remat, rngs=rngs)
+      scan_layers=m.scan_layers, remat=m.remat, remat_policy=m.remat_policy, rngs=rngs)
 
 
 def _decay_mask(params):

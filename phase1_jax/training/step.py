@@ -21,22 +21,25 @@ class LossSpec:
   weighting: str
   weights: tuple[tuple[str, float], ...]   # ((task, weight), ...)
   element_token_ids: tuple[int, ...]
+  vocab_chunk_size: int = 0   # > 0: detail CE over vocabulary chunks, no full logits in training
 
   @classmethod
   def from_config(cls, config) -> 'LossSpec':
     weights = tuple((task, config.loss[f'{task}_weight']) for task in losses.TASKS)
-    return cls(config.loss.weighting, weights, pipeline.element_open_tag_ids(config))
+    return cls(config.loss.weighting, weights, pipeline.element_open_tag_ids(config),
+               config.loss.vocab_chunk_size)
 
   def __call__(self, outputs, batch, log_vars_4, axis_name=None):
     return losses.multitask_loss(
         outputs, batch, element_token_ids_E=jnp.asarray(self.element_token_ids),
         weighting=self.weighting, weights=dict(self.weights), log_vars_4=log_vars_4,
-        axis_name=axis_name)
+        vocab_chunk_size=self.vocab_chunk_size, axis_name=axis_name)
 
 
-def forward(graphdef, model_params, batch, dropout_key=None):
+def forward(graphdef, model_params, batch, dropout_key=None, *, detail_logits: bool = True):
   model = nnx.merge(graphdef, model_params)
-  return model(*(batch[k] for k in MODEL_INPUTS), dropout_key=dropout_key)
+  return model(*(batch[k] for k in MODEL_INPUTS), dropout_key=dropout_key,
+               detail_logits=detail_logits)
 
 
 def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec, axis_name=None,
@@ -56,7 +59,8 @@ def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec, a
 
   def loss_fn(params):
     model_params = params['model'] if gather_params is None else gather_params(params['model'])
-    outputs = forward(graphdef, model_params, batch, dropout_key)
+    outputs = forward(graphdef, model_params, batch, dropout_key,
+                      detail_logits=loss_spec.vocab_chunk_size == 0)
     return loss_spec(outputs, batch, params['loss_log_vars'], axis_name)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

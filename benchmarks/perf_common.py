@@ -1,0 +1,110 @@
+"""Shared by the train-step benchmarks: analytic FLOPs, measured matmul peak, timing statistics.
+
+FLOP formula (matmuls only; a multiply-add counts 2; elementwise work, softmax, norms, the
+optimizer are left out, as in the usual MFU convention). Per sequence of T positions over P
+memory patches, with D model width, M MLP width, V vocabulary, C semantic classes, E element
+types, F feature width, L layer applications (sharing does not change FLOPs):
+
+  memory       2 P F D                     (feature projection)
+  per layer    2 T D 3D + 2 T D D          self-attention QKV, output
+               2 T T D  + 2 T T D          scores, weighted values (full T x T: the dense kind
+                                           computes masked entries too)
+               2 T D D + 2 P D 2D + 2 T D D  cross Q, memory KV, output
+               2 T P D  + 2 T P D          cross scores, values
+               2 T D M  + 2 T M D          MLP
+  heads        2 T D V + 2 T D C           detail (tied), semantic
+  classifier   2 T D E + 2 E T D + 2 E D   pooling scores, pooled states, readout
+
+A train step is forward + backward = 3x the forward (the backward computes each matmul's input
+gradient and weight gradient), less the feature projection's input gradient (features are data).
+`check_flops_against_xla` compares this with XLA's cost analysis of the unrolled step.
+"""
+from __future__ import annotations
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+
+def analytic_flops(config) -> dict:
+  """{'forward': ..., 'train_step': ...} FLOPs of one batch of `config` (see module docstring)."""
+  m, d = config.model, config.data
+  B, T, P, F = config.train.batch_size, d.max_seq_len, d.grid_rows * d.grid_cols, d.feature_dim
+  D, M, V, C, E, L = (m.d_model, m.mlp_dim, m.vocab_size, m.num_semantic_classes,
+                      m.num_element_types, m.num_layers)
+  memory = 2 * P * F * D
+  layer = (2 * T * D * 3 * D + 2 * T * D * D + 4 * T * T * D
+           + 2 * T * D * D + 2 * P * D * 2 * D + 2 * T * D * D + 4 * T * P * D
+           + 4 * T * D * M)
+  heads = 2 * T * D * V + 2 * T * D * C + 2 * T * D * E + 2 * E * T * D + 2 * E * D
+  forward = B * (memory + L * layer + heads)
+  return {'forward': forward, 'train_step': 3 * forward - B * memory}
+
+
+def xla_flops(compiled) -> float | None:
+  """FLOPs XLA's cost analysis gives a compiled executable (a scanned body counts only once)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return None if not cost else float(cost.get('flops', 0.0)) or None
+
+
+def peak_size() -> int:
+  """Matmul size for the peak: 2048 on CPU (about 0.1 s per call there), 8192 on GPU/TPU (a 2048
+  matmul is too short to reach an accelerator's peak)."""
+  return 2048 if jax.default_backend() == 'cpu' else 8192
+
+
+def peak_runner(dtype, n: int | None = None):
+  """(run, flops): `run()` does one n x n x n matmul in `dtype` on the device and waits for it
+  (n: peak_size()).
+
+  The benchmarks time it in the same interleaved rounds as the steps, so the peak and the steps
+  see the same machine load, and MFU = (step FLOP/s) / (peak FLOP/s) compares like with like.
+  """
+  n = n or peak_size()
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+  mm = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(mm(a, b))
+  return (lambda: jax.block_until_ready(mm(a, b))), 2 * n ** 3
+
+
+def peak_summary(dtype, times, flops) -> dict:
+  """The matmul peak from its interleaved timings: median-based (what MFU divides by) and best."""
+  return {'dtype': str(jnp.dtype(dtype)), 'n': round((flops / 2) ** (1 / 3)),
+          'repeats': len(times),
+          'flops_per_second': flops / statistics.median(times),
+          'best_flops_per_second': flops / min(times),
+          'spread': (max(times) - min(times)) / statistics.median(times)}
+
+
+def stats(times: list[float]) -> dict:
+  """Median and spread of step times: min, max, and (max - min) / median as one noise number."""
+  med = statistics.median(times)
+  q = statistics.quantiles(times, n=4) if len(times) >= 2 else [med, med, med]
+  return {'median_seconds': med, 'min_seconds': min(times), 'max_seconds': max(times),
+          'iqr_seconds': q[2] - q[0], 'spread': (max(times) - min(times)) / med,
+          'repeats': len(times)}
+
+
+def device_name() -> str:
+  """'cpu' on CPU, else the device kind ('nvidia_h100_80gb_hbm3'), for result file names."""
+  dev = jax.devices()[0]
+  return 'cpu' if dev.platform == 'cpu' else dev.device_kind.replace(' ', '_').lower()
+
+
+def peak_memory_bytes(compiled) -> int | None:
+  """Compiled memory of the step (arguments + outputs + temporaries - aliased), from XLA."""
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001
+    return None
+  if mem is None:
+    return None
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)

@@ -1,0 +1,175 @@
+"""Our train step against a plain PyTorch eager twin of the same model, timed in one run.
+
+  pip install -e '.[bench]'      # PyTorch CPU wheel + matplotlib; never needed by the package
+  python benchmarks/vs_pytorch.py [--config configs/bench_cpu.py] [--repeats 20]
+
+Four contestants on the same batch: PyTorch eager float32, ours float32, PyTorch CPU autocast
+bfloat16, ours bfloat16 (float32 master weights). Each is warmed up, then they run interleaved
+round by round (A B C D A B C D ...) so that machine noise hits all alike; a short pause between
+contestants lets the other framework's spinning worker threads go idle. Reports medians, the
+spread (max - min) / median, tokens/s (all B x T positions), achieved FLOP/s from the analytic
+count (perf_common.py; identical for both: same shapes, same matmuls) and MFU against XLA's
+float32 / bfloat16 2048^3 matmul, timed in the same rounds. Writes
+benchmarks/results/vs_pytorch_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+# Runs as a script from the repository root: find the package and the sibling modules.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+import perf_common  # noqa: E402
+
+from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax.data import pipeline, vocab  # noqa: E402
+from phase1_jax.model.phase1 import count_params  # noqa: E402
+from phase1_jax.training import parallel  # noqa: E402
+from phase1_jax.training import state as state_lib  # noqa: E402
+from phase1_jax.training import step as step_lib  # noqa: E402
+
+CONTESTANTS = ('torch_float32', 'jax_float32', 'torch_bfloat16', 'jax_bfloat16')
+PAUSE_S = 0.05
+
+
+def jax_runner(config_path, dtype, batch, overrides):
+  config = config_lib.load_file(config_path)
+  config.model.compute_dtype = dtype
+  for key, value in overrides.items():
+    config.model[key] = value
+  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=1000)
+  graphdef, state = state_lib.create_train_state(config, tx)
+  step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
+                                 loss_spec=step_lib.LossSpec.from_config(config))
+  batch = jax.device_put(batch)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  box = {'state': state}
+
+  def run():
+    box['state'], metrics = compiled(box['state'], batch)
+    return float(metrics['loss'])   # waits for the step
+  params = count_params(nnx.merge(graphdef, state.params['model']))
+  return run, {'compile_seconds': compile_s, 'params': params}, state.params['model']
+
+
+def torch_runner(config, autocast_bf16, batch, jax_params):
+  import torch
+  import torch_twin
+  torch.manual_seed(0)
+  m = config.model
+  model = torch_twin.Twin(
+      vocab_size=m.vocab_size, num_semantic_classes=m.num_semantic_classes,
+      num_element_types=m.num_element_types, feature_dim=config.data.feature_dim,
+      max_seq_len=config.data.max_seq_len, d_model=m.d_model, num_heads=m.num_heads,
+      num_layers=m.num_layers, num_unique_layers=m.num_unique_layers, mlp_dim=m.mlp_dim)
+  torch_twin.load_from_jax(model, jax_params)   # same initial weights: the losses must agree
+  opt, sched = torch_twin.make_optimizer(model, config.train)
+  step = torch_twin.make_step(model, opt, sched, vocab.ELEMENT_OPEN_TAG_IDS,
+                              config.train.grad_clip_norm, autocast_bf16)
+  batch = torch_twin.to_torch(batch)
+  return (lambda: step(batch).item()), {'params': torch_twin.count_params(model),
+                                        'torch_version': torch.__version__,
+                                        'torch_threads': torch.get_num_threads()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='configs/bench_cpu.py')
+  parser.add_argument('--repeats', type=int, default=20)
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--contestants', default=','.join(CONTESTANTS))
+  parser.add_argument('--jax_overrides', default='',
+                      help='model fields for our side, e.g. scan_layers=True,remat=True')
+  args = parser.parse_args()
+  overrides = {}
+  for item in filter(None, args.jax_overrides.split(',')):
+    key, value = item.split('=')
+    overrides[key] = {'True': True, 'False': False}.get(value, value)
+
+  config = config_lib.load_file(args.config)
+  source = pipeline.make_source(config, 'train')
+  batch = next(pipeline.train_iterator(source, batch_size=config.train.batch_size, seed=0,
+                                       epoch=0))
+  batch = {k: np.asarray(v) for k, v in batch.items()}
+  names = args.contestants.split(',')
+  runners, info = {}, {}
+  _, _, jax_params = jax_runner(args.config, 'float32', batch, overrides)
+  for name in names:
+    framework, dtype = name.split('_')
+    if framework == 'jax':
+      runners[name], info[name], _ = jax_runner(args.config, dtype, batch, overrides)
+    else:
+      runners[name], info[name] = torch_runner(config, dtype == 'bfloat16', batch, jax_params)
+  counts = {info[n]['params'] for n in names}
+  if len(counts) != 1:
+    raise SystemExit(f'parameter counts differ: { {n: info[n]["params"] for n in names} }')
+  for name in names:
+    info[name]['first_loss'] = runners[name]()   # from the same initial weights in all four
+    for _ in range(args.warmup - 1):
+      runners[name]()
+  for dtype, tol in (('float32', 1e-4), ('bfloat16', 3e-2)):
+    pair = [info[f'{f}_{dtype}']['first_loss'] for f in ('torch', 'jax') if f'{f}_{dtype}' in info]
+    if len(pair) == 2 and abs(pair[0] - pair[1]) > tol * abs(pair[0]):
+      raise SystemExit(f'{dtype}: PyTorch loss {pair[0]} != ours {pair[1]}: not the same model')
+  peak_runs = {dt: perf_common.peak_runner(dt) for dt in ('float32', 'bfloat16')}
+  for dt, (run_peak, _) in peak_runs.items():
+    runners[f'peak_{dt}'] = run_peak
+  times = {name: [] for name in runners}
+  for _ in range(args.repeats):
+    for name in runners:
+      time.sleep(PAUSE_S)
+      start = time.perf_counter()
+      runners[name]()
+      times[name].append(time.perf_counter() - start)
+  peaks = {dt: perf_common.peak_summary(dt, times[f'peak_{dt}'], flops)
+           for dt, (_, flops) in peak_runs.items()}
+
+  flops = perf_common.analytic_flops(config)['train_step']
+  positions = config.train.batch_size * config.data.max_seq_len
+  device = perf_common.device_name()
+  results = {'config': args.config, 'device': jax.devices()[0].device_kind,
+             'backend': jax.default_backend(), 'cpu_count': os.cpu_count(),
+             'jax_version': jax.__version__, 'jax_overrides': overrides,
+             'positions_per_batch': positions,
+             'real_tokens_per_batch': int(batch['target_mask'].sum()),
+             'train_step_flops': flops, 'xla_matmul_peak': peaks, 'contestants': {}}
+  print(f'{"contestant":<16} {"median ms":>10} {"spread":>7} {"tokens/s":>10} {"GFLOP/s":>8} '
+        f'{"MFU":>6} {"vs torch same dtype":>20}')
+  for name in names:
+    row = {**info[name], **perf_common.stats(times[name])}
+    dtype = name.split('_')[1]
+    row['tokens_per_second'] = positions / row['median_seconds']
+    row['flops_per_second'] = flops / row['median_seconds']
+    row['mfu'] = row['flops_per_second'] / peaks[dtype]['flops_per_second']
+    results['contestants'][name] = row
+  for name in names:
+    row = results['contestants'][name]
+    twin = 'torch_' + name.split('_')[1]
+    if name.startswith('jax') and twin in results['contestants']:
+      row['vs_torch'] = results['contestants'][twin]['median_seconds'] / row['median_seconds']
+    ratio = f'{row["vs_torch"]:.2f}x' if 'vs_torch' in row else ''
+    print(f'{name:<16} {row["median_seconds"] * 1e3:>10.1f} {row["spread"]:>7.0%} '
+          f'{row["tokens_per_second"]:>10,.0f} {row["flops_per_second"] / 1e9:>8.1f} '
+          f'{row["mfu"]:>6.1%} {ratio:>20}')
+  print('XLA matmul peak (median; best): ' + ', '.join(
+      f'{k} {v["flops_per_second"] / 1e9:.0f}; {v["best_flops_per_second"] / 1e9:.0f} GFLOP/s'
+      for k, v in peaks.items()))
+  os.makedirs('benchmarks/results', exist_ok=True)
+  out = f'benchmarks/results/vs_pytorch_{device}.json'
+  with open(out, 'w') as f:
+    json.dump(results, f, indent=2)
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  main()
