@@ -151,6 +151,12 @@ ARCHITECTURE_FIELDS = ('model.vocab_size', 'model.num_semantic_classes', 'model.
                        'data.feature_dim', 'data.max_seq_len')
 
 
+def architecture(config: ml_collections.ConfigDict) -> dict:
+  """{field: value} of ARCHITECTURE_FIELDS: what a restored checkpoint's saved config must match."""
+  flat = flatten(config.to_dict())
+  return {f: flat[f] for f in ARCHITECTURE_FIELDS}
+
+
 def flatten(tree: dict, prefix: str = '') -> dict:
   """{'model.d_model': 768, ...} of a nested dict (or ConfigDict.to_dict())."""
   flat = {}

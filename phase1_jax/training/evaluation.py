@@ -113,9 +113,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           state_lib.abstract_train_state(config, tx))
-    state, extra = ckpt.restore(step, target,
-                                expect_config={f: config_lib.flatten(config.to_dict())[f]
-                                               for f in config_lib.ARCHITECTURE_FIELDS})
+    state, extra = ckpt.restore(step, target, expect_config=config_lib.architecture(config))
   return graphdef, state.params, step, extra
 
 
