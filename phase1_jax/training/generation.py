@@ -7,6 +7,7 @@ came from, and the settings that produced it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -136,8 +137,7 @@ def generate_pages(config: ml_collections.ConfigDict, workdir: str, *, num_sampl
       graphdef=graphdef, settings=settings,
       ids=decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID))
   record_settings = {
-      **{k: getattr(settings, k) for k in ('strategy', 'max_len', 'temperature', 'top_k',
-                                           'top_p', 'beam_size', 'length_penalty')},
+      **dataclasses.asdict(settings),
       'seed': config.decode.seed, 'element_threshold': config.eval.element_threshold,
       'checkpoint_step': step, 'attention_kind': config.model.attention.kind,
   }
