@@ -22,9 +22,11 @@ gradient and weight gradient), less the feature projection's input gradient (fea
 from __future__ import annotations
 
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def analytic_flops(config) -> dict:
@@ -108,3 +110,46 @@ def peak_memory_bytes(compiled) -> int | None:
     return None
   return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
              - mem.alias_size_in_bytes)
+
+
+def compile_train_step(config, batch, *, one_device: bool = False):
+  """The train step of `config` compiled as the trainer runs it: over all devices in the config's
+  parallel layout (DataParallel; on a CPU host, the per-core devices `configure_cpu_devices`
+  made), or with `one_device` a plain jit on the first device.
+
+  Returns (compiled, placed state, placed batch, info) where info holds the layout, device
+  count, parameter count and the lower / compile seconds (timed apart).
+  """
+  from flax import nnx
+
+  from phase1_jax.model.phase1 import count_params
+  from phase1_jax.training import parallel
+  from phase1_jax.training import state as state_lib
+  from phase1_jax.training import step as step_lib
+  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=1000)
+  graphdef, state = state_lib.create_train_state(config, tx)
+  loss_spec = step_lib.LossSpec.from_config(config)
+  params = count_params(nnx.merge(graphdef, state.params['model']))
+  if one_device or jax.device_count() == 1:
+    device = jax.devices()[0]
+    step = parallel.jit_train_step(graphdef=graphdef, tx=tx, loss_spec=loss_spec)
+    state, batch = jax.device_put(state, device), jax.device_put(batch, device)
+    layout, devices = 'one device', 1
+  else:
+    par = parallel.DataParallel(config)
+    step = par.train_step(graphdef=graphdef, tx=tx, loss_spec=loss_spec,
+                          abstract_state=jax.eval_shape(lambda: state))
+    state, batch = par.place_state(state), par.place_batch(batch)
+    layout, devices = f'{par.mode} over {par.num_devices} devices', par.num_devices
+  start = time.perf_counter()
+  lowered = step.lower(state, batch)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+  return compiled, state, batch, {'layout': layout, 'devices': devices, 'params': params,
+                                  'lower_seconds': lower_s, 'compile_seconds': compile_s}
+
+
+def loss_value(metrics) -> float:
+  """The step's loss on the host (waits for the step); pmap returns one copy per device."""
+  return float(np.asarray(jax.device_get(metrics['loss'])).ravel()[0])

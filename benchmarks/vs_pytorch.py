@@ -22,7 +22,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 # Runs as a script from the repository root: find the package and the sibling modules.
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,35 +30,28 @@ import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
 from phase1_jax.data import pipeline, vocab  # noqa: E402
-from phase1_jax.model.phase1 import count_params  # noqa: E402
 from phase1_jax.training import parallel  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
-from phase1_jax.training import step as step_lib  # noqa: E402
 
 CONTESTANTS = ('torch_float32', 'jax_float32', 'torch_bfloat16', 'jax_bfloat16')
+# Also accepted: jax1_float32 / jax1_bfloat16, ours on one device (the trainer's layout on a CPU
+# host is data parallel over one device per core, parallel.cpu_devices).
 PAUSE_S = 0.05
 
 
-def jax_runner(config_path, dtype, batch, overrides):
+def jax_runner(config_path, dtype, batch, overrides, one_device=False):
   config = config_lib.load_file(config_path)
   config.model.compute_dtype = dtype
   for key, value in overrides.items():
     config.model[key] = value
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=1000)
-  graphdef, state = state_lib.create_train_state(config, tx)
-  step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
-                                 loss_spec=step_lib.LossSpec.from_config(config))
-  batch = jax.device_put(batch)
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  compiled, state, batch, info = perf_common.compile_train_step(config, batch,
+                                                                one_device=one_device)
   box = {'state': state}
 
   def run():
     box['state'], metrics = compiled(box['state'], batch)
-    return float(metrics['loss'])   # waits for the step
-  params = count_params(nnx.merge(graphdef, state.params['model']))
-  return run, {'compile_seconds': compile_s, 'params': params}, state.params['model']
+    return perf_common.loss_value(metrics)   # waits for the step
+  return run, info
 
 
 def torch_runner(config, autocast_bf16, batch, jax_params):
@@ -91,23 +83,28 @@ def main():
   parser.add_argument('--jax_overrides', default='',
                       help='model fields for our side, e.g. scan_layers=True,remat=True')
   args = parser.parse_args()
+  config = config_lib.load_file(args.config)
+  # As the train CLI does: before JAX starts, split a CPU host into the config's devices.
+  cpu_devices = parallel.configure_cpu_devices(config)
   overrides = {}
   for item in filter(None, args.jax_overrides.split(',')):
     key, value = item.split('=')
     overrides[key] = {'True': True, 'False': False}.get(value, value)
 
-  config = config_lib.load_file(args.config)
   source = pipeline.make_source(config, 'train')
   batch = next(pipeline.train_iterator(source, batch_size=config.train.batch_size, seed=0,
                                        epoch=0))
   batch = {k: np.asarray(v) for k, v in batch.items()}
   names = args.contestants.split(',')
   runners, info = {}, {}
-  _, _, jax_params = jax_runner(args.config, 'float32', batch, overrides)
+  # The initial weights every contestant starts from (create_train_state is seeded by config).
+  _, initial = state_lib.create_train_state(config, state_lib.make_optimizer(config, 1000)[0])
+  jax_params = initial.params['model']
   for name in names:
     framework, dtype = name.split('_')
-    if framework == 'jax':
-      runners[name], info[name], _ = jax_runner(args.config, dtype, batch, overrides)
+    if framework in ('jax', 'jax1'):
+      runners[name], info[name] = jax_runner(args.config, dtype, batch, overrides,
+                                             one_device=framework == 'jax1')
     else:
       runners[name], info[name] = torch_runner(config, dtype == 'bfloat16', batch, jax_params)
   counts = {info[n]['params'] for n in names}
@@ -140,6 +137,7 @@ def main():
   results = {'config': args.config, 'device': jax.devices()[0].device_kind,
              'backend': jax.default_backend(), 'cpu_count': os.cpu_count(),
              'jax_version': jax.__version__, 'jax_overrides': overrides,
+             'cpu_devices': cpu_devices, 'device_count': jax.device_count(),
              'positions_per_batch': positions,
              'real_tokens_per_batch': int(batch['target_mask'].sum()),
              'train_step_flops': flops, 'xla_matmul_peak': peaks, 'contestants': {}}

@@ -26,4 +26,7 @@ def get_config():
   config.model.scan_layers = False
   config.model.compute_dtype = 'float32'
   config.train.batch_size = 16
+  # On CPU the train CLI splits the host into one device per core (parallel.cpu_devices); pmap
+  # over them measured 1.15-1.19x one device, jit data parallelism 1.10-1.12x (2 cores).
+  config.parallel.mode = 'pmap'
   return config

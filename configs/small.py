@@ -22,6 +22,9 @@ def get_config():
   # bfloat16 0.85x of float32 (compute_dtype auto picks float32 on CPU).
   config.model.scan_layers = False
   config.train.batch_size = 32
+  # On CPU the train CLI splits the host into one device per core (parallel.cpu_devices); pmap
+  # over them measured 1.15-1.19x one device, jit data parallelism 1.10-1.12x (2 cores).
+  config.parallel.mode = 'pmap'
   config.train.num_epochs = 6
   # Measured: after 300 steps, lr 1e-3 reached element F1 0.62 and lr 2e-3 0.88.
   config.train.learning_rate = 2e-3

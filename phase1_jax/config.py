@@ -129,6 +129,8 @@ def base_config() -> ml_collections.ConfigDict:
   p.mode = 'jit'                # jit: one program over a (data, fsdp) mesh; pmap: data parallel
   p.fsdp = 1                    # jit: shard params/optimizer state over this many devices
   p.data = 0                    # jit: data-parallel size (0: all devices / fsdp)
+  p.cpu_devices = 0             # CPU backend: split the host into this many devices (0: one per
+                                # core that the batch divides by; 1: one device on all cores)
   p.distributed = 'off'         # off | auto (TPU pods, SLURM: JAX finds the cluster) | manual
   p.coordinator_address = ''    # manual: 'host:port' of process 0
   p.num_processes = 1           # manual
@@ -310,7 +312,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   one_of('parallel.mode', PARALLEL_MODES)
   positive('parallel.fsdp')
-  positive('parallel.data', 'parallel.process_id', allow_zero=True)
+  positive('parallel.data', 'parallel.process_id', 'parallel.cpu_devices', allow_zero=True)
   one_of('parallel.distributed', DISTRIBUTED)
   positive('parallel.num_processes')
   if not isinstance(config.parallel.coordinator_address, str):

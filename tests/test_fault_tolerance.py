@@ -283,6 +283,8 @@ def test_cli_unwritable_workdir_is_one_line(tmp_path):
 # ------------------------------------------------------------------------ kills (subprocesses)
 def start_cli(workdir, log, **overrides):
   """`python -m phase1_jax.train` on the reference config (+ overrides), output to `log`."""
+  # One device, as the in-process reference run has (the CLI would split a CPU host per core).
+  overrides = {'parallel.cpu_devices': 1, **overrides}
   flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **overrides}.items()]
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
          'JAX_COMPILATION_CACHE_DIR': str(REPO / '.jax_cache'),
