@@ -4,7 +4,10 @@
   python benchmarks/train_step.py --config configs/small.py --set model.vocab_size=50000 \
       --variants float32_unrolled,float32_unrolled_chunked --depths '' --tag vocab50k
 
-For each variant (config overrides, VARIANTS below): trace+lower and XLA compile timed apart;
+The step runs as the trainer runs it (on a CPU host: data parallel over one device per core,
+parallel.cpu_devices; --one_device for a plain jit on one device; the compile-by-depth figures
+always use one device). For each variant (config overrides, VARIANTS below): trace+lower and
+XLA compile timed apart;
 then the median and spread of `repeats` steps after two warm-up steps, each to the step's loss on
 the host (which waits for the step); variants run interleaved round by round so machine noise hits
 all alike. Achieved FLOP/s = the analytic FLOPs of a step (perf_common.py documents the formula;
@@ -26,7 +29,7 @@ import sys
 import time
 
 import jax
-from flax import nnx
+import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
@@ -34,10 +37,8 @@ import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
 from phase1_jax.data import pipeline  # noqa: E402
-from phase1_jax.model.phase1 import count_params  # noqa: E402
 from phase1_jax.training import parallel  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
-from phase1_jax.training import step as step_lib  # noqa: E402
 
 VARIANTS = {
     'float32_unrolled': {'model.compute_dtype': 'float32', 'model.scan_layers': False},
@@ -78,28 +79,16 @@ def parse_sets(items) -> dict:
   return out
 
 
-def build(config, batch):
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=1000)
-  graphdef, state = state_lib.create_train_state(config, tx)
-  step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
-                                 loss_spec=step_lib.LossSpec.from_config(config))
-  start = time.perf_counter()
-  lowered = step.lower(state, batch)
-  lower_s = time.perf_counter() - start
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - start - lower_s
-  return graphdef, state, compiled, lower_s, compile_s
-
-
-def run_variant(config, batch):
-  graphdef, state, compiled, lower_s, compile_s = build(config, batch)
-  params = count_params(nnx.merge(graphdef, state.params['model']))
+def run_variant(config, batch, one_device):
+  compiled, state, placed, info = perf_common.compile_train_step(config, batch,
+                                                                 one_device=one_device)
   for _ in range(2):  # warm-up
-    state, metrics = compiled(state, batch)
-  float(metrics['loss'])
-  return {'compiled': compiled, 'state': state, 'times': [],
-          'row': {'lower_seconds': lower_s, 'compile_seconds': compile_s, 'params': params,
-                  'xla_flops': perf_common.xla_flops(compiled),
+    state, metrics = compiled(state, placed)
+  perf_common.loss_value(metrics)
+  # A data-parallel program is one device's share: XLA's count times the devices.
+  xla_flops = perf_common.xla_flops(compiled)
+  return {'compiled': compiled, 'state': state, 'batch': placed, 'times': [],
+          'row': {**info, 'xla_flops': xla_flops and xla_flops * info['devices'],
                   'compiled_memory_bytes': perf_common.peak_memory_bytes(compiled),
                   'compute_dtype': str(state_lib.compute_dtype(config.model.compute_dtype)),
                   'scan_layers': config.model.scan_layers, 'remat': config.model.remat,
@@ -114,7 +103,8 @@ def compile_by_depth(config_path, sets, batch, depths):
       config = apply_overrides(config_lib.load_file(config_path), {
           **sets, 'model.num_layers': depth, 'model.num_unique_layers': min(2, depth),
           'model.scan_layers': scan})
-      _, _, _, lower_s, compile_s = build(config, batch)
+      info = perf_common.compile_train_step(config, batch, one_device=True)[3]
+      lower_s, compile_s = info['lower_seconds'], info['compile_seconds']
       out[f'{"scan" if scan else "unrolled"}_{depth}'] = {
           'num_layers': depth, 'lower_seconds': lower_s, 'compile_seconds': compile_s}
       print(f'compile {"scan" if scan else "unrolled"} x{depth}: lower {lower_s:.1f} s, '
@@ -130,19 +120,24 @@ def main():
   parser.add_argument('--set', action='append', default=[], help='config override a.b=value')
   parser.add_argument('--depths', default='2,12', help="compile-time depths ('' to skip)")
   parser.add_argument('--tag', default='')
+  parser.add_argument('--one_device', action='store_true',
+                      help="one device instead of the trainer's layout (on a CPU host: data "
+                           'parallel over one device per core, parallel.cpu_devices)')
   args = parser.parse_args()
   sets = parse_sets(args.set)
+  base = apply_overrides(config_lib.load_file(args.config), sets)
+  # As the train CLI does: before JAX starts, split a CPU host into the config's devices.
+  cpu_devices = None if args.one_device else parallel.configure_cpu_devices(base)
   backend = jax.default_backend()
   names = (args.variants or DEFAULT_VARIANTS.get(backend, DEFAULT_VARIANTS['gpu'])).split(',')
 
-  base = apply_overrides(config_lib.load_file(args.config), sets)
   source = pipeline.make_source(base, 'train')
   batch = next(pipeline.train_iterator(source, batch_size=base.train.batch_size, seed=0, epoch=0))
-  batch = jax.device_put(batch)
+  batch = {k: np.asarray(v) for k, v in batch.items()}
   runs = {}
   for name in names:
     config = apply_overrides(config_lib.load_file(args.config), {**sets, **VARIANTS[name]})
-    runs[name] = run_variant(config, batch)
+    runs[name] = run_variant(config, batch, args.one_device)
     print(f'{name}: lower {runs[name]["row"]["lower_seconds"]:.1f} s, compile '
           f'{runs[name]["row"]["compile_seconds"]:.1f} s', flush=True)
   dtypes = sorted({runs[n]['row']['compute_dtype'] for n in names})
@@ -151,8 +146,8 @@ def main():
     for name in names:
       run = runs[name]
       start = time.perf_counter()
-      run['state'], metrics = run['compiled'](run['state'], batch)
-      float(metrics['loss'])  # waits for the step
+      run['state'], metrics = run['compiled'](run['state'], run['batch'])
+      perf_common.loss_value(metrics)  # waits for the step
       run['times'].append(time.perf_counter() - start)
     for run_peak, _, times in peak_runs.values():
       start = time.perf_counter()
@@ -165,11 +160,13 @@ def main():
   positions = base.train.batch_size * base.data.max_seq_len
   results = {'config': args.config, 'overrides': sets, 'device': jax.devices()[0].device_kind,
              'backend': backend, 'device_count': jax.device_count(),
+             'cpu_devices': cpu_devices,
              'jax_version': jax.__version__, 'batch_size': base.train.batch_size,
              'seq_len': base.data.max_seq_len, 'positions_per_batch': positions,
              'real_tokens_per_batch': int(batch['target_mask'].sum()),
              'analytic_flops': flops, 'matmul_peak': peaks, 'repeats': args.repeats,
              'variants': {}}
+  print(f'layout: {runs[names[0]]["row"]["layout"]}')
   print(f'{"variant":<26} {"compile s":>9} {"median ms":>10} {"spread":>7} {"tokens/s":>9} '
         f'{"GFLOP/s":>8} {"MFU":>6} {"memory MiB":>10} {"XLA/analytic":>12}')
   for name in names:
