@@ -21,6 +21,8 @@ gradient and weight gradient), less the feature projection's input gradient (fea
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 
@@ -153,3 +155,19 @@ def compile_train_step(config, batch, *, one_device: bool = False):
 def loss_value(metrics) -> float:
   """The step's loss on the host (waits for the step); pmap returns one copy per device."""
   return float(np.asarray(jax.device_get(metrics['loss'])).ravel()[0])
+
+
+def peak_line(peaks: dict) -> str:
+  """One line of the matmul peaks `peak_summary` gave, per dtype: median; best."""
+  return 'XLA matmul peak (median; best): ' + ', '.join(
+      f'{k} {v["flops_per_second"] / 1e9:.0f}; {v["best_flops_per_second"] / 1e9:.0f} GFLOP/s'
+      for k, v in peaks.items())
+
+
+def write_results(results: dict, name: str) -> None:
+  """benchmarks/results/<name>.json, and a line saying so."""
+  os.makedirs('benchmarks/results', exist_ok=True)
+  out = f'benchmarks/results/{name}.json'
+  with open(out, 'w') as f:
+    json.dump(results, f, indent=2)
+  print(f'wrote {out}')

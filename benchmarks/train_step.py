@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import sys
 import time
@@ -186,18 +185,12 @@ def main():
           f'{row["tokens_per_second"]:>9,.0f} {row["flops_per_second"] / 1e9:>8.1f} '
           f'{row["mfu"]:>6.1%} {"" if mem is None else f"{mem / 2**20:,.0f}":>10} '
           f'{"" if ratio is None else f"{ratio:.3f}":>12}')
-  print('matmul peak (median; best): ' + ', '.join(
-      f'{k} {v["flops_per_second"] / 1e9:.0f}; {v["best_flops_per_second"] / 1e9:.0f} GFLOP/s'
-      for k, v in peaks.items()))
+  print(perf_common.peak_line(peaks))
   depths = [int(d) for d in args.depths.split(',') if d]
   if depths:
     results['compile_by_depth'] = compile_by_depth(args.config, sets, batch, depths)
-  os.makedirs('benchmarks/results', exist_ok=True)
   stem = os.path.splitext(os.path.basename(args.config))[0] + (f'_{args.tag}' if args.tag else '')
-  out = f'benchmarks/results/train_step_{perf_common.device_name()}_{stem}.json'
-  with open(out, 'w') as f:
-    json.dump(results, f, indent=2)
-  print(f'wrote {out}')
+  perf_common.write_results(results, f'train_step_{perf_common.device_name()}_{stem}')
 
 
 if __name__ == '__main__':

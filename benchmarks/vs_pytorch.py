@@ -15,7 +15,6 @@ benchmarks/results/vs_pytorch_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -159,14 +158,8 @@ def main():
     print(f'{name:<16} {row["median_seconds"] * 1e3:>10.1f} {row["spread"]:>7.0%} '
           f'{row["tokens_per_second"]:>10,.0f} {row["flops_per_second"] / 1e9:>8.1f} '
           f'{row["mfu"]:>6.1%} {ratio:>20}')
-  print('XLA matmul peak (median; best): ' + ', '.join(
-      f'{k} {v["flops_per_second"] / 1e9:.0f}; {v["best_flops_per_second"] / 1e9:.0f} GFLOP/s'
-      for k, v in peaks.items()))
-  os.makedirs('benchmarks/results', exist_ok=True)
-  out = f'benchmarks/results/vs_pytorch_{device}.json'
-  with open(out, 'w') as f:
-    json.dump(results, f, indent=2)
-  print(f'wrote {out}')
+  print(perf_common.peak_line(peaks))
+  perf_common.write_results(results, f'vs_pytorch_{device}')
 
 
 if __name__ == '__main__':
