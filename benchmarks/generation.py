@@ -19,9 +19,8 @@ tokens of all pages per second), ms per token-step, and cached/uncached speedup.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
+import sys
 import time
 
 import jax
@@ -29,9 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phase1_jax import config as config_lib
-from phase1_jax import decoding
-from phase1_jax.training import state as state_lib
+# Runs as a script from the repository root: find the package and the sibling modules.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+import perf_common  # noqa: E402
+
+from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax import decoding  # noqa: E402
+from phase1_jax.training import state as state_lib  # noqa: E402
 
 IDS = decoding.TokenIds(bos=1, eos=-1, pad=0)   # eos -1: every page runs to max_len
 
@@ -44,13 +48,15 @@ def build_model(config, kind, max_len, args):
 
 
 def timed(fn, repeats):
+  """(median, min, max) seconds of `fn` over `repeats` runs after one warm-up."""
   fn()   # warm-up (compiled already)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return statistics.median(times), min(times), max(times)
+  s = perf_common.stats(times)
+  return s['median_seconds'], s['min_seconds'], s['max_seconds']
 
 
 def run_cached(graphdef, params, features, mask, length, use_cache, repeats):
@@ -97,7 +103,6 @@ def main():
   parser.add_argument('--out-dir', default='benchmarks/results')
   args = parser.parse_args()
   lengths = [int(x) for x in args.lengths.split(',')]
-  device = jax.devices()[0].device_kind.replace(' ', '_').lower()
   config = config_lib.load_file(args.config)
   rng = np.random.default_rng(0)
   features = jnp.asarray(rng.normal(size=(args.batch, config.data.grid_rows * config.data.grid_cols,
@@ -128,14 +133,10 @@ def main():
             f'({row["cached_ms_per_step"]:.2f} ms/step)  uncached '
             f'{row["uncached_tokens_per_s"]:8.1f} tok/s ({row["uncached_ms_per_step"]:.1f} '
             f'ms/step, {steps} steps)  speedup {row["speedup"]:.1f}x', flush=True)
-  os.makedirs(args.out_dir, exist_ok=True)
-  path = os.path.join(args.out_dir, f'generation_{jax.default_backend()}.json')
-  result = {'device': device, 'backend': jax.default_backend(), 'config': args.config,
-            'window_size': args.window, 'batch': args.batch, 'repeats': args.repeats,
-            'jax': jax.__version__, 'rows': rows}
-  with open(path, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'wrote {path}')
+  result = {'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
+            'config': args.config, 'window_size': args.window, 'batch': args.batch,
+            'repeats': args.repeats, 'jax': jax.__version__, 'rows': rows}
+  perf_common.write_results(result, f'generation_{perf_common.device_name()}', args.out_dir)
 
 
 if __name__ == '__main__':

@@ -12,18 +12,23 @@ not scaling. Writes benchmarks/results/parallel_<backend>.json and prints a tabl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 
 import jax
 
-from phase1_jax import config as config_lib
-from phase1_jax.data import pipeline
-from phase1_jax.training import parallel
-from phase1_jax.training import state as state_lib
-from phase1_jax.training import step as step_lib
+# Runs as a script from the repository root: find the package and the sibling modules.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+import perf_common  # noqa: E402
+
+from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax.data import pipeline  # noqa: E402
+from phase1_jax.training import parallel  # noqa: E402
+from phase1_jax.training import state as state_lib  # noqa: E402
+from phase1_jax.training import step as step_lib  # noqa: E402
 
 
 def layouts(devices: int):
@@ -64,9 +69,11 @@ def measure(config, name, overrides, batches, repeats):
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   tokens = statistics.mean(int(b['target_mask'].sum()) for b in batches)
-  median = statistics.median(times)
-  return {'layout': name, 'compile_and_first_step_s': compile_s, 'median_step_s': median,
-          'min_step_s': min(times), 'max_step_s': max(times), 'tokens_per_s': tokens / median}
+  s = perf_common.stats(times)
+  return {'layout': name, 'compile_and_first_step_s': compile_s,
+          'median_step_s': s['median_seconds'], 'min_step_s': s['min_seconds'],
+          'max_step_s': s['max_seconds'], 'spread': s['spread'],
+          'tokens_per_s': tokens / s['median_seconds']}
 
 
 def main():
@@ -92,11 +99,7 @@ def main():
   result = {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
             'devices': devices, 'config': args.config, 'batch_size': config.train.batch_size,
             'repeats': args.repeats, 'jax': jax.__version__, 'rows': rows}
-  os.makedirs(args.out_dir, exist_ok=True)
-  path = os.path.join(args.out_dir, f'parallel_{jax.default_backend()}.json')
-  with open(path, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'wrote {path}')
+  perf_common.write_results(result, f'parallel_{perf_common.device_name()}', args.out_dir)
 
 
 if __name__ == '__main__':

@@ -164,10 +164,10 @@ def peak_line(peaks: dict) -> str:
       for k, v in peaks.items())
 
 
-def write_results(results: dict, name: str) -> None:
-  """benchmarks/results/<name>.json, and a line saying so."""
-  os.makedirs('benchmarks/results', exist_ok=True)
-  out = f'benchmarks/results/{name}.json'
+def write_results(results: dict, name: str, out_dir: str = 'benchmarks/results') -> None:
+  """<out_dir>/<name>.json, and a line saying so."""
+  os.makedirs(out_dir, exist_ok=True)
+  out = os.path.join(out_dir, f'{name}.json')
   with open(out, 'w') as f:
     json.dump(results, f, indent=2)
   print(f'wrote {out}')
