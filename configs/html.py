@@ -26,7 +26,6 @@ def get_config(path: str = ''):
   config.model.num_unique_layers = 2
   config.model.mlp_dim = 512
   config.model.dropout_rate = 0.1
-  config.model.scan_layers = False
   config.train.batch_size = 16
   config.train.num_epochs = 20
   config.train.learning_rate = 1e-3

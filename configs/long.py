@@ -25,7 +25,6 @@ def get_config():
   config.model.num_unique_layers = 1
   config.model.mlp_dim = 256
   config.model.dropout_rate = 0.0
-  config.model.scan_layers = False
   config.model.attention.kind = 'window_topk'
   config.model.attention.window_size = 256
   config.model.attention.top_k = 4

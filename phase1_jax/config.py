@@ -10,6 +10,7 @@ import importlib.util
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from phase1_jax.data import vocab
 
@@ -65,10 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.dropout_rate = 0.1
   m.compute_dtype = 'auto'      # auto: bfloat16 on GPU/TPU, float32 on CPU (measured faster there)
   m.tie_detail_head = True
-  # True: lax.scan over the applications, compile time flat in depth: the default, for deep
-  # stacks and GPU/TPU. The CPU configs (small, bench_cpu, long) set False: a Python loop over
-  # few applications runs the step faster on CPU (measured: README, benchmarks/train_step.py).
-  m.scan_layers = True
+  # True: lax.scan over the applications, compile time flat in depth (deep stacks, GPU/TPU).
+  # False: a Python loop, one copy of the layer per application in the program. None (auto):
+  # unrolled on CPU, where it runs the step 1.3-1.7x faster (README, benchmarks/train_step.py),
+  # scanned on GPU/TPU. Set it to override: --config.model.scan_layers=True.
+  m.scan_layers = config_dict.placeholder(bool)
   m.remat = False
   # With remat: what a layer application keeps for the backward pass (nothing_saveable: only its
   # input; dots_saveable / dots_with_no_batch_dims_saveable: also matmul outputs).
@@ -229,7 +231,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   name = get('exp_name')
   if not isinstance(name, str) or not name or '/' in name or name.strip() != name:
     raise _fail('exp_name', 'must be a non-empty name without "/" or surrounding spaces', name)
-  boolean('model.tie_detail_head', 'model.scan_layers', 'model.remat',
+  if get('model.scan_layers') is not None:   # None: auto, per platform
+    boolean('model.scan_layers')
+  boolean('model.tie_detail_head', 'model.remat',
           'train.stop_when_targets_met', 'checkpoint.async_save')
   one_of('data.name', DATA_NAMES)
   if not isinstance(config.data.path, str):

@@ -2,6 +2,7 @@
 naming its field."""
 from __future__ import annotations
 
+import jax
 import ml_collections
 import pytest
 from conftest import REPO
@@ -9,6 +10,7 @@ from conftest import REPO
 from phase1_jax import config as config_lib
 from phase1_jax.config import ConfigError, base_config, validate
 from phase1_jax.data import vocab
+from phase1_jax.training import state as state_lib
 
 
 def load_config_file(name, *args):
@@ -148,6 +150,18 @@ def test_compute_dtypes_listed():
     config = base_config()
     config.model.compute_dtype = name
     validate(config)
+
+
+def test_scan_layers_auto_unrolls_on_cpu_and_explicit_values_stand():
+  """None (the default) resolves per platform; True/False override it, as flags or in a file."""
+  config = base_config()
+  assert config.model.scan_layers is None
+  validate(config)
+  assert state_lib.scan_layers(None) is (jax.default_backend() != 'cpu')
+  for value in (True, False):
+    config.model.scan_layers = value
+    validate(config)
+    assert state_lib.scan_layers(config.model.scan_layers) is value
 
 
 def _wrong_value(value):

@@ -89,8 +89,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   params_info = _model_report(config, graphdef, abstract_state.params)
   reporter.write_json('model_parameters.json', params_info)
   if main_process:
+    m = config.model
+    layers = 'scanned' if state_lib.scan_layers(m.scan_layers) else 'unrolled'
     print(f'Device: {jax.default_backend()} ({jax.device_count()} devices, {par.mode} over '
-          f'{par.num_devices}, {jax.process_count()} processes)  Model parameters: '
+          f'{par.num_devices}, {jax.process_count()} processes; '
+          f'{state_lib.compute_dtype(m.compute_dtype).name} compute, layers {layers})  '
+          f'Model parameters: '
           f'{params_info["params"]:,} ({params_info["reduction_vs_two_decoders"]:.0%} fewer than '
           f'two separate decoders, {params_info["reduction_vs_no_sharing"]:.0%} fewer than no '
           f'sharing)')

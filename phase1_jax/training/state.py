@@ -35,6 +35,11 @@ def compute_dtype(name: str):
   return jnp.dtype(name)
 
 
+def scan_layers(value: bool | None) -> bool:
+  """None (auto) scans on GPU/TPU and unrolls on CPU, where the unrolled step is faster."""
+  return jax.default_backend() != 'cpu' if value is None else value
+
+
 def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Phase1Decoder:
   m = config.model
   return Phase1Decoder(
@@ -47,7 +52,8 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Phase1D
           m.attention.kind, window_size=m.attention.window_size, top_k=m.attention.top_k,
           block_size=m.attention.block_size or None),
       tie_detail_head=m.tie_detail_head,
-      scan_layers=m.scan_layers, remat=m.remat, remat_policy=m.remat_policy, rngs=rngs)
+      scan_layers=scan_layers(m.scan_layers), remat=m.remat, remat_policy=m.remat_policy,
+      rngs=rngs)
 
 
 def _decay_mask(params):
