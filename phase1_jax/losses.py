@@ -31,14 +31,16 @@ def masked_mean(x, mask, axis_name=None):
   return (x * mask).sum() / jnp.maximum(count, 1.0)
 
 
-def implied_element_probs(detail_logprobs_BxTxV, target_mask_BxT, element_token_ids_E):
+def implied_element_probs(tag_logprobs_BxTxE, target_mask_BxT):
   """P(element type e appears in the markup) as the detail head sees it: the largest probability
   it puts on e's open-tag token at any valid position. [B, E]
+
+  tag_logprobs_BxTxE: the detail head's log-probabilities of the E open-tag tokens.
 
   Max, not a noisy-or: a noisy-or of many small probabilities tends to 1 for every plausible type
   (60 positions at p = 0.05 give 0.95), which would teach the classifier false positives.
   """
-  p_BxTxE = jnp.exp(detail_logprobs_BxTxV[..., element_token_ids_E])
+  p_BxTxE = jnp.exp(tag_logprobs_BxTxE)
   return jnp.max(jnp.where(target_mask_BxT[..., None], p_BxTxE, 0.0), axis=1)
 
 
@@ -129,8 +131,7 @@ def task_losses(outputs, batch, element_token_ids_E, vocab_chunk_size: int = 0, 
       outputs['semantic_logits'].astype(jnp.float32), batch['semantic_labels'])
   element_logits_BxE = outputs['element_logits'].astype(jnp.float32)
   element_bce_BxE = optax.sigmoid_binary_cross_entropy(element_logits_BxE, batch['element_labels'])
-  implied_BxE = implied_element_probs(tag_logprobs_BxTxE, target_mask,
-                                     jnp.arange(tag_logprobs_BxTxE.shape[-1]))
+  implied_BxE = implied_element_probs(tag_logprobs_BxTxE, target_mask)
   consistency_BxE = jnp.square(implied_BxE - jax.nn.sigmoid(element_logits_BxE))
   mean = lambda x, mask: masked_mean(x, mask, axis_name)
   return {

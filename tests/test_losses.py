@@ -98,8 +98,8 @@ def test_task_losses_by_hand():
 def test_implied_element_probs_is_max_over_positions():
   outputs, batch = make_case(1)
   lp = jax.nn.log_softmax(jnp.asarray(outputs['detail_logits']))
-  got = losses.implied_element_probs(lp, jnp.asarray(batch['target_mask']),
-                                     jnp.asarray(ELEMENT_IDS))
+  got = losses.implied_element_probs(lp[..., jnp.asarray(ELEMENT_IDS)],
+                                     jnp.asarray(batch['target_mask']))
   p = np.exp(log_softmax(outputs['detail_logits']))[..., ELEMENT_IDS]   # B x T x E
   m = batch['target_mask'][..., None]
   want = np.max(np.where(m, p, 0.0), axis=1)

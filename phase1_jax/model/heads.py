@@ -34,7 +34,11 @@ class DualGenerationHeads(nnx.Module):
       detail_BxTxV = detail_NxV.reshape(*h_BxTxD.shape[:-1], -1)
     else:
       detail_BxTxV = self.detail(h_BxTxD).astype(jnp.float32)
-    return detail_BxTxV, self.semantic(h_BxTxD).astype(jnp.float32)
+    return detail_BxTxV, self.semantic_logits(h_BxTxD)
+
+  def semantic_logits(self, h_BxTxD):
+    """Section-class logits per position, float32 [B, T, C]."""
+    return self.semantic(h_BxTxD).astype(jnp.float32)
 
 
 class ElementTypeClassifier(nnx.Module):

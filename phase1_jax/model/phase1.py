@@ -72,7 +72,7 @@ class Phase1Decoder(nnx.Module):
     # For a vocabulary-chunked loss: the states and the head's weights, no B x T x V logits.
     weight_VxD, bias_V = self.heads.detail_weights(self.token_embed.embedding[...], self.dtype)
     outputs.update(detail_hidden=h_BxTxD, detail_weight=weight_VxD,
-                   semantic_logits=self.heads.semantic(h_BxTxD).astype(jnp.float32))
+                   semantic_logits=self.heads.semantic_logits(h_BxTxD))
     if bias_V is not None:
       outputs['detail_bias'] = bias_V
     return outputs

@@ -219,4 +219,3 @@ def jit_generate(*, graphdef, settings: decoding.DecodeSettings, ids: decoding.T
     model = nnx.merge(graphdef, params['model'])
     return decoding.generate(model, features, feature_mask, settings=settings, ids=ids, rng=rng)
   return jax.jit(fn)
-
