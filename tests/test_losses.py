@@ -297,3 +297,31 @@ def test_chunked_loss_gradient_never_holds_full_logits():
   chunked, full = temp_bytes(chunk), temp_bytes(0)
   assert full >= logits_bytes
   assert chunked < logits_bytes / 4, (chunked, logits_bytes)
+
+
+def test_nll_and_tag_logprobs_match_log_softmax_with_gradients():
+  """The fused backward gives autodiff's gradient of log_softmax + gathers, with a target that
+  is also a tag column and a tag id listed twice (both cotangents must land)."""
+  rng = np.random.default_rng(17)
+  n, v = 6, 11
+  logits = jnp.asarray(rng.standard_normal((n, v)) * 3, jnp.float32)
+  targets = jnp.asarray(np.r_[4, rng.integers(0, v, n - 1)], jnp.int32)
+  tag_ids = jnp.asarray([4, 7, 2, 7], jnp.int32)
+  g_nll, g_tags = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((n,), (n, 4)))
+
+  def reference(logits):
+    lp = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(lp, targets[:, None], axis=-1)[:, 0], lp[:, tag_ids]
+
+  def pull(f):
+    out, vjp = jax.vjp(f, logits)
+    return out, vjp((g_nll, g_tags))[0]
+
+  fused = lambda x: losses.nll_and_tag_logprobs(x, targets, tag_ids)
+  (nll, tags), grad = jax.jit(lambda: pull(fused))()
+  (ref_nll, ref_tags), ref_grad = pull(reference)
+  chex.assert_shape((nll, tags, grad), ((n,), (n, 4), (n, v)))
+  chex.assert_type((nll, tags, grad), jnp.float32)
+  np.testing.assert_allclose(nll, ref_nll, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(tags, ref_tags, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-5)

@@ -6,12 +6,14 @@ import functools
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import PATCHES, SEQ, TINY, JittedModel, make_tiny, materialize
 from flax import nnx
 
+from phase1_jax.model import layers
 from phase1_jax.model.decoder import DecoderLayer, MultiHeadAttention, SharedDecoderBackbone
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
 from phase1_jax.model.phase1 import count_params, parameter_report
@@ -435,3 +437,41 @@ def test_element_classifier_ignores_padded_positions():
   h3 = h.copy()
   h3[1, 1] = junk[1, 1]
   assert np.abs(np.asarray(run(clf, h3, mask)[1] - out[1])).max() > 1e-3
+
+
+def _dot_operand_dtypes(jaxpr):
+  """Operand dtypes of every dot_general in a jaxpr, sub-jaxprs (custom_vjp, pjit) included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _dot_operand_dtypes(sub)
+  return found
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_logits_matmul_backward_stays_in_operand_dtype(dtype):
+  """Float32 logits either way; in bfloat16 both gradient matmuls take bfloat16 operands (plain
+  autodiff would promote them to float32) and the gradients match the float32 ones within
+  bfloat16 rounding; in float32 they equal plain autodiff."""
+  rng = np.random.default_rng(3)
+  x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((12, 16), (40, 16)))
+  g = jnp.asarray(rng.standard_normal((12, 40)), jnp.float32)
+  plain = lambda x, w: jnp.einsum('nd,vd->nv', x, w, preferred_element_type=jnp.float32)
+
+  def pull(f, x, w):
+    out, vjp = jax.vjp(f, x, w)
+    return out, vjp(g)
+
+  xd, wd = x.astype(dtype), w.astype(dtype)
+  out, grads = pull(layers.logits_matmul, xd, wd)
+  chex.assert_type(out, jnp.float32)
+  chex.assert_trees_all_equal_dtypes(grads, (xd, wd))
+  closed = jax.make_jaxpr(lambda x, w: pull(layers.logits_matmul, x, w))(xd, wd)
+  assert set(_dot_operand_dtypes(closed.jaxpr)) == {(str(jnp.dtype(dtype)),) * 2}
+  ref_out, ref_grads = pull(plain, x, w)
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  for got, ref in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((ref_out, ref_grads))):
+    got, ref = np.asarray(got, np.float32), np.asarray(ref)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < tol

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phase1_jax.model.layers import Dense
+from phase1_jax.model.layers import Dense, logits_matmul
 
 
 class DualGenerationHeads(nnx.Module):
@@ -29,8 +29,7 @@ class DualGenerationHeads(nnx.Module):
     if self.detail is None:
       # On a 2-D [tokens, D] view, as in Dense: avoids a transposed copy for the weight gradient.
       h_NxD = h_BxTxD.reshape(-1, h_BxTxD.shape[-1])
-      detail_NxV = jnp.einsum('nd,vd->nv', h_NxD, token_embedding_VxD.astype(h_BxTxD.dtype),
-                              preferred_element_type=jnp.float32)
+      detail_NxV = logits_matmul(h_NxD, token_embedding_VxD.astype(h_BxTxD.dtype))
       detail_BxTxV = detail_NxV.reshape(*h_BxTxD.shape[:-1], -1)
     else:
       detail_BxTxV = self.detail(h_BxTxD).astype(jnp.float32)
