@@ -2,7 +2,6 @@
 naming its field."""
 from __future__ import annotations
 
-import jax
 import ml_collections
 import pytest
 from conftest import REPO
@@ -152,16 +151,19 @@ def test_compute_dtypes_listed():
     validate(config)
 
 
-def test_scan_layers_auto_unrolls_on_cpu_and_explicit_values_stand():
-  """None (the default) resolves per platform; True/False override it, as flags or in a file."""
+def test_scan_layers_auto_unrolls_shallow_stacks_and_explicit_values_stand():
+  """None (the default) unrolls up to 12 applications and scans deeper stacks; True/False
+  override it at any depth, as flags or in a file."""
   config = base_config()
   assert config.model.scan_layers is None
   validate(config)
-  assert state_lib.scan_layers(None) is (jax.default_backend() != 'cpu')
+  limit = state_lib.MAX_AUTO_UNROLLED_LAYERS
+  assert [state_lib.scan_layers(None, n) for n in (1, limit, limit + 1)] == [False, False, True]
   for value in (True, False):
     config.model.scan_layers = value
     validate(config)
-    assert state_lib.scan_layers(config.model.scan_layers) is value
+    for n in (1, limit + 1):
+      assert state_lib.scan_layers(config.model.scan_layers, n) is value
 
 
 def _wrong_value(value):

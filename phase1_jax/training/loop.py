@@ -90,7 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   reporter.write_json('model_parameters.json', params_info)
   if main_process:
     m = config.model
-    layers = 'scanned' if state_lib.scan_layers(m.scan_layers) else 'unrolled'
+    layers = 'scanned' if state_lib.scan_layers(m.scan_layers, m.num_layers) else 'unrolled'
     print(f'Device: {jax.default_backend()} ({jax.device_count()} devices, {par.mode} over '
           f'{par.num_devices}, {jax.process_count()} processes; '
           f'{state_lib.compute_dtype(m.compute_dtype).name} compute, layers {layers})  '
