@@ -6,17 +6,19 @@
 
 The step runs as the trainer runs it (on a CPU host: data parallel over one device per core,
 parallel.cpu_devices; --one_device for a plain jit on one device; the compile-by-depth figures
-always use one device). For each variant (config overrides, VARIANTS below): trace+lower and
-XLA compile timed apart;
-then the median and spread of `repeats` steps after two warm-up steps, each to the step's loss on
-the host (which waits for the step); variants run interleaved round by round so machine noise hits
-all alike. Achieved FLOP/s = the analytic FLOPs of a step (perf_common.py documents the formula;
-checked here against XLA's cost analysis, which counts a scanned layer body once, so only
-unrolled variants are compared) / median step time; MFU = achieved / the matmul peak measured in
-the same run (an n^3 matmul in the variant's compute dtype, n = 2048 on CPU and 8192 on GPU/TPU,
-timed in the same interleaved rounds: median over median). Memory: XLA's compiled memory of
-the step (arguments + outputs + temporaries - donated aliases). With --depths, also the compile
-time of scanned and unrolled stacks of each depth (layer applications over 2 unique layers).
+always use one device). For each variant (config overrides, VARIANTS below): trace+lower and XLA
+compile timed apart; then the median and spread of `repeats` timings after two warm-up steps, each
+timing `steps_per_timing` steps dispatched back to back (1 on CPU, 10 on GPU/TPU) up to the last
+one's loss on the host, divided by their number; variants run interleaved round by round so
+machine noise hits all alike. Achieved FLOP/s = the analytic FLOPs of a step (perf_common.py
+documents the formula; checked here against XLA's cost analysis, which counts a scanned layer body
+once, so only unrolled variants are compared; on a GPU it reports about 0.19x of the formula,
+seemingly leaving out the matmuls handed to cuBLAS) / median step time; MFU = achieved / the
+matmul peak measured in the same run (an n^3 matmul in the variant's compute dtype, n = 2048 on
+CPU and 8192 on GPU/TPU, timed in the same interleaved rounds: median over median). Memory: XLA's
+compiled memory of the step (arguments + outputs + temporaries - donated aliases). With --depths,
+also the compile time of scanned and unrolled stacks of each depth (layer applications over 2
+unique layers).
 Writes benchmarks/results/train_step_<device>_<config>[_<tag>].json.
 """
 from __future__ import annotations
@@ -50,11 +52,18 @@ VARIANTS = {
                                  'loss.vocab_chunk_size': 4096},
     'bfloat16_scan_chunked': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': True,
                               'loss.vocab_chunk_size': 4096},
+    'bfloat16_unrolled_chunked': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': False,
+                                  'loss.vocab_chunk_size': 4096},
+    'bfloat16_scan_dot_product': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': True,
+                                  'model.attention.kind': 'dot_product'},
 }
 DEFAULT_VARIANTS = {
     'cpu': 'float32_unrolled,float32_scan,bfloat16_unrolled,bfloat16_scan',
-    'gpu': 'bfloat16_scan,bfloat16_unrolled,float32_scan,bfloat16_scan_chunked',
+    'gpu': 'bfloat16_unrolled,bfloat16_scan,bfloat16_unrolled_chunked,float32_unrolled',
 }
+# Steps dispatched back to back per timing. An accelerator's step is milliseconds, so a host wait
+# after each one would time the round trip too; the trainer waits only at log intervals.
+DEFAULT_STEPS_PER_TIMING = {'cpu': 1, 'gpu': 10}
 
 
 def apply_overrides(config, overrides: dict):
@@ -119,6 +128,9 @@ def main():
   parser.add_argument('--set', action='append', default=[], help='config override a.b=value')
   parser.add_argument('--depths', default='2,12', help="compile-time depths ('' to skip)")
   parser.add_argument('--tag', default='')
+  parser.add_argument('--steps_per_timing', type=int, default=None,
+                      help='steps dispatched back to back per timing (default: 1 on CPU, 10 on '
+                           'GPU/TPU); a timing is their total / their number')
   parser.add_argument('--one_device', action='store_true',
                       help="one device instead of the trainer's layout (on a CPU host: data "
                            'parallel over one device per core, parallel.cpu_devices)')
@@ -129,6 +141,7 @@ def main():
   cpu_devices = None if args.one_device else parallel.configure_cpu_devices(base)
   backend = jax.default_backend()
   names = (args.variants or DEFAULT_VARIANTS.get(backend, DEFAULT_VARIANTS['gpu'])).split(',')
+  per_timing = args.steps_per_timing or DEFAULT_STEPS_PER_TIMING.get(backend, 10)
 
   source = pipeline.make_source(base, 'train')
   batch = next(pipeline.train_iterator(source, batch_size=base.train.batch_size, seed=0, epoch=0))
@@ -145,13 +158,15 @@ def main():
     for name in names:
       run = runs[name]
       start = time.perf_counter()
-      run['state'], metrics = run['compiled'](run['state'], run['batch'])
-      perf_common.loss_value(metrics)  # waits for the step
-      run['times'].append(time.perf_counter() - start)
+      for _ in range(per_timing):
+        run['state'], metrics = run['compiled'](run['state'], run['batch'])
+      perf_common.loss_value(metrics)  # waits for the last step, hence for all of them
+      run['times'].append((time.perf_counter() - start) / per_timing)
     for run_peak, _, times in peak_runs.values():
       start = time.perf_counter()
-      run_peak()
-      times.append(time.perf_counter() - start)
+      for _ in range(per_timing):
+        run_peak()
+      times.append((time.perf_counter() - start) / per_timing)
   peaks = {dt: perf_common.peak_summary(dt, times, flops)
            for dt, (_, flops, times) in peak_runs.items()}
 
@@ -164,6 +179,7 @@ def main():
              'seq_len': base.data.max_seq_len, 'positions_per_batch': positions,
              'real_tokens_per_batch': int(batch['target_mask'].sum()),
              'analytic_flops': flops, 'matmul_peak': peaks, 'repeats': args.repeats,
+             'steps_per_timing': per_timing,
              'variants': {}}
   print(f'layout: {runs[names[0]]["row"]["layout"]}')
   print(f'{"variant":<26} {"compile s":>9} {"median ms":>10} {"spread":>7} {"tokens/s":>9} '

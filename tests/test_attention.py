@@ -1,6 +1,8 @@
 """phase1_jax.model.attention against a naive per-head numpy softmax reference."""
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -138,3 +140,37 @@ def test_attend_unknown_kind_raises_naming_it():
   q, k, v = random_qkv(0, 2, 2)
   with pytest.raises(ValueError, match="'nope'"):
     attention.attend(q, k, v, kind='nope')
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason="cuDNN's fused attention needs a GPU")
+@pytest.mark.parametrize('causal,use_mask,t,s', [(True, False, 256, 256), (True, True, 256, 256),
+                                                 (False, True, 256, 64)])
+def test_dot_product_on_gpu_calls_cudnn_and_matches_dense(causal, use_mask, t, s):
+  """On a GPU the bfloat16 `dot_product` kind is cuDNN's fused attention (the compiled gradient
+  calls it, not the XLA fallback) and gives the float32 dense reference's output and gradients
+  within bfloat16 rounding, at the model's shapes (self-attention over 256, cross over 64)."""
+  rng = np.random.default_rng(t + s + 2 * causal + use_mask)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, n, 4, 64)), jnp.float32)
+             for n in (t, s, s))
+  mask = None
+  if use_mask:
+    mask = rng.random((2, s)) < 0.7
+    mask[:, 0] = True
+    mask = jnp.asarray(mask)
+  w = jnp.asarray(rng.standard_normal((2, t, 4, 64)), jnp.float32)
+
+  def out_and_grads(kind, q, k, v):
+    def loss(q, k, v):
+      out = attention.attend(q, k, v, mask, causal=causal, kind=kind)
+      return (out.astype(jnp.float32) * w).sum(), out
+    return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)[::-1]
+
+  fast = jax.jit(functools.partial(out_and_grads, 'dot_product'))
+  bf16 = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+  assert 'cudnn' in fast.lower(*bf16).compile().as_text()
+  got = fast(*bf16)
+  ref = jax.jit(functools.partial(out_and_grads, 'dense'))(q, k, v)
+  chex.assert_trees_all_equal_dtypes(got, (bf16[0], bf16))
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    g, r = np.asarray(g, np.float32), np.asarray(r)
+    assert np.linalg.norm(g - r) / np.linalg.norm(r) < 2e-2
