@@ -157,10 +157,16 @@ def loss_value(metrics) -> float:
   return float(np.asarray(jax.device_get(metrics['loss'])).ravel()[0])
 
 
+def flop_unit() -> tuple[str, float]:
+  """('GFLOP/s', 1e9) on CPU, ('TFLOP/s', 1e12) on an accelerator: the unit printed tables use."""
+  return ('GFLOP/s', 1e9) if jax.default_backend() == 'cpu' else ('TFLOP/s', 1e12)
+
+
 def peak_line(peaks: dict) -> str:
   """One line of the matmul peaks `peak_summary` gave, per dtype: median; best."""
+  unit, scale = flop_unit()
   return 'XLA matmul peak (median; best): ' + ', '.join(
-      f'{k} {v["flops_per_second"] / 1e9:.0f}; {v["best_flops_per_second"] / 1e9:.0f} GFLOP/s'
+      f'{k} {v["flops_per_second"] / scale:.0f}; {v["best_flops_per_second"] / scale:.0f} {unit}'
       for k, v in peaks.items())
 
 

@@ -182,8 +182,9 @@ def main():
              'steps_per_timing': per_timing,
              'variants': {}}
   print(f'layout: {runs[names[0]]["row"]["layout"]}')
+  flop_unit, flop_scale = perf_common.flop_unit()
   print(f'{"variant":<26} {"compile s":>9} {"median ms":>10} {"spread":>7} {"tokens/s":>9} '
-        f'{"GFLOP/s":>8} {"MFU":>6} {"memory MiB":>10} {"XLA/analytic":>12}')
+        f'{flop_unit:>8} {"MFU":>6} {"memory MiB":>10} {"XLA/analytic":>12}')
   for name in names:
     row = {**runs[name]['row'], **perf_common.stats(runs[name]['times'])}
     med = row['median_seconds']
@@ -198,7 +199,7 @@ def main():
     mem = row['compiled_memory_bytes']
     ratio = row.get('xla_over_analytic_flops')
     print(f'{name:<26} {row["compile_seconds"]:>9.1f} {med * 1e3:>10.1f} {row["spread"]:>7.0%} '
-          f'{row["tokens_per_second"]:>9,.0f} {row["flops_per_second"] / 1e9:>8.1f} '
+          f'{row["tokens_per_second"]:>9,.0f} {row["flops_per_second"] / flop_scale:>8.1f} '
           f'{row["mfu"]:>6.1%} {"" if mem is None else f"{mem / 2**20:,.0f}":>10} '
           f'{"" if ratio is None else f"{ratio:.3f}":>12}')
   print(perf_common.peak_line(peaks))
