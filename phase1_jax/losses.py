@@ -89,8 +89,8 @@ def nll_and_tag_logprobs(logits_NxV, targets_N, tag_ids_E):
   The same values as indexing jax.nn.log_softmax, with a backward pass that writes the logits'
   gradient in one elementwise pass, softmax * (g_nll - sum_e g_tag) - g_nll at the target + g_tag
   at the tag columns, where autodiff of log_softmax and two gathers materializes a zero-filled
-  N x V buffer, scatters into it and adds several N x V float32 terms (about 1 ms of a 12 ms
-  configs/default.py step on an H200).
+  N x V buffer, scatters into it and adds several N x V float32 terms. Measured on the
+  configs/default.py step: 1.02x on an H200 (bfloat16), neutral on CPU (float32).
   """
   return _nll_and_tag_logprobs_fwd(logits_NxV, targets_N, tag_ids_E)[0]
 

@@ -35,8 +35,8 @@ def compute_dtype(name: str):
   return jnp.dtype(name)
 
 
-# Deepest stack auto unrolls: the unrolled step measured faster on CPU (4 applications) and on a
-# GPU (6), and its compile time grows with depth (CPU: 1.8x from 2 to 12 applications).
+# The deepest stack that auto unrolls: the unrolled step measured faster on CPU (4 applications)
+# and on a GPU (6), and its compile time grows with depth (CPU: 1.8x from 2 to 12 applications).
 MAX_AUTO_UNROLLED_LAYERS = 12
 
 
