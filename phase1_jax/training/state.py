@@ -36,7 +36,7 @@ def compute_dtype(name: str):
 
 
 # The deepest stack that auto unrolls: the unrolled step measured faster on CPU (4 applications)
-# and on a GPU (6), and its compile time grows with depth (CPU: 1.8x from 2 to 12 applications).
+# and on a GPU (6); its compile time grows with depth (CPU: 1.6-1.9x from 2 to 12 applications).
 MAX_AUTO_UNROLLED_LAYERS = 12
 
 
