@@ -21,6 +21,7 @@ gradient and weight gradient), less the feature projection's input gradient (fea
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import statistics
@@ -29,6 +30,29 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def parse_sets(items) -> dict:
+  """{'a.b': value} from ['a.b=value', ...] (values as Python literals, else strings)."""
+  out = {}
+  for item in items:
+    key, value = item.split('=', 1)
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets each dotted path of `overrides` in `config` (in place) and returns it."""
+  for path, value in overrides.items():
+    *parents, leaf = path.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
 
 
 def analytic_flops(config) -> dict:

@@ -24,7 +24,6 @@ Writes benchmarks/results/train_step_<device>_<config>[_<tag>].json.
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 import time
@@ -66,27 +65,6 @@ DEFAULT_VARIANTS = {
 DEFAULT_STEPS_PER_TIMING = {'cpu': 1, 'gpu': 10}
 
 
-def apply_overrides(config, overrides: dict):
-  for path, value in overrides.items():
-    *parents, leaf = path.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
-def parse_sets(items) -> dict:
-  out = {}
-  for item in items:
-    key, value = item.split('=', 1)
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
-  return out
-
-
 def run_variant(config, batch, one_device):
   compiled, state, placed, info = perf_common.compile_train_step(config, batch,
                                                                  one_device=one_device)
@@ -108,7 +86,7 @@ def compile_by_depth(config_path, sets, batch, depths):
   out = {}
   for scan in (True, False):
     for depth in depths:
-      config = apply_overrides(config_lib.load_file(config_path), {
+      config = perf_common.apply_overrides(config_lib.load_file(config_path), {
           **sets, 'model.num_layers': depth, 'model.num_unique_layers': min(2, depth),
           'model.scan_layers': scan})
       info = perf_common.compile_train_step(config, batch, one_device=True)[3]
@@ -135,8 +113,8 @@ def main():
                       help="one device instead of the trainer's layout (on a CPU host: data "
                            'parallel over one device per core, parallel.cpu_devices)')
   args = parser.parse_args()
-  sets = parse_sets(args.set)
-  base = apply_overrides(config_lib.load_file(args.config), sets)
+  sets = perf_common.parse_sets(args.set)
+  base = perf_common.apply_overrides(config_lib.load_file(args.config), sets)
   # As the train CLI does: before JAX starts, split a CPU host into the config's devices.
   cpu_devices = None if args.one_device else parallel.configure_cpu_devices(base)
   backend = jax.default_backend()
@@ -148,7 +126,8 @@ def main():
   batch = {k: np.asarray(v) for k, v in batch.items()}
   runs = {}
   for name in names:
-    config = apply_overrides(config_lib.load_file(args.config), {**sets, **VARIANTS[name]})
+    config = perf_common.apply_overrides(config_lib.load_file(args.config),
+                                         {**sets, **VARIANTS[name]})
     runs[name] = run_variant(config, batch, args.one_device)
     print(f'{name}: lower {runs[name]["row"]["lower_seconds"]:.1f} s, compile '
           f'{runs[name]["row"]["compile_seconds"]:.1f} s', flush=True)
