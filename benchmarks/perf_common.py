@@ -55,6 +55,15 @@ def apply_overrides(config, overrides: dict):
   return config
 
 
+def first_batch(config) -> dict:
+  """The first training batch of `config`'s dataset (seed 0, epoch 0), as numpy arrays."""
+  from phase1_jax.data import pipeline
+  source = pipeline.make_source(config, 'train')
+  batch = next(pipeline.train_iterator(source, batch_size=config.train.batch_size, seed=0,
+                                       epoch=0))
+  return {k: np.asarray(v) for k, v in batch.items()}
+
+
 def analytic_flops(config) -> dict:
   """{'forward': ..., 'train_step': ...} FLOPs of one batch of `config` (see module docstring)."""
   m, d = config.model, config.data

@@ -37,14 +37,12 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
-from phase1_jax.data import pipeline  # noqa: E402
 from phase1_jax.training import parallel  # noqa: E402
 
 _GEMM_KERNEL = re.compile(r'gemm|nvjet|xmma|cutlass|cublas|cudnn|fmha', re.I)
@@ -119,10 +117,7 @@ def main():
                                        perf_common.parse_sets(args.set))
   if not args.one_device:
     parallel.configure_cpu_devices(config)
-  source = pipeline.make_source(config, 'train')
-  batch = next(pipeline.train_iterator(source, batch_size=config.train.batch_size, seed=0,
-                                       epoch=0))
-  batch = {k: np.asarray(v) for k, v in batch.items()}
+  batch = perf_common.first_batch(config)
   compiled, state, placed, info = perf_common.compile_train_step(config, batch,
                                                                  one_device=args.one_device)
   hlo = compiled.as_text()

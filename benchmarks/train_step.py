@@ -29,14 +29,12 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
-from phase1_jax.data import pipeline  # noqa: E402
 from phase1_jax.training import parallel  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
 
@@ -121,9 +119,7 @@ def main():
   names = (args.variants or DEFAULT_VARIANTS.get(backend, DEFAULT_VARIANTS['gpu'])).split(',')
   per_timing = args.steps_per_timing or DEFAULT_STEPS_PER_TIMING.get(backend, 10)
 
-  source = pipeline.make_source(base, 'train')
-  batch = next(pipeline.train_iterator(source, batch_size=base.train.batch_size, seed=0, epoch=0))
-  batch = {k: np.asarray(v) for k, v in batch.items()}
+  batch = perf_common.first_batch(base)
   runs = {}
   for name in names:
     config = perf_common.apply_overrides(config_lib.load_file(args.config),

@@ -20,7 +20,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 # Runs as a script from the repository root: find the package and the sibling modules.
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,7 +27,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
-from phase1_jax.data import pipeline, vocab  # noqa: E402
+from phase1_jax.data import vocab  # noqa: E402
 from phase1_jax.training import parallel  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
 
@@ -90,10 +89,7 @@ def main():
     key, value = item.split('=')
     overrides[key] = {'True': True, 'False': False}.get(value, value)
 
-  source = pipeline.make_source(config, 'train')
-  batch = next(pipeline.train_iterator(source, batch_size=config.train.batch_size, seed=0,
-                                       epoch=0))
-  batch = {k: np.asarray(v) for k, v in batch.items()}
+  batch = perf_common.first_batch(config)
   names = args.contestants.split(',')
   runners, info = {}, {}
   # The initial weights every contestant starts from (create_train_state is seeded by config).

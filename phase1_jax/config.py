@@ -231,7 +231,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   name = get('exp_name')
   if not isinstance(name, str) or not name or '/' in name or name.strip() != name:
     raise _fail('exp_name', 'must be a non-empty name without "/" or surrounding spaces', name)
-  if get('model.scan_layers') is not None:   # None: auto, per platform
+  if get('model.scan_layers') is not None:   # None: auto, by depth
     boolean('model.scan_layers')
   boolean('model.tie_detail_head', 'model.remat',
           'train.stop_when_targets_met', 'checkpoint.async_save')

@@ -35,13 +35,15 @@ def logits_matmul(x_NxD, w_VxD):
   largest matmuls. float32 operands take plain autodiff.
   """
   if x_NxD.dtype == jnp.float32:
-    return jnp.einsum('nd,vd->nv', x_NxD, w_VxD, preferred_element_type=jnp.float32)
+    return _float32_logits(x_NxD, w_VxD)
   return _half_logits_matmul(x_NxD, w_VxD)
 
 
-@jax.custom_vjp
-def _half_logits_matmul(x_NxD, w_VxD):
+def _float32_logits(x_NxD, w_VxD):
   return jnp.einsum('nd,vd->nv', x_NxD, w_VxD, preferred_element_type=jnp.float32)
+
+
+_half_logits_matmul = jax.custom_vjp(_float32_logits)
 
 
 def _half_logits_matmul_fwd(x_NxD, w_VxD):

@@ -58,8 +58,7 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Phase1D
           block_size=m.attention.block_size or None),
       tie_detail_head=m.tie_detail_head,
       scan_layers=scan_layers(m.scan_layers, m.num_layers), remat=m.remat,
-      remat_policy=m.remat_policy,
-      rngs=rngs)
+      remat_policy=m.remat_policy, rngs=rngs)
 
 
 def _decay_mask(params):
