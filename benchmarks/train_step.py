@@ -35,7 +35,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
-from phase1_jax.training import parallel  # noqa: E402
+from phase1_jax.training import host  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
 
 VARIANTS = {
@@ -113,8 +113,9 @@ def main():
   args = parser.parse_args()
   sets = perf_common.parse_sets(args.set)
   base = perf_common.apply_overrides(config_lib.load_file(args.config), sets)
-  # As the train CLI does: before JAX starts, split a CPU host into the config's devices.
-  cpu_devices = None if args.one_device else parallel.configure_cpu_devices(base)
+  # As the train CLI does: before JAX starts, keep freed host memory (host.py) and split a CPU
+  # host into the config's devices.
+  cpu_devices = host.prepare(base, split_cpu=not args.one_device)
   backend = jax.default_backend()
   names = (args.variants or DEFAULT_VARIANTS.get(backend, DEFAULT_VARIANTS['gpu'])).split(',')
   per_timing = args.steps_per_timing or DEFAULT_STEPS_PER_TIMING.get(backend, 10)
@@ -150,6 +151,7 @@ def main():
   results = {'config': args.config, 'overrides': sets, 'device': jax.devices()[0].device_kind,
              'backend': backend, 'device_count': jax.device_count(),
              'cpu_devices': cpu_devices,
+             'keep_freed_host_memory': base.parallel.keep_freed_host_memory,
              'jax_version': jax.__version__, 'batch_size': base.train.batch_size,
              'seq_len': base.data.max_seq_len, 'positions_per_batch': positions,
              'real_tokens_per_batch': int(batch['target_mask'].sum()),

@@ -6,16 +6,26 @@
 Four contestants on the same batch: PyTorch eager float32, ours float32, PyTorch CPU autocast
 bfloat16, ours bfloat16 (float32 master weights). Each is warmed up, then they run interleaved
 round by round (A B C D A B C D ...) so that machine noise hits all alike; a short pause between
-contestants lets the other framework's spinning worker threads go idle. Reports medians, the
-spread (max - min) / median, tokens/s (all B x T positions), achieved FLOP/s from the analytic
-count (perf_common.py; identical for both: same shapes, same matmuls) and MFU against XLA's
-float32 / bfloat16 2048^3 matmul, timed in the same rounds. Writes
+contestants lets the other framework's spinning worker threads go idle.
+
+Each framework runs in the process a user would run it in. Ours runs in this process, set up as
+the train CLI sets up its own (host.prepare: per-core CPU devices, glibc malloc keeping freed
+memory). PyTorch runs in a worker process of its own with glibc's malloc defaults, as a PyTorch
+user runs it; `torchkeep_<dtype>` contestants run it in a second worker with the same malloc
+setting as ours (host.keep_freed_memory), to show what that setting does for PyTorch. The
+worker's steps are timed here like ours, the pipe's round trip included.
+
+Reports medians, the spread (max - min) / median, tokens/s (all B x T positions), achieved
+FLOP/s from the analytic count (perf_common.py; identical for both: same shapes, same matmuls)
+and MFU against XLA's float32 / bfloat16 2048^3 matmul, timed in the same rounds. Writes
 benchmarks/results/vs_pytorch_<device>.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -28,12 +38,14 @@ import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
 from phase1_jax.data import vocab  # noqa: E402
-from phase1_jax.training import parallel  # noqa: E402
+from phase1_jax.training import host  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
 
 CONTESTANTS = ('torch_float32', 'jax_float32', 'torch_bfloat16', 'jax_bfloat16')
 # Also accepted: jax1_float32 / jax1_bfloat16, ours on one device (the trainer's layout on a CPU
-# host is data parallel over one device per core, parallel.cpu_devices).
+# host is data parallel over one device per core, parallel.cpu_devices), and torchkeep_float32 /
+# torchkeep_bfloat16, PyTorch with host.keep_freed_memory's malloc setting.
+TORCH_WORKERS = {'torch': False, 'torchkeep': True}   # contestant prefix -> keep freed memory
 PAUSE_S = 0.05
 
 
@@ -72,6 +84,55 @@ def torch_runner(config, autocast_bf16, batch, jax_params):
                                         'torch_threads': torch.get_num_threads()}
 
 
+def initial_params(config):
+  """The initial weights every contestant starts from (create_train_state is seeded by config)."""
+  _, initial = state_lib.create_train_state(config, state_lib.make_optimizer(config, 1000)[0])
+  return initial.params['model']
+
+
+class TorchWorker:
+  """PyTorch contestants in a process of their own (see the module docstring). The process runs
+  this script with --worker and answers each contestant name on its stdin with one step's loss."""
+
+  def __init__(self, config_path, names, keep_freed_memory):
+    command = [sys.executable, os.path.abspath(__file__), '--config', config_path,
+               '--worker', ','.join(names)] + (['--worker_keep_freed_memory'] * keep_freed_memory)
+    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True)
+    self.info = json.loads(self._reply())
+
+  def _reply(self) -> str:
+    for line in self.process.stdout:   # libraries may print; replies carry a prefix
+      if line.startswith(_REPLY):
+        return line[len(_REPLY):]
+    raise SystemExit(f'PyTorch worker exited with status {self.process.wait()}')
+
+  def runner(self, name):
+    def run():
+      self.process.stdin.write(name + '\n')
+      self.process.stdin.flush()
+      return float(self._reply())
+    return run, self.info[name]
+
+
+_REPLY = 'WORKER '
+
+
+def serve_torch(config_path, names, keep_freed_memory):
+  """The --worker side of TorchWorker."""
+  if keep_freed_memory:
+    host.keep_freed_memory()
+  config = config_lib.load_file(config_path)
+  batch, params = perf_common.first_batch(config), initial_params(config)
+  runners, info = {}, {}
+  for name in names:
+    runners[name], info[name] = torch_runner(config, name.endswith('bfloat16'), batch, params)
+    info[name]['keep_freed_host_memory'] = keep_freed_memory
+  print(_REPLY + json.dumps(info), flush=True)
+  for line in sys.stdin:
+    print(f'{_REPLY}{runners[line.strip()]()!r}', flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', default='configs/bench_cpu.py')
@@ -80,10 +141,19 @@ def main():
   parser.add_argument('--contestants', default=','.join(CONTESTANTS))
   parser.add_argument('--jax_overrides', default='',
                       help='model fields for our side, e.g. scan_layers=True,remat=True')
+  parser.add_argument('--jax_malloc_defaults', action='store_true',
+                      help="our process leaves glibc's malloc at its defaults "
+                           '(parallel.keep_freed_host_memory=False)')
+  parser.add_argument('--worker', help=argparse.SUPPRESS)
+  parser.add_argument('--worker_keep_freed_memory', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.worker:
+    return serve_torch(args.config, args.worker.split(','), args.worker_keep_freed_memory)
   config = config_lib.load_file(args.config)
-  # As the train CLI does: before JAX starts, split a CPU host into the config's devices.
-  cpu_devices = parallel.configure_cpu_devices(config)
+  config.parallel.keep_freed_host_memory = not args.jax_malloc_defaults
+  # As the train CLI does: before JAX starts, keep freed host memory and split a CPU host into
+  # the config's devices.
+  cpu_devices = host.prepare(config)
   overrides = {}
   for item in filter(None, args.jax_overrides.split(',')):
     key, value = item.split('=')
@@ -92,16 +162,17 @@ def main():
   batch = perf_common.first_batch(config)
   names = args.contestants.split(',')
   runners, info = {}, {}
-  # The initial weights every contestant starts from (create_train_state is seeded by config).
-  _, initial = state_lib.create_train_state(config, state_lib.make_optimizer(config, 1000)[0])
-  jax_params = initial.params['model']
+  workers = {prefix: TorchWorker(args.config, [n for n in names if n.split('_')[0] == prefix],
+                                 keep)
+             for prefix, keep in TORCH_WORKERS.items()
+             if any(n.split('_')[0] == prefix for n in names)}
   for name in names:
     framework, dtype = name.split('_')
-    if framework in ('jax', 'jax1'):
+    if framework in workers:
+      runners[name], info[name] = workers[framework].runner(name)
+    else:
       runners[name], info[name] = jax_runner(args.config, dtype, batch, overrides,
                                              one_device=framework == 'jax1')
-    else:
-      runners[name], info[name] = torch_runner(config, dtype == 'bfloat16', batch, jax_params)
   counts = {info[n]['params'] for n in names}
   if len(counts) != 1:
     raise SystemExit(f'parameter counts differ: { {n: info[n]["params"] for n in names} }')
@@ -133,6 +204,7 @@ def main():
              'backend': jax.default_backend(), 'cpu_count': os.cpu_count(),
              'jax_version': jax.__version__, 'jax_overrides': overrides,
              'cpu_devices': cpu_devices, 'device_count': jax.device_count(),
+             'keep_freed_host_memory': config.parallel.keep_freed_host_memory,
              'positions_per_batch': positions,
              'real_tokens_per_batch': int(batch['target_mask'].sum()),
              'train_step_flops': flops, 'xla_matmul_peak': peaks, 'contestants': {}}

@@ -13,7 +13,7 @@ from ml_collections import config_flags
 from phase1_jax import config as config_lib
 from phase1_jax.config import ConfigError
 from phase1_jax.data.pipeline import DataError
-from phase1_jax.training import faults, parallel
+from phase1_jax.training import faults, host
 from phase1_jax.training.checkpoint import CheckpointError
 from phase1_jax.training.loop import train_and_evaluate
 
@@ -30,7 +30,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     config_lib.validate(_CONFIG.value)
-    parallel.configure_cpu_devices(_CONFIG.value)   # before anything starts JAX's backends
+    host.prepare(_CONFIG.value)   # before anything starts JAX's backends
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except faults.Preempted as e:  # checkpoint committed; a distinct status says "resubmit me"
     print(f'preempted: {e}', file=sys.stderr)

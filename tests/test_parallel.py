@@ -123,37 +123,3 @@ def test_two_processes_train_and_checkpoint(tmp_path):
   assert os.path.isdir(workdir / 'checkpoints' / '8')
   results = json.load(open(workdir / 'evaluation_results.json'))
   assert results['checkpoint_step'] == 8
-
-
-@pytest.mark.parametrize('cpu_devices, batch, cores, want', [
-    (0, 32, 2, 2), (0, 32, 12, 8), (0, 9, 2, 1), (0, 12, 8, 6), (3, 32, 2, 3), (1, 32, 8, 1)])
-def test_cpu_device_count(cpu_devices, batch, cores, want):
-  """0: the most devices up to the core count that the batch divides by; else as configured."""
-  config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
-  config.parallel.cpu_devices, config.train.batch_size = cpu_devices, batch
-  assert parallel.cpu_device_count(config, cores) == want
-
-
-_CONFIGURE = """
-import jax, sys
-from phase1_jax import config as config_lib
-from phase1_jax.training import parallel
-config = config_lib.load_file('configs/tiny.py')
-config.parallel.cpu_devices = 3
-first = parallel.configure_cpu_devices(config)
-count = jax.device_count()
-config.parallel.cpu_devices = 2
-print('RESULT', first, count, parallel.configure_cpu_devices(config), jax.device_count())
-"""
-
-
-@pytest.mark.parametrize('xla_flags, want', [('', 'RESULT 3 3 None 3'),
-                                                (EIGHT, 'RESULT None 8 None 8')])
-def test_configure_cpu_devices_before_jax_starts(xla_flags, want):
-  """Splits the CPU host as configured, unless XLA_FLAGS already forces a device count; once
-  the backend is up it changes nothing."""
-  env = {**os.environ, 'XLA_FLAGS': xla_flags, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.run([sys.executable, '-c', _CONFIGURE], capture_output=True, text=True,
-                        cwd=REPO, env=env, timeout=120)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.strip().splitlines()[-1].startswith(want), proc.stdout

@@ -14,15 +14,11 @@
 Both wrap the same pure `step.train_step`. Checkpoints hold the unreplicated state, so a run
 saved in one mode or mesh restores in another.
 
-On a CPU host, `configure_cpu_devices` (called by the train CLI before JAX starts) splits the
-machine into `config.parallel.cpu_devices` devices, by default one per core: data parallelism
-over per-core devices beat one device using all cores through XLA's intra-op threads (measured
-on 2 cores: README, "Train-step performance").
+On a CPU host, the train CLI first splits the machine into per-core devices (host.py).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import ml_collections
@@ -51,32 +47,6 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     return
   jax.distributed.initialize(coordinator_address=p.coordinator_address,
                              num_processes=p.num_processes, process_id=p.process_id)
-
-
-def cpu_device_count(config: ml_collections.ConfigDict, cores: int) -> int:
-  """CPU devices for this config: `parallel.cpu_devices`, or (0) the most devices up to `cores`
-  that the per-process batch splits evenly over."""
-  p = config.parallel
-  if p.cpu_devices:
-    return p.cpu_devices
-  local_batch = config.train.batch_size // max(p.num_processes, 1)
-  return max(d for d in range(1, cores + 1) if local_batch % d == 0)
-
-
-def configure_cpu_devices(config: ml_collections.ConfigDict) -> int | None:
-  """Splits a CPU host into `cpu_device_count` devices (jax_num_cpu_devices): on CPU, data
-  parallelism over one device per core runs the train step faster than one device whose ops
-  each spread over all cores. Only affects the CPU backend; must run before JAX initializes its
-  backends. Leaves the devices alone (returns None) when XLA_FLAGS already forces a host device
-  count, or when the backends are already up (a notebook, a test)."""
-  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
-    return None
-  count = cpu_device_count(config, len(os.sched_getaffinity(0)))
-  try:
-    jax.config.update('jax_num_cpu_devices', count)
-  except RuntimeError:   # backends already initialized: keep their devices
-    return None
-  return count
 
 
 def fsdp_spec(shape, fsdp: int) -> P:
