@@ -19,7 +19,8 @@ Each operation is put in one category, from its kernel or HLO opcode and the sha
   reduction      other reductions (norm statistics, bias gradients, partial sums)
   other          the remaining elementwise work (norms, GELU, dropout, masks, the optimizer)
 
-Prints the categories and the top operations, with the JAX op each came from (HLO metadata), and
+Prints the categories and the top operations, with the JAX op each came from (HLO metadata), on
+a CPU host with several devices each device's time per step (`device_balance`), and
 writes benchmarks/results/profile_<device>_<config>[_<tag>].json; the raw trace (Perfetto /
 TensorBoard) stays in --trace_dir.
 """
@@ -103,6 +104,43 @@ def device_events(trace_events, module_names):
       yield e
 
 
+def device_balance(events, is_collective) -> list[dict]:
+  """Per step (the runtime's run_id) of a multi-device CPU host, per device: its operations' time
+  outside collectives, its time in collectives (which includes waiting for the slowest device),
+  and how many of its operations ran on a thread that ran mostly another device's operations that
+  step. XLA:CPU runs all devices' operations on one intra-op thread pool and splits operations
+  over it, which is what these figures measure (README, "Train-step performance")."""
+  steps = collections.defaultdict(list)
+  for e in events:
+    if 'device_ordinal' in e['args'] and 'run_id' in e['args']:
+      steps[e['args']['run_id']].append(e)
+  rows = []
+  for run_id, step_events in steps.items():
+    thread_time = collections.defaultdict(collections.Counter)
+    for e in step_events:
+      thread_time[e['tid']][e['args']['device_ordinal']] += e['dur']
+    if len({device for times in thread_time.values() for device in times}) < 2:
+      continue
+    owner = {tid: times.most_common(1)[0][0] for tid, times in thread_time.items()}
+    devices = collections.defaultdict(lambda: {'ops_ms': 0.0, 'collective_ms': 0.0, 'ops': 0,
+                                               'ops_on_other_threads': 0})
+    for e in step_events:
+      row = devices[e['args']['device_ordinal']]
+      row['collective_ms' if is_collective(e['name']) else 'ops_ms'] += e['dur'] / 1e3
+      row['ops'] += 1
+      row['ops_on_other_threads'] += owner[e['tid']] != e['args']['device_ordinal']
+    rows.append({'run_id': run_id, 'devices': dict(sorted(devices.items()))})
+  return rows
+
+
+def print_device_balance(rows: list[dict]) -> None:
+  for step, row in enumerate(rows):
+    print(f'  step {step}: ' + '; '.join(
+        f'device {device}: ops {d["ops_ms"]:.0f} ms, collectives {d["collective_ms"]:.0f} ms, '
+        f'{d["ops_on_other_threads"]} of {d["ops"]} ops on another device\'s thread'
+        for device, d in row['devices'].items()))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', default='configs/small.py')
@@ -159,6 +197,12 @@ def main():
                   'output_dims': instruction[1] if instruction else []})
   total = sum(categories.values())
   backend = jax.default_backend()
+  balance = []
+  if backend == 'cpu' and jax.device_count() > 1 and not args.one_device:
+    balance = device_balance(
+        device_events(trace, {module, f'{module}.1'}),
+        lambda name: categorize(name, instructions.get(re.sub(r'[.\-]', '_', name)),
+                                **sizes) == 'collective')
   print(f'{args.config} on {jax.devices()[0].device_kind} ({info["layout"]}): '
         f'{wall * 1e3:.1f} ms per step (wall, while tracing), {total:.1f} ms of device '
         f'operations per step{" over all devices" if backend == "cpu" else ""}')
@@ -168,13 +212,16 @@ def main():
   for row in top:
     print(f'{row["ms_per_step"]:8.3f} {row["count_per_step"]:6.0f}  {row["category"]:<15} '
           f'{row["op"][:34]:<34} {row["jax_op"][:40]} {row["output_dims"][:2]}')
+  if balance:
+    print('per device and step (the all-reduce waits for the slowest device):')
+    print_device_balance(balance)
   stem = os.path.splitext(os.path.basename(args.config))[0] + (f'_{args.tag}' if args.tag else '')
   perf_common.write_results(
       {'config': args.config, 'overrides': perf_common.parse_sets(args.set),
        'device': jax.devices()[0].device_kind, 'backend': backend, 'layout': info['layout'],
        'jax_version': jax.__version__, 'steps': args.steps, 'wall_ms_per_step': wall * 1e3,
        'device_ms_per_step': total, 'categories_ms_per_step': dict(categories), 'top': top,
-       'trace': path},
+       'device_balance': balance, 'trace': path},
       f'profile_{perf_common.device_name()}_{stem}')
 
 
