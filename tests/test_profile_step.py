@@ -34,3 +34,22 @@ def test_hlo_instructions_and_categories():
   # A vocabulary as wide as another layer is ambiguous: the caller passes vocab=None.
   assert profile_step.categorize('loop_subtract_fusion_2', ins['loop_subtract_fusion_2'],
                                  vocab=None, seq=256, patches=64) == 'other'
+
+
+def test_device_balance_per_step_and_device():
+  def op(name, device, tid, dur_us, run_id='7'):
+    return {'name': name, 'tid': tid, 'dur': dur_us,
+            'args': {'device_ordinal': device, 'run_id': run_id, 'hlo_op': name}}
+  events = [
+      # Thread 1 runs device 0's ops, and one of device 1's; thread 2 runs device 1's.
+      op('ynn_fusion.1', '0', 1, 500_000), op('ynn_fusion.1', '1', 2, 600_000),
+      op('add_fusion.3', '0', 1, 100_000), op('add_fusion.3', '1', 1, 50_000),
+      op('all-reduce.2', '0', 1, 250_000), op('all-reduce.2', '1', 2, 4_000),
+      # A one-device step (the optimizer's scalars, say) is left out.
+      op('add_fusion.3', '0', 1, 9_000, run_id='8'),
+  ]
+  rows = profile_step.device_balance(events, lambda name: name.startswith('all-reduce'))
+  assert len(rows) == 1 and rows[0]['run_id'] == '7'
+  assert rows[0]['devices'] == {
+      '0': {'ops_ms': 600.0, 'collective_ms': 250.0, 'ops': 3, 'ops_on_other_threads': 0},
+      '1': {'ops_ms': 650.0, 'collective_ms': 4.0, 'ops': 3, 'ops_on_other_threads': 1}}
