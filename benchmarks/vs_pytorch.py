@@ -52,8 +52,7 @@ PAUSE_S = 0.05
 def jax_runner(config_path, dtype, batch, overrides, one_device=False):
   config = config_lib.load_file(config_path)
   config.model.compute_dtype = dtype
-  for key, value in overrides.items():
-    config.model[key] = value
+  perf_common.apply_overrides(config, overrides)
   compiled, state, batch, info = perf_common.compile_train_step(config, batch,
                                                                 one_device=one_device)
   box = {'state': state}
@@ -139,8 +138,9 @@ def main():
   parser.add_argument('--repeats', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--contestants', default=','.join(CONTESTANTS))
-  parser.add_argument('--jax_overrides', default='',
-                      help='model fields for our side, e.g. scan_layers=True,remat=True')
+  parser.add_argument('--set', action='append', default=[],
+                      help='config override a.b=value for our side only, e.g. '
+                           'model.remat=True (the model must stay the twin of PyTorch\'s)')
   parser.add_argument('--jax_malloc_defaults', action='store_true',
                       help="our process leaves glibc's malloc at its defaults "
                            '(parallel.keep_freed_host_memory=False)')
@@ -154,10 +154,7 @@ def main():
   # As the train CLI does: before JAX starts, keep freed host memory and split a CPU host into
   # the config's devices.
   cpu_devices = host.prepare(config)
-  overrides = {}
-  for item in filter(None, args.jax_overrides.split(',')):
-    key, value = item.split('=')
-    overrides[key] = {'True': True, 'False': False}.get(value, value)
+  overrides = perf_common.parse_sets(args.set)
 
   batch = perf_common.first_batch(config)
   names = args.contestants.split(',')
