@@ -180,15 +180,16 @@ def main():
   other_widths = {m.d_model, m.mlp_dim, 2 * m.d_model, 3 * m.d_model}
   sizes = dict(vocab=None if m.vocab_size in other_widths else m.vocab_size,
                seq=config.data.max_seq_len, patches=config.data.grid_rows * config.data.grid_cols)
+  events = list(device_events(trace, {module, f'{module}.1'}))
   per_op, count = collections.Counter(), collections.Counter()
-  for e in device_events(trace, {module, f'{module}.1'}):
+  for e in events:
     per_op[e['name']] += e['dur'] / 1e3 / args.steps    # trace durations are microseconds
     count[e['name']] += 1 / args.steps
-  categories = collections.Counter()
+  categories, category_of = collections.Counter(), {}
   top = []
   for name, ms in per_op.most_common():
     instruction = instructions.get(re.sub(r'[.\-]', '_', name))
-    category = categorize(name, instruction, **sizes)
+    category = category_of[name] = categorize(name, instruction, **sizes)
     categories[category] += ms
     if len(top) < args.top:
       top.append({'op': name, 'category': category, 'ms_per_step': ms,
@@ -199,10 +200,7 @@ def main():
   backend = jax.default_backend()
   balance = []
   if backend == 'cpu' and jax.device_count() > 1 and not args.one_device:
-    balance = device_balance(
-        device_events(trace, {module, f'{module}.1'}),
-        lambda name: categorize(name, instructions.get(re.sub(r'[.\-]', '_', name)),
-                                **sizes) == 'collective')
+    balance = device_balance(events, lambda name: category_of[name] == 'collective')
   print(f'{args.config} on {jax.devices()[0].device_kind} ({info["layout"]}): '
         f'{wall * 1e3:.1f} ms per step (wall, while tracing), {total:.1f} ms of device '
         f'operations per step{" over all devices" if backend == "cpu" else ""}')
