@@ -23,8 +23,9 @@ def prepare(config: ml_collections.ConfigDict, split_cpu: bool = True) -> int | 
   """The train CLI's host setup: `keep_freed_memory` (if configured), then (with `split_cpu`)
   `configure_cpu_devices`. Returns the CPU device count set, or None.
 
-  The evaluate and generate CLIs do without it: they run one device, and evaluation ran 1.1x
-  slower with the malloc setting (README, "Train-step performance")."""
+  The evaluate and generate CLIs do without it: they run one device, and evaluation (mostly
+  compiles, which the malloc setting slows, about 1.2x) ran 1.1x slower with it (README,
+  "Train-step performance")."""
   if config.parallel.keep_freed_host_memory:
     keep_freed_memory()
   return configure_cpu_devices(config) if split_cpu else None
