@@ -112,7 +112,7 @@ def device_balance(events, is_collective) -> list[dict]:
   over it, which is what these figures measure (README, "Train-step performance")."""
   steps = collections.defaultdict(list)
   for e in events:
-    if 'device_ordinal' in e['args'] and 'run_id' in e['args']:
+    if 'device_ordinal' in e.get('args', {}) and 'run_id' in e['args']:
       steps[e['args']['run_id']].append(e)
   rows = []
   for run_id, step_events in steps.items():
@@ -198,9 +198,8 @@ def main():
                   'output_dims': instruction[1] if instruction else []})
   total = sum(categories.values())
   backend = jax.default_backend()
-  balance = []
-  if backend == 'cpu' and jax.device_count() > 1 and not args.one_device:
-    balance = device_balance(events, lambda name: category_of[name] == 'collective')
+  # Empty with one device (device_balance keeps steps of two or more) and on GPUs (no ordinals).
+  balance = device_balance(events, lambda name: category_of[name] == 'collective')
   print(f'{args.config} on {jax.devices()[0].device_kind} ({info["layout"]}): '
         f'{wall * 1e3:.1f} ms per step (wall, while tracing), {total:.1f} ms of device '
         f'operations per step{" over all devices" if backend == "cpu" else ""}')

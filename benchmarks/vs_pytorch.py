@@ -159,10 +159,10 @@ def main():
   batch = perf_common.first_batch(config)
   names = args.contestants.split(',')
   runners, info = {}, {}
-  workers = {prefix: TorchWorker(args.config, [n for n in names if n.split('_')[0] == prefix],
-                                 keep)
-             for prefix, keep in TORCH_WORKERS.items()
-             if any(n.split('_')[0] == prefix for n in names)}
+  torch_names = {prefix: [n for n in names if n.split('_')[0] == prefix]
+                 for prefix in TORCH_WORKERS}
+  workers = {prefix: TorchWorker(args.config, torch_names[prefix], keep)
+             for prefix, keep in TORCH_WORKERS.items() if torch_names[prefix]}
   for name in names:
     framework, dtype = name.split('_')
     if framework in workers:
