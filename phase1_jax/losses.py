@@ -3,12 +3,15 @@
 Pure functions of arrays, all in float32. Shapes: B batch, T positions, V vocab, C semantic
 classes, E element types, D model width, N = B*T.
 
-The detail head's logits are either given whole (`outputs['detail_logits']`, B x T x V) or, for
-large vocabularies, as the final states and the head's weights (`detail_hidden`, `detail_weight`,
-optional `detail_bias`): then `chunked_logsumexp` walks the vocabulary `vocab_chunk_size` entries
-at a time and no B x T x V array is ever built, forward or backward. Every term needs only three
-things per position: the log-sum-exp over the vocabulary, the target's logit, and the open-tag
-tokens' logits (p(tag) = exp(logit_tag - lse)), and the last two are row gathers of the weight.
+The detail head arrives either as its logits (`outputs['detail_logits']`, B x T x V: evaluation)
+or, as training computes it, as the final states and the head's weights (`detail_hidden`,
+`detail_weight`, optional `detail_bias`). Every term needs only three things per position: the
+log-sum-exp over the vocabulary, the target's logit, and the open-tag tokens' logits
+(p(tag) = exp(logit_tag - lse)). From the states, the tags' logits are a small matmul with their
+own weight rows, so the N x V gradient holds only the softmax and the target terms and fuses into
+one pass; with `vocab_chunk_size` > 0, `chunked_logsumexp` walks the vocabulary that many entries
+at a time and no B x T x V array is ever built, forward or backward (the target's logit is then a
+row gather too).
 
 `axis_name` (inside pmap/shard_map over a data axis): each device holds part of the global
 batch. Every mean then divides the device's local sum by the *global* count (a psum of the
@@ -83,36 +86,61 @@ def chunked_logsumexp(h_NxD, weight_VxD, bias_V=None, *, chunk_size: int):
 
 
 @jax.custom_vjp
-def nll_and_tag_logprobs(logits_NxV, targets_N, tag_ids_E):
-  """(-log softmax(logits)[n, targets[n]] [N], log softmax(logits)[:, tag_ids] [N, E]), float32.
+def logsumexp_and_pick(logits_NxV, ids_N):
+  """(logsumexp_v logits[n, v], logits[n, ids[n]]), float32 [N] each.
 
-  The same values as indexing jax.nn.log_softmax, with a backward pass that writes the logits'
-  gradient in one elementwise pass, softmax * (g_nll - sum_e g_tag) - g_nll at the target + g_tag
-  at the tag columns, where autodiff of log_softmax and two gathers materializes a zero-filled
-  N x V buffer, scatters into it and adds several N x V float32 terms. Measured on the
-  configs/default.py step: 1.02x on an H200 (bfloat16), neutral on CPU (float32).
+  The backward writes the logits' gradient in one elementwise pass, softmax * g_lse + g_pick at
+  column ids[n], with nothing else in the N x V cotangent (no scatter), so XLA fuses it with
+  whatever consumes it: in half precision, the cast to the head's dtype (logits_matmul's
+  backward). Plain autodiff of logsumexp and a gather materializes a zero-filled N x V buffer,
+  scatters into it and adds several N x V float32 terms.
   """
-  return _nll_and_tag_logprobs_fwd(logits_NxV, targets_N, tag_ids_E)[0]
+  return _logsumexp_and_pick_fwd(logits_NxV, ids_N)[0]
 
 
-def _nll_and_tag_logprobs_fwd(logits_NxV, targets_N, tag_ids_E):
-  lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
-  target_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
-  tags_NxE = logits_NxV[:, tag_ids_E] - lse_N[:, None]
-  return (lse_N - target_N, tags_NxE), (logits_NxV, lse_N, targets_N, tag_ids_E)
+def logsumexp_one_pass(x_NxV):
+  """logsumexp over the last axis in one read of x: a single reduction of (running max, sum of
+  exp(x - running max)) pairs, where jax.nn.logsumexp reads x twice (max, then the sum). [N]
+
+  For the N x V float32 logits on a GPU, where the passes are memory-bound: 1.016x on the
+  configs/default.py step (H100, interleaved A/B). On CPU, where the extra exp of each combine
+  costs more than the read, jax.nn.logsumexp measured 1.07x faster (configs/bench_cpu.py)."""
+  def combine(a, b):
+    m = jnp.maximum(a[0], b[0])
+    return m, a[1] * jnp.exp(a[0] - m) + b[1] * jnp.exp(b[0] - m)
+  # A finite initial max: exp(init - init) must be 1, not exp(-inf + inf) = nan.
+  init = (jnp.float32(jnp.finfo(jnp.float32).min), jnp.float32(0))
+  m_N, s_N = jax.lax.reduce((x_NxV, jnp.ones_like(x_NxV)), init, combine, (x_NxV.ndim - 1,))
+  return m_N + jnp.log(s_N)
 
 
-def _nll_and_tag_logprobs_bwd(residuals, cotangents):
-  logits_NxV, lse_N, targets_N, tag_ids_E = residuals
-  g_nll_N, g_tags_NxE = cotangents
-  softmax_scale_N = g_nll_N - g_tags_NxE.sum(axis=-1)
-  ids_NxV = jax.lax.broadcasted_iota(targets_N.dtype, logits_NxV.shape, 1)
-  g_NxV = (jnp.exp(logits_NxV - lse_N[:, None]) * softmax_scale_N[:, None]
-           - jnp.where(ids_NxV == targets_N[:, None], g_nll_N[:, None], 0.0))
-  return g_NxV.at[:, tag_ids_E].add(g_tags_NxE), None, None
+def _logsumexp_and_pick_fwd(logits_NxV, ids_N):
+  if jax.default_backend() == 'cpu':
+    lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
+  else:
+    lse_N = logsumexp_one_pass(logits_NxV)
+  picked_N = jnp.take_along_axis(logits_NxV, ids_N[:, None], axis=-1)[:, 0]
+  return (lse_N, picked_N), (logits_NxV, lse_N, ids_N)
 
 
-nll_and_tag_logprobs.defvjp(_nll_and_tag_logprobs_fwd, _nll_and_tag_logprobs_bwd)
+def _logsumexp_and_pick_bwd(residuals, cotangents):
+  logits_NxV, lse_N, ids_N = residuals
+  g_lse_N, g_picked_N = cotangents
+  cols_NxV = jax.lax.broadcasted_iota(ids_N.dtype, logits_NxV.shape, 1)
+  g_NxV = (jnp.exp(logits_NxV - lse_N[:, None]) * g_lse_N[:, None]
+           + jnp.where(cols_NxV == ids_N[:, None], g_picked_N[:, None], 0.0))
+  return g_NxV, None
+
+
+logsumexp_and_pick.defvjp(_logsumexp_and_pick_fwd, _logsumexp_and_pick_bwd)
+
+
+def _row_logits(h_NxD, weight_VxD, bias_V, ids_K):
+  """Logits of the K vocabulary ids at every row, float32 [N, K]: h against K gathered weight
+  rows (a small matmul; its gradient never touches an N x V array)."""
+  logits_NxK = jnp.einsum('nd,kd->nk', h_NxD, weight_VxD[ids_K],
+                          preferred_element_type=jnp.float32)
+  return logits_NxK if bias_V is None else logits_NxK + bias_V.astype(jnp.float32)[ids_K]
 
 
 def _target_logits(h_NxD, weight_VxD, bias_V, ids_N):
@@ -125,28 +153,30 @@ def _target_logits(h_NxD, weight_VxD, bias_V, ids_N):
 def detail_terms(outputs, targets_BxT, element_token_ids_E, vocab_chunk_size: int = 0):
   """(nll_BxT, element-tag log-probabilities BxTxE) of the detail head, float32.
 
-  From `detail_logits` when the outputs hold them; else chunked from `detail_hidden` and
-  `detail_weight` (and `detail_bias`) with `vocab_chunk_size` (see module docstring).
+  From `detail_logits` when the outputs hold them (evaluation). Else from `detail_hidden` and
+  `detail_weight` (and `detail_bias`), as training computes them: the logits whole, or with
+  `vocab_chunk_size` > 0 over vocabulary chunks (see module docstring); the tags' logits come
+  from their own weight rows, so their gradient stays out of the N x V cotangent.
   """
+  b, t = targets_BxT.shape
+  targets_N = targets_BxT.reshape(b * t)
   if 'detail_logits' in outputs:
-    logits_BxTxV = outputs['detail_logits'].astype(jnp.float32)
-    b, t, v = logits_BxTxV.shape
-    nll_N, tags_NxE = nll_and_tag_logprobs(logits_BxTxV.reshape(b * t, v),
-                                           targets_BxT.reshape(b * t), element_token_ids_E)
-    return nll_N.reshape(b, t), tags_NxE.reshape(b, t, -1)
-  if vocab_chunk_size <= 0:
-    raise ValueError('vocab_chunk_size: must be positive when outputs hold detail_hidden '
-                     'instead of detail_logits')
-  h_BxTxD, w_VxD = outputs['detail_hidden'], outputs['detail_weight']
-  bias_V = outputs.get('detail_bias')
-  b, t, d = h_BxTxD.shape
-  h_NxD = h_BxTxD.reshape(b * t, d).astype(w_VxD.dtype)
-  lse_N = chunked_logsumexp(h_NxD, w_VxD, bias_V, chunk_size=vocab_chunk_size)
-  target_N = _target_logits(h_NxD, w_VxD, bias_V, targets_BxT.reshape(b * t))
-  tags_NxE = jnp.einsum('nd,ed->ne', h_NxD, w_VxD[element_token_ids_E],
-                        preferred_element_type=jnp.float32)
-  if bias_V is not None:
-    tags_NxE = tags_NxE + bias_V.astype(jnp.float32)[element_token_ids_E]
+    logits_NxV = outputs['detail_logits'].astype(jnp.float32).reshape(b * t, -1)
+    lse_N, target_N = logsumexp_and_pick(logits_NxV, targets_N)
+    tags_NxE = logits_NxV[:, element_token_ids_E]
+  else:
+    h_BxTxD, w_VxD = outputs['detail_hidden'], outputs['detail_weight']
+    bias_V = outputs.get('detail_bias')
+    h_NxD = h_BxTxD.reshape(b * t, -1).astype(w_VxD.dtype)
+    if vocab_chunk_size > 0:
+      lse_N = chunked_logsumexp(h_NxD, w_VxD, bias_V, chunk_size=vocab_chunk_size)
+      target_N = _target_logits(h_NxD, w_VxD, bias_V, targets_N)
+    else:
+      logits_NxV = logits_matmul(h_NxD, w_VxD)
+      if bias_V is not None:
+        logits_NxV = logits_NxV + bias_V.astype(jnp.float32)
+      lse_N, target_N = logsumexp_and_pick(logits_NxV, targets_N)
+    tags_NxE = _row_logits(h_NxD, w_VxD, bias_V, element_token_ids_E)
   return ((lse_N - target_N).reshape(b, t),
           (tags_NxE - lse_N[:, None]).reshape(b, t, -1))
 
@@ -154,8 +184,8 @@ def detail_terms(outputs, targets_BxT, element_token_ids_E, vocab_chunk_size: in
 def task_losses(outputs, batch, element_token_ids_E, vocab_chunk_size: int = 0, axis_name=None):
   """The four unweighted task losses, float32 scalars.
 
-  outputs: detail_logits_BxTxV (or detail_hidden_BxTxD + detail_weight_VxD [+ detail_bias_V] with
-    vocab_chunk_size > 0), semantic_logits_BxTxC, element_logits_BxE.
+  outputs: detail_logits_BxTxV (or detail_hidden_BxTxD + detail_weight_VxD [+ detail_bias_V]),
+    semantic_logits_BxTxC, element_logits_BxE.
   batch: targets_BxT, target_mask_BxT, semantic_labels_BxT, semantic_mask_BxT, element_labels_BxE,
     and optionally page_mask_B (False for padding pages of a short eval batch: they count nowhere).
   """

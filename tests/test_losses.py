@@ -233,7 +233,7 @@ def as_full_logits(outputs):
 
 
 @pytest.mark.parametrize('bias', [False, True])
-@pytest.mark.parametrize('chunk', [10, 16, 37, 64])
+@pytest.mark.parametrize('chunk', [0, 10, 16, 37, 64])   # 0: whole logits built by the loss
 def test_chunked_detail_loss_equals_full_logits(bias, chunk):
   outputs, batch = chunked_case(6, bias)
   weights = dict(WEIGHTS)
@@ -269,12 +269,6 @@ def test_chunked_logsumexp_matches_and_is_stable():
   np.testing.assert_allclose(got, jax.nn.logsumexp(h @ w.T, axis=-1), rtol=1e-6)
 
 
-def test_chunked_loss_without_chunk_size_raises():
-  outputs, batch = chunked_case(8, False)
-  with pytest.raises(ValueError, match='vocab_chunk_size'):
-    losses.task_losses(outputs, batch, jnp.asarray(ELEMENT_IDS))
-
-
 def test_chunked_loss_gradient_never_holds_full_logits():
   """XLA's compiled memory of loss+gradient: chunked stays far below one N x V float32 array."""
   n, d, v, chunk = 512, 16, 8192, 256
@@ -299,29 +293,71 @@ def test_chunked_loss_gradient_never_holds_full_logits():
   assert chunked < logits_bytes / 4, (chunked, logits_bytes)
 
 
-def test_nll_and_tag_logprobs_match_log_softmax_with_gradients():
-  """The fused backward gives autodiff's gradient of log_softmax + gathers, with a target that
-  is also a tag column and a tag id listed twice (both cotangents must land)."""
+def test_logsumexp_and_pick_match_autodiff_with_gradients():
+  """The one-pass backward gives autodiff's gradient of logsumexp + a gather, with large logits
+  (stability) and targets on the first and last columns."""
   rng = np.random.default_rng(17)
   n, v = 6, 11
-  logits = jnp.asarray(rng.standard_normal((n, v)) * 3, jnp.float32)
-  targets = jnp.asarray(np.r_[4, rng.integers(0, v, n - 1)], jnp.int32)
-  tag_ids = jnp.asarray([4, 7, 2, 7], jnp.int32)
-  g_nll, g_tags = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((n,), (n, 4)))
+  logits = jnp.asarray(rng.standard_normal((n, v)) * 30, jnp.float32)
+  ids = jnp.asarray(np.r_[0, v - 1, rng.integers(0, v, n - 2)], jnp.int32)
+  g_lse, g_pick = (jnp.asarray(rng.standard_normal(n), jnp.float32) for _ in range(2))
 
   def reference(logits):
-    lp = jax.nn.log_softmax(logits)
-    return -jnp.take_along_axis(lp, targets[:, None], axis=-1)[:, 0], lp[:, tag_ids]
+    return (jax.nn.logsumexp(logits, axis=-1),
+            jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0])
 
   def pull(f):
     out, vjp = jax.vjp(f, logits)
-    return out, vjp((g_nll, g_tags))[0]
+    return out, vjp((g_lse, g_pick))[0]
 
-  fused = lambda x: losses.nll_and_tag_logprobs(x, targets, tag_ids)
-  (nll, tags), grad = jax.jit(lambda: pull(fused))()
-  (ref_nll, ref_tags), ref_grad = pull(reference)
-  chex.assert_shape((nll, tags, grad), ((n,), (n, 4), (n, v)))
-  chex.assert_type((nll, tags, grad), jnp.float32)
-  np.testing.assert_allclose(nll, ref_nll, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(tags, ref_tags, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-5)
+  (lse, picked), grad = jax.jit(lambda: pull(lambda x: losses.logsumexp_and_pick(x, ids)))()
+  (ref_lse, ref_picked), ref_grad = pull(reference)
+  chex.assert_shape((lse, picked, grad), ((n,), (n,), (n, v)))
+  chex.assert_type((lse, picked, grad), jnp.float32)
+  chex.assert_tree_all_finite((lse, grad))
+  np.testing.assert_allclose(lse, ref_lse, rtol=1e-6)
+  np.testing.assert_allclose(picked, ref_picked, rtol=1e-6)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_logsumexp_one_pass_matches_and_is_stable():
+  """The GPU's one-read logsumexp: large logits (no overflow), -inf entries, a V not a power of
+  two."""
+  rng = np.random.default_rng(23)
+  x = rng.standard_normal((7, 1001)).astype(np.float32) * 40
+  x[0, :500] = -np.inf
+  got = jax.jit(losses.logsumexp_one_pass)(jnp.asarray(x))
+  chex.assert_shape(got, (7,))
+  chex.assert_type(got, jnp.float32)
+  chex.assert_tree_all_finite(got)
+  np.testing.assert_allclose(got, jax.nn.logsumexp(jnp.asarray(x), axis=-1), rtol=1e-6)
+
+
+def test_detail_terms_from_states_match_log_softmax_with_gradients():
+  """Training's form (states + weights, whole logits) against log_softmax and gathers of the
+  explicit logits, values and gradients, with a target that is also a tag column and a tag id
+  listed twice (both cotangents must land on its weight row)."""
+  rng = np.random.default_rng(19)
+  b, t, d, v = 2, 3, 8, 13
+  h = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((v, d)), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(v), jnp.float32)
+  targets = jnp.asarray(np.r_[4, rng.integers(0, v, b * t - 1)].reshape(b, t), jnp.int32)
+  tag_ids = jnp.asarray([4, 7, 2, 7], jnp.int32)
+  g_nll, g_tags = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, t), (b, t, 4)))
+
+  def reference(h, w, bias):
+    lp = jax.nn.log_softmax(jnp.einsum('btd,vd->btv', h, w) + bias)
+    return -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0], lp[..., tag_ids]
+
+  def ours(h, w, bias):
+    outs = {'detail_hidden': h, 'detail_weight': w, 'detail_bias': bias}
+    return losses.detail_terms(outs, targets, tag_ids)
+
+  def pull(f):
+    out, vjp = jax.vjp(f, h, w, bias)
+    return out, vjp((g_nll, g_tags))
+
+  got, want = jax.jit(lambda: pull(ours))(), pull(reference)
+  chex.assert_shape(got[0], ((b, t), (b, t, 4)))
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)

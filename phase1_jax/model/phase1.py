@@ -8,7 +8,7 @@ from flax import nnx
 from phase1_jax.model import kv_cache
 from phase1_jax.model.decoder import SharedDecoderBackbone
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
-from phase1_jax.model.layers import Dense
+from phase1_jax.model.layers import Dense, Embed
 
 
 class Phase1Decoder(nnx.Module):
@@ -17,7 +17,7 @@ class Phase1Decoder(nnx.Module):
   __call__(features_BxPxF, feature_mask_BxP, inputs_BxT, dropout_key=None) -> dict with
     detail_logits_BxTxV, semantic_logits_BxTxC, element_logits_BxE (all float32). With
     detail_logits=False: detail_hidden_BxTxD and detail_weight_VxD (+ detail_bias_V if untied)
-    replace the detail logits, for losses.py's vocabulary-chunked cross-entropy.
+    replace the detail logits: what training's loss takes (losses.detail_terms).
   Token positions where inputs == pad_id are masked everywhere (attention keys, pooling).
   """
 
@@ -30,7 +30,7 @@ class Phase1Decoder(nnx.Module):
                remat_policy: str = 'nothing_saveable', pad_id: int = 0,
                rngs: nnx.Rngs):
     self.pad_id, self.dtype = pad_id, dtype
-    embed = lambda n: nnx.Embed(n, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    embed = lambda n: Embed(n, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.token_embed, self.position_embed = embed(vocab_size), embed(max_seq_len)
     self.feature_proj = Dense(feature_dim, d_model, dtype=dtype, param_dtype=jnp.float32,
                               rngs=rngs)
@@ -69,7 +69,7 @@ class Phase1Decoder(nnx.Module):
       outputs['detail_logits'], outputs['semantic_logits'] = self.heads(
           h_BxTxD, self.token_embed.embedding[...])
       return outputs
-    # For a vocabulary-chunked loss: the states and the head's weights, no B x T x V logits.
+    # For the training loss: the states and the head's weights; the loss makes the logits.
     weight_VxD, bias_V = self.heads.detail_weights(self.token_embed.embedding[...], self.dtype)
     outputs.update(detail_hidden=h_BxTxD, detail_weight=weight_VxD,
                    semantic_logits=self.heads.semantic_logits(h_BxTxD))

@@ -59,8 +59,9 @@ def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec, a
 
   def loss_fn(params):
     model_params = params['model'] if gather_params is None else gather_params(params['model'])
-    outputs = forward(graphdef, model_params, batch, dropout_key,
-                      detail_logits=loss_spec.vocab_chunk_size == 0)
+    # The states and head weights, not the logits: the loss builds them (or walks them in
+    # vocabulary chunks) so that their gradient fuses into one pass (losses.detail_terms).
+    outputs = forward(graphdef, model_params, batch, dropout_key, detail_logits=False)
     return loss_spec(outputs, batch, params['loss_log_vars'], axis_name)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
