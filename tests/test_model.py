@@ -532,3 +532,29 @@ def test_embed_gathers_float32_rows_and_sums_gradients_in_float32(dtype):
   want = np.eye(11)[np.asarray(ids).ravel()].T @ np.asarray(g, np.float64).reshape(-1, 8)
   chex.assert_type(got, jnp.float32)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_layer_norm_matches_nnx_with_gradients(dtype):
+  """LayerNorm (two-pass variance, column_sum gradients) against a float32 nnx.LayerNorm with
+  the same random scale and offset: output and gradients w.r.t. scale, bias and input."""
+  rng = np.random.default_rng(9)
+  ref = nnx.LayerNorm(32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  ref.scale[...] = jnp.asarray(1 + 0.3 * rng.standard_normal(32), jnp.float32)
+  ref.bias[...] = jnp.asarray(rng.standard_normal(32), jnp.float32)
+  ours = layers.LayerNorm(32, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+  nnx.update(ours, nnx.state(ref))
+  x = jnp.asarray(3 + 2 * rng.standard_normal((4, 64, 32)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((4, 64, 32)), jnp.float32)
+
+  def pull(model):
+    graphdef, params = nnx.split(model)
+    out, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x).astype(jnp.float32), params, x)
+    return out, vjp(g)
+
+  (out, grads), (ref_out, ref_grads) = pull(ours), pull(ref)
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for got, want in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((ref_out, ref_grads))):
+    chex.assert_type(got, jnp.float32)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+  chex.assert_type(ours(x), dtype)

@@ -7,7 +7,7 @@ from flax import nnx
 
 from phase1_jax.model import kv_cache
 from phase1_jax.model.attention import attend
-from phase1_jax.model.layers import Dense
+from phase1_jax.model.layers import Dense, LayerNorm
 
 
 class MultiHeadAttention(nnx.Module):
@@ -64,7 +64,7 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, dropout_rate: float, dtype,
                attention_kind: str, attention_options: dict | None = None, rngs: nnx.Rngs):
-    norm = lambda: nnx.LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    norm = lambda: LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.self_norm, self.cross_norm, self.mlp_norm = norm(), norm(), norm()
     self.self_attn = MultiHeadAttention(d_model, num_heads, cross=False, dtype=dtype, rngs=rngs)
     self.cross_attn = MultiHeadAttention(d_model, num_heads, cross=True, dtype=dtype, rngs=rngs)

@@ -8,7 +8,7 @@ from flax import nnx
 from phase1_jax.model import kv_cache
 from phase1_jax.model.decoder import SharedDecoderBackbone
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
-from phase1_jax.model.layers import Dense, Embed
+from phase1_jax.model.layers import Dense, Embed, LayerNorm
 
 
 class Phase1Decoder(nnx.Module):
@@ -34,7 +34,7 @@ class Phase1Decoder(nnx.Module):
     self.token_embed, self.position_embed = embed(vocab_size), embed(max_seq_len)
     self.feature_proj = Dense(feature_dim, d_model, dtype=dtype, param_dtype=jnp.float32,
                               rngs=rngs)
-    norm = lambda: nnx.LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    norm = lambda: LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.memory_norm, self.final_norm = norm(), norm()
     self.dropout = nnx.Dropout(dropout_rate)
     self.backbone = SharedDecoderBackbone(
