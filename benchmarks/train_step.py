@@ -151,7 +151,7 @@ def main():
   results = {'config': args.config, 'overrides': sets, 'device': jax.devices()[0].device_kind,
              'backend': backend, 'device_count': jax.device_count(),
              'cpu_devices': cpu_devices,
-             'keep_freed_host_memory': base.parallel.keep_freed_host_memory,
+             'keep_freed_host_memory': host.keeps_freed_memory(base),
              'jax_version': jax.__version__, 'batch_size': base.train.batch_size,
              'seq_len': base.data.max_seq_len, 'positions_per_batch': positions,
              'real_tokens_per_batch': int(batch['target_mask'].sum()),

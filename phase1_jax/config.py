@@ -133,7 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
   p.data = 0                    # jit: data-parallel size (0: all devices / fsdp)
   p.cpu_devices = 0             # CPU backend: split the host into this many devices (0: one per
                                 # core that the batch divides by; 1: one device on all cores)
-  p.keep_freed_host_memory = True  # train CLI, Linux: malloc keeps freed memory for the next step
+  # Train CLI, Linux: glibc malloc keeps the memory XLA:CPU frees for the next step (None: only
+  # when JAX will run on the CPU; training/host.py).
+  p.keep_freed_host_memory = config_dict.placeholder(bool)
   p.distributed = 'off'         # off | auto (TPU pods, SLURM: JAX finds the cluster) | manual
   p.coordinator_address = ''    # manual: 'host:port' of process 0
   p.num_processes = 1           # manual
@@ -234,9 +236,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise _fail('exp_name', 'must be a non-empty name without "/" or surrounding spaces', name)
   if get('model.scan_layers') is not None:   # None: auto, by depth
     boolean('model.scan_layers')
+  if get('parallel.keep_freed_host_memory') is not None:   # None: auto, by platform
+    boolean('parallel.keep_freed_host_memory')
   boolean('model.tie_detail_head', 'model.remat',
-          'train.stop_when_targets_met', 'checkpoint.async_save',
-          'parallel.keep_freed_host_memory')
+          'train.stop_when_targets_met', 'checkpoint.async_save')
   one_of('data.name', DATA_NAMES)
   if not isinstance(config.data.path, str):
     raise _fail('data.path', 'must be a directory path (a string)', config.data.path)

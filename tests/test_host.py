@@ -91,3 +91,27 @@ def test_keep_freed_memory_stops_refaulting_buffers():
   if not _transparent_huge_pages_always():   # else the defaults fault 2 MiB pages: far fewer
     _, default_faults = _faults_per_call('default')
     assert default_faults > 10_000, default_faults
+
+
+@pytest.mark.parametrize('platforms, want', [('cpu', False), ('cuda', True), ('tpu,cpu', True),
+                                             ('cpu,cuda', False)])
+def test_expects_accelerator_from_platforms(platforms, want):
+  assert host.expects_accelerator(platforms) is want
+
+
+def test_expects_accelerator_from_installed_plugins(monkeypatch):
+  """Unset platforms: this CPU-only environment has no accelerator plugin; an entry point in the
+  jax_plugins group (as jax[cuda] installs) means one."""
+  assert host.expects_accelerator('') is False
+  monkeypatch.setattr(host.importlib.metadata, 'entry_points',
+                      lambda group: ['cuda'] if group == 'jax_plugins' else [])
+  assert host.expects_accelerator('') is True
+
+
+@pytest.mark.parametrize('value, accelerator, want', [
+    (None, False, True), (None, True, False), (True, True, True), (False, False, False)])
+def test_keeps_freed_memory_auto_by_platform(monkeypatch, value, accelerator, want):
+  config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
+  config.parallel.keep_freed_host_memory = value
+  monkeypatch.setattr(host, 'expects_accelerator', lambda: accelerator)
+  assert host.keeps_freed_memory(config) is want

@@ -4,12 +4,16 @@
   devices, by default one per core: data parallelism over per-core devices beat one device using
   all cores through XLA's intra-op threads (measured on 2 cores: README, "Train-step performance").
 - Host memory: `keep_freed_memory` makes glibc's malloc keep the memory XLA:CPU frees at the end
-  of a step for the next step (`config.parallel.keep_freed_host_memory`).
+  of a step for the next step (`config.parallel.keep_freed_host_memory`; by default only where
+  JAX will run on the CPU, `keeps_freed_memory`).
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import sys
 
 import jax
@@ -26,9 +30,41 @@ def prepare(config: ml_collections.ConfigDict, split_cpu: bool = True) -> int | 
   The evaluate and generate CLIs do without it: they run one device, and evaluation (mostly
   compiles, which the malloc setting slows, about 1.2x) ran 1.1x slower with it (README,
   "Train-step performance")."""
-  if config.parallel.keep_freed_host_memory:
+  if keeps_freed_memory(config):
     keep_freed_memory()
   return configure_cpu_devices(config) if split_cpu else None
+
+
+def keeps_freed_memory(config: ml_collections.ConfigDict) -> bool:
+  """`parallel.keep_freed_host_memory`, or (None, the default) whether JAX will run on the CPU.
+
+  Why not on a GPU/TPU host: there the step's buffers live on the device, and one malloc arena
+  serializes the host threads of XLA's parallel compilation and autotuning. On an H100 host the
+  benchmark's process (with the setting) compiled the configs/default.py step in 193 s, while
+  processes without it compiled the same step in 17-34 s (README, "Train-step performance").
+  """
+  value = config.parallel.keep_freed_host_memory
+  return (not expects_accelerator()) if value is None else bool(value)
+
+
+def expects_accelerator(platforms: str | None = None) -> bool:
+  """Whether JAX will start on a GPU/TPU, told without starting a backend: `platforms` (default
+  jax_platforms, from JAX_PLATFORMS) names another platform first; or, when that is unset, an
+  accelerator plugin is installed (a jax_plugins module or entry point, as jax[cuda] installs,
+  or libtpu). A plugin without its device answers True although JAX then falls back to the CPU.
+  """
+  platforms = jax.config.jax_platforms if platforms is None else platforms
+  if platforms:
+    return platforms.split(',')[0].strip() != 'cpu'
+  if importlib.util.find_spec('libtpu') is not None:
+    return True
+  if importlib.metadata.entry_points(group='jax_plugins'):
+    return True
+  try:
+    import jax_plugins
+  except ImportError:
+    return False
+  return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
 
 
 def cpu_device_count(config: ml_collections.ConfigDict, cores: int) -> int:
