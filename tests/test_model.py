@@ -498,19 +498,23 @@ def test_dense_matches_nnx_linear_with_gradients(dtype):
   nnx.update(ours, nnx.state(ref))
   x = jnp.asarray(rng.standard_normal((4, 64, 16)), jnp.float32)
   g = jnp.asarray(rng.standard_normal((4, 64, 24)), jnp.float32)
+  grads = assert_matches_float32_reference(ours, ref, x, g, 1e-6 if dtype == jnp.float32 else 1e-2)
+  assert float(jnp.abs(grads[0]['bias'][...]).min()) > 0
 
+
+def assert_matches_float32_reference(ours, ref, x, g, tol):
+  """Output and vjp(g) w.r.t. (params, x) of module `ours` against `ref`, each leaf within
+  relative norm `tol`, all float32. Returns ours' gradients."""
   def pull(model):
     graphdef, params = nnx.split(model)
-    f = lambda p, x: nnx.merge(graphdef, p)(x).astype(jnp.float32)
-    out, vjp = jax.vjp(f, params, x)
+    out, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x).astype(jnp.float32), params, x)
     return out, vjp(g)
 
   (out, grads), (ref_out, ref_grads) = pull(ours), pull(ref)
-  tol = 1e-6 if dtype == jnp.float32 else 1e-2
   for got, want in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((ref_out, ref_grads))):
     chex.assert_type(got, jnp.float32)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
-  assert float(jnp.abs(grads[0]['bias'][...]).min()) > 0
+  return grads
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -546,15 +550,5 @@ def test_layer_norm_matches_nnx_with_gradients(dtype):
   nnx.update(ours, nnx.state(ref))
   x = jnp.asarray(3 + 2 * rng.standard_normal((4, 64, 32)), jnp.float32)
   g = jnp.asarray(rng.standard_normal((4, 64, 32)), jnp.float32)
-
-  def pull(model):
-    graphdef, params = nnx.split(model)
-    out, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x).astype(jnp.float32), params, x)
-    return out, vjp(g)
-
-  (out, grads), (ref_out, ref_grads) = pull(ours), pull(ref)
-  tol = 1e-5 if dtype == jnp.float32 else 1e-2
-  for got, want in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((ref_out, ref_grads))):
-    chex.assert_type(got, jnp.float32)
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+  assert_matches_float32_reference(ours, ref, x, g, 1e-5 if dtype == jnp.float32 else 1e-2)
   chex.assert_type(ours(x), dtype)
