@@ -135,16 +135,20 @@ def device_name() -> str:
   return 'cpu' if dev.platform == 'cpu' else dev.device_kind.replace(' ', '_').lower()
 
 
-def peak_memory_bytes(compiled) -> int | None:
-  """Compiled memory of the step (arguments + outputs + temporaries - aliased), from XLA."""
+def memory_bytes(compiled) -> dict:
+  """XLA's memory analysis of the compiled step: 'compiled_memory_bytes' (arguments + outputs +
+  temporaries - aliased: the state, the batch and every intermediate) and 'temp_memory_bytes'
+  (the intermediates alone: activations, logits, gradients before the update). None where XLA
+  reports nothing."""
   try:
     mem = compiled.memory_analysis()
   except Exception:  # noqa: BLE001
-    return None
+    mem = None
   if mem is None:
-    return None
-  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-             - mem.alias_size_in_bytes)
+    return {'compiled_memory_bytes': None, 'temp_memory_bytes': None}
+  return {'compiled_memory_bytes': int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                       + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
+          'temp_memory_bytes': int(mem.temp_size_in_bytes)}
 
 
 def compile_train_step(config, batch, *, one_device: bool = False):

@@ -16,7 +16,8 @@ once, so only unrolled variants are compared; on a GPU it reports about 0.19x of
 seemingly leaving out the matmuls handed to cuBLAS) / median step time; MFU = achieved / the
 matmul peak measured in the same run (an n^3 matmul in the variant's compute dtype, n = 2048 on
 CPU and 8192 on GPU/TPU, timed in the same interleaved rounds: median over median). Memory: XLA's
-compiled memory of the step (arguments + outputs + temporaries - donated aliases). With --depths,
+compiled memory of the step (arguments + outputs + temporaries - donated aliases), and the
+temporaries alone (the intermediates: what remat and the chunked loss cut). With --depths,
 also the compile time of scanned and unrolled stacks of each depth (layer applications over 2
 unique layers).
 Writes benchmarks/results/train_step_<device>_<config>[_<tag>].json.
@@ -73,7 +74,7 @@ def run_variant(config, batch, one_device):
   xla_flops = perf_common.xla_flops(compiled)
   return {'compiled': compiled, 'state': state, 'batch': placed, 'times': [],
           'row': {**info, 'xla_flops': xla_flops and xla_flops * info['devices'],
-                  'compiled_memory_bytes': perf_common.peak_memory_bytes(compiled),
+                  **perf_common.memory_bytes(compiled),
                   'compute_dtype': str(state_lib.compute_dtype(config.model.compute_dtype)),
                   'scan_layers': config.model.scan_layers, 'remat': config.model.remat,
                   'vocab_chunk_size': config.loss.vocab_chunk_size}}
@@ -161,7 +162,7 @@ def main():
   print(f'layout: {runs[names[0]]["row"]["layout"]}')
   flop_unit, flop_scale = perf_common.flop_unit()
   print(f'{"variant":<26} {"compile s":>9} {"median ms":>10} {"spread":>7} {"tokens/s":>9} '
-        f'{flop_unit:>8} {"MFU":>6} {"memory MiB":>10} {"XLA/analytic":>12}')
+        f'{flop_unit:>8} {"MFU":>6} {"memory MiB":>10} {"temps MiB":>9} {"XLA/analytic":>12}')
   for name in names:
     row = {**runs[name]['row'], **perf_common.stats(runs[name]['times'])}
     med = row['median_seconds']
@@ -173,11 +174,12 @@ def main():
     if row['xla_flops'] and not row['scan_layers'] and not row['vocab_chunk_size']:
       row['xla_over_analytic_flops'] = row['xla_flops'] / flops['train_step']
     results['variants'][name] = row
-    mem = row['compiled_memory_bytes']
+    mem, temps = row['compiled_memory_bytes'], row['temp_memory_bytes']
     ratio = row.get('xla_over_analytic_flops')
     print(f'{name:<26} {row["compile_seconds"]:>9.1f} {med * 1e3:>10.1f} {row["spread"]:>7.0%} '
           f'{row["tokens_per_second"]:>9,.0f} {row["flops_per_second"] / flop_scale:>8.1f} '
           f'{row["mfu"]:>6.1%} {"" if mem is None else f"{mem / 2**20:,.0f}":>10} '
+          f'{"" if temps is None else f"{temps / 2**20:,.0f}":>9} '
           f'{"" if ratio is None else f"{ratio:.3f}":>12}')
   print(perf_common.peak_line(peaks))
   depths = [int(d) for d in args.depths.split(',') if d]
