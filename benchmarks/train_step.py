@@ -56,10 +56,13 @@ VARIANTS = {
                                   'loss.vocab_chunk_size': 4096},
     'bfloat16_scan_dot_product': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': True,
                                   'model.attention.kind': 'dot_product'},
+    'bfloat16_unrolled_dense': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': False,
+                                'model.attention.kind': 'dense'},
 }
 DEFAULT_VARIANTS = {
     'cpu': 'float32_unrolled,float32_scan,bfloat16_unrolled,bfloat16_scan',
-    'gpu': 'bfloat16_unrolled,bfloat16_scan,bfloat16_unrolled_chunked,float32_unrolled',
+    'gpu': ('bfloat16_unrolled,bfloat16_scan,bfloat16_unrolled_dense,bfloat16_unrolled_chunked,'
+            'float32_unrolled'),
 }
 # Steps dispatched back to back per timing. An accelerator's step is milliseconds, so a host wait
 # after each one would time the round trip too; the trainer waits only at log intervals.

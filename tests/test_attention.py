@@ -143,25 +143,31 @@ def test_attend_unknown_kind_raises_naming_it():
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason="cuDNN's fused attention needs a GPU")
-@pytest.mark.parametrize('causal,use_mask,t,s', [(True, False, 256, 256), (True, True, 256, 256),
-                                                 (False, True, 256, 64)])
-def test_dot_product_on_gpu_calls_cudnn_and_matches_dense(causal, use_mask, t, s):
+@pytest.mark.parametrize('causal,keys,t,s', [(True, None, 256, 256), (True, 'mask', 256, 256),
+                                             (False, 'mask', 256, 64),
+                                             (True, 'lengths', 256, 256),
+                                             (False, 'lengths', 256, 64)])
+def test_dot_product_on_gpu_calls_cudnn_and_matches_dense(causal, keys, t, s):
   """On a GPU the bfloat16 `dot_product` kind is cuDNN's fused attention (the compiled gradient
   calls it, not the XLA fallback) and gives the float32 dense reference's output and gradients
-  within bfloat16 rounding, at the model's shapes (self-attention over 256, cross over 64)."""
-  rng = np.random.default_rng(t + s + 2 * causal + use_mask)
+  within bfloat16 rounding, at the model's shapes (self-attention over 256, cross over 64), with
+  a key mask or with key lengths (the model's way: no mask tensor)."""
+  rng = np.random.default_rng(t + s + 2 * causal + len(keys or ''))
   q, k, v = (jnp.asarray(rng.standard_normal((2, n, 4, 64)), jnp.float32)
              for n in (t, s, s))
-  mask = None
-  if use_mask:
+  mask, lengths = None, None
+  if keys == 'mask':
     mask = rng.random((2, s)) < 0.7
     mask[:, 0] = True
     mask = jnp.asarray(mask)
+  elif keys == 'lengths':
+    lengths = jnp.asarray([s, s // 3])
   w = jnp.asarray(rng.standard_normal((2, t, 4, 64)), jnp.float32)
 
   def out_and_grads(kind, q, k, v):
     def loss(q, k, v):
-      out = attention.attend(q, k, v, mask, causal=causal, kind=kind)
+      by_lengths = {} if lengths is None else {'kv_lengths_B': lengths}
+      out = attention.attend(q, k, v, mask, causal=causal, kind=kind, **by_lengths)
       return (out.astype(jnp.float32) * w).sum(), out
     return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)[::-1]
 

@@ -66,7 +66,8 @@ def test_attention_module_shapes(dtype):
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_decoder_layer_and_backbone_shapes(dtype):
-  args = (sds((B, T, D), dtype), sds((B, T), bool), sds((B, S, D), dtype), sds((B, S), bool))
+  lengths = sds((B,), jnp.int32)
+  args = (sds((B, T, D), dtype), lengths, sds((B, S, D), dtype), lengths)
   params, out = abstract_call(lambda: DecoderLayer(**LAYER_KW, dtype=dtype, rngs=nnx.Rngs(0)),
                               *args)
   chex.assert_shape(out, (B, T, D))
@@ -176,23 +177,25 @@ def make_backbone(scan=True, remat=False, remat_policy='nothing_saveable'):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _backbone_forward(graphdef, state, x, token_mask, memory, memory_mask, key):
+def _backbone_forward(graphdef, state, x, token_lengths, memory, memory_lengths, key):
   """(deterministic output, output with dropout key)."""
   model = nnx.merge(graphdef, state)
-  return model(x, token_mask, memory, memory_mask), model(x, token_mask, memory, memory_mask, key)
+  args = (x, token_lengths, memory, memory_lengths)
+  return model(*args), model(*args, key)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _backbone_grads(graphdef, state, x, token_mask, memory, memory_mask, key, weights):
+def _backbone_grads(graphdef, state, x, token_lengths, memory, memory_lengths, key, weights):
   """Gradients (with dropout) of a weighted sum of the output, w.r.t. params and the input."""
   def loss(state, x):
-    return jnp.sum(nnx.merge(graphdef, state)(x, token_mask, memory, memory_mask, key) * weights)
+    out = nnx.merge(graphdef, state)(x, token_lengths, memory, memory_lengths, key)
+    return jnp.sum(out * weights)
 
   return jax.grad(loss, argnums=(0, 1))(state, x)
 
 
 @jax.jit
-def _hand_loop(state, x, token_mask, memory, memory_mask, key):
+def _hand_loop(state, x, token_lengths, memory, memory_lengths, key):
   """Application i applies unique layer i % U, sliced out of the stacked params by hand."""
   layer_graphdef = nnx.split(nnx.eval_shape(
       lambda: DecoderLayer(**LAYER_KW, dtype=jnp.float32, rngs=nnx.Rngs(0))))[0]
@@ -202,7 +205,7 @@ def _hand_loop(state, x, token_mask, memory, memory_mask, key):
     h = x
     for i in range(L):
       layer = nnx.merge(layer_graphdef, jax.tree.map(lambda p, i=i: p[i % U], state['layers']))
-      h = layer(h, token_mask, memory, memory_mask, None if k is None else k[i])
+      h = layer(h, token_lengths, memory, memory_lengths, None if k is None else k[i])
     outs.append(h)
   return outs
 
@@ -216,10 +219,10 @@ def backbone_case():
   state = nnx.state(materialize(make_backbone, seed=1))
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
-  token_mask = jnp.asarray(np.arange(T)[None] < np.array([[T], [5]]))
+  token_lengths = jnp.asarray([T, 5])
   memory = jnp.asarray(rng.standard_normal((B, S, D)), jnp.float32)
-  memory_mask = jnp.asarray(np.array([[1, 1, 0, 1, 0, 1], [1, 0, 0, 0, 0, 0]], bool))
-  args = (x, token_mask, memory, memory_mask, jax.random.key(5))
+  memory_lengths = jnp.asarray([4, 1])
+  args = (x, token_lengths, memory, memory_lengths, jax.random.key(5))
   outputs = {(scan, remat): _backbone_forward(backbone_graphdef(scan, remat), state, *args)
              for scan in (True, False) for remat in (False, True)}
   return state, args, outputs
@@ -341,6 +344,21 @@ def test_tokens_at_padded_positions_do_not_change_valid_logits(tiny_forward, tin
   for k in ('detail_logits', 'semantic_logits'):
     np.testing.assert_allclose(np.asarray(out2[k])[valid], np.asarray(out[k])[valid], atol=1e-5)
     assert not np.allclose(np.asarray(out2[k])[~valid], np.asarray(out[k])[~valid], atol=1e-3)
+
+
+def test_a_page_ends_at_its_first_pad(tiny_forward, tiny_batch):
+  """A pad inside row 0 ends that page (the masks are prefixes, what cuDNN's lengths take): what
+  follows it changes no output before it and not the pooled element logits."""
+  inputs = np.asarray(tiny_batch['inputs']).copy()
+  inputs[0, 4] = 0
+  changed = inputs.copy()
+  changed[0, 5:] = np.random.default_rng(3).integers(3, TINY['vocab_size'], SEQ - 5)
+  assert (changed[0, 5:] != inputs[0, 5:]).any()
+  out = tiny_forward(*model_args(tiny_batch, inputs=jnp.asarray(inputs)))
+  out2 = tiny_forward(*model_args(tiny_batch, inputs=jnp.asarray(changed)))
+  np.testing.assert_allclose(out2['element_logits'], out['element_logits'], rtol=1e-6, atol=1e-6)
+  for k in ('detail_logits', 'semantic_logits'):
+    np.testing.assert_allclose(out2[k][:, :5], out[k][:, :5], rtol=1e-6, atol=1e-6)
 
 
 def test_extra_padding_changes_nothing(tiny_forward, tiny_batch):

@@ -227,6 +227,42 @@ def test_masked_keys_are_ignored(kind, options):
                              rtol=RTOL, atol=ATOL)
 
 
+LENGTH_CASES = [('dense', {}, False), ('dense', {}, True), ('dot_product', {}, False),
+                ('dot_product', {}, True), ('window', dict(window_size=5, block_size=4), True),
+                ('window_topk', dict(window_size=4, top_k=1, block_size=4), True)]
+
+
+@pytest.mark.parametrize('kind,options,causal', LENGTH_CASES)
+def test_lengths_are_their_prefix_mask(kind, options, causal):
+  """kv_lengths_B means the mask arange(S) < length for every kind (dot_product hands the lengths
+  to jax.nn.dot_product_attention instead of a mask): same outputs and gradients."""
+  t, s = (13, 13) if causal else (5, 11)
+  q, k, v = random_qkv(21 + s, t, s)
+  lengths = jnp.asarray([s, 4])
+  mask = jnp.arange(s)[None] < lengths[:, None]
+  cot = jnp.asarray(np.random.default_rng(5).standard_normal(q.shape), jnp.float32)
+
+  def out_and_grads(**keys):
+    fn = lambda q, k, v: attend(q, k, v, causal=causal, kind=kind, **options, **keys)
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+    return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  by_lengths, by_mask = out_and_grads(kv_lengths_B=lengths), out_and_grads(kv_mask_BxS=mask)
+  chex.assert_trees_all_close(by_lengths, by_mask, rtol=RTOL, atol=ATOL)
+  # The lengths bite: keys past a row's length do not reach it.
+  full = out_and_grads(kv_lengths_B=jnp.asarray([s, s]))[0]
+  assert np.abs(np.asarray(full[1]) - np.asarray(by_lengths[0][1])).max() > 1e-3
+
+
+def test_lengths_and_mask_together_or_misshapen_raise():
+  q, k, v = random_qkv(3, 6)
+  mask = jnp.ones((B, 6), bool)
+  with pytest.raises(ValueError, match='not both'):
+    attention.attend(q, k, v, mask, kv_lengths_B=jnp.asarray([6, 6]))
+  with pytest.raises(ValueError, match=r'kv_lengths_B: shape \(2, 6\)'):
+    attention.attend(q, k, v, kv_lengths_B=mask)
+
+
 @pytest.mark.parametrize('causal', [False, True])
 @pytest.mark.parametrize('t,s', [(9, 9), (4, 11)])
 def test_dot_product_equals_dense(causal, t, s):

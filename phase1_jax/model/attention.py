@@ -1,14 +1,19 @@
 """Attention behind one function: every kind takes the same arguments and returns the same shape.
 
-`attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, causal=False, kind='dense',
-        window_size=None, top_k=None, block_size=None) -> BxTxNxH` (dtype of q).
+`attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, kv_lengths_B=None, causal=False,
+        kind='dense', window_size=None, top_k=None, block_size=None) -> BxTxNxH` (dtype of q).
+
+Keys are masked by `kv_mask_BxS` (any pattern) or by `kv_lengths_B` (keys [0, length) valid),
+not both. Every kind takes either; lengths are what cuDNN's fused attention takes without a
+mask tensor, so the model passes lengths (its masks are prefixes, see phase1.py).
 
 Kinds:
 - `dense`: the reference. Scores and softmax in float32 (normalized after the value matmul),
   masks applied as a large negative bias (finite, so a fully masked row gives a uniform average
   instead of NaN). O(T*S) memory.
 - `dot_product`: `jax.nn.dot_product_attention` (cuDNN flash for bf16/fp16 on GPU when it accepts
-  the call, XLA otherwise): the baseline a user would otherwise pick. Same masks, same result.
+  the call, XLA otherwise). Same masks, same result. Given lengths, cuDNN runs its padding mask
+  and no mask tensor: 1.16x on the configs/default.py bf16 train step on an H100 (README).
 - `window`, `window_topk`: block-sparse causal kinds, see sparse_attention.py.
 
 `window_size` on `dense`/`dot_product` applies the same band as `window` as a mask only (still
@@ -88,12 +93,15 @@ def _dot_product_implementation(dtype):
 
 
 def dot_product_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *,
-                          causal: bool = False, window_size: int | None = None):
+                          kv_lengths_B=None, causal: bool = False,
+                          window_size: int | None = None):
   """`jax.nn.dot_product_attention` with this module's mask conventions."""
   if window_size is not None and not causal:
     raise ValueError('window_size: a sliding window needs causal=True')
   t, s = q_BxTxNxH.shape[1], k_BxSxNxH.shape[1]
   kwargs = {}
+  if kv_lengths_B is not None:
+    kwargs['key_value_seq_lengths'] = kv_lengths_B.astype(jnp.int32)
   mask_BxNxTxS = None
   if causal and t == s:
     # Built-in flags let cuDNN skip the masked blocks instead of reading a mask tensor.
@@ -153,23 +161,34 @@ def _check_options(kind, causal, options):
                      "use 'dense' or 'dot_product' for cross-attention")
 
 
-def attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, causal: bool = False,
-           kind: str = 'dense', window_size: int | None = None, top_k: int | None = None,
-           block_size: int | None = None):
+def attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, kv_lengths_B=None,
+           causal: bool = False, kind: str = 'dense', window_size: int | None = None,
+           top_k: int | None = None, block_size: int | None = None):
   """Multi-head attention of T queries over S keys; `kind` picks the implementation.
 
-  kv_mask_BxS: True where a key may be attended. window_size: each query sees itself and the
-  window_size - 1 keys before it. top_k (`window_topk`): earlier key blocks selected per query
-  block. block_size (sparse kinds): default `sparse_attention.default_block_size(window_size)`.
+  kv_mask_BxS: True where a key may be attended; or kv_lengths_B: keys [0, length) may be
+  attended. window_size: each query sees itself and the window_size - 1 keys before it.
+  top_k (`window_topk`): earlier key blocks selected per query block. block_size (sparse
+  kinds): default `sparse_attention.default_block_size(window_size)`.
   """
   _check_kind(kind)
   _check_options(kind, causal, {'window_size': window_size, 'top_k': top_k,
                                 'block_size': block_size})
+  if kv_lengths_B is not None:
+    if kv_mask_BxS is not None:
+      raise ValueError('kv_mask_BxS and kv_lengths_B: give one of them, not both')
+    if kv_lengths_B.shape != k_BxSxNxH.shape[:1]:
+      raise ValueError(f'kv_lengths_B: shape {kv_lengths_B.shape}, expected '
+                       f'({k_BxSxNxH.shape[0]},), one length per batch row')
+    if kind != 'dot_product':   # only cuDNN gains from lengths; the others take the mask
+      kv_mask_BxS = jnp.arange(k_BxSxNxH.shape[1])[None, :] < kv_lengths_B[:, None]
+      kv_lengths_B = None
   args = (q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
   if kind == 'dense':
     return dense_attention(*args, causal=causal, window_size=window_size)
   if kind == 'dot_product':
-    return dot_product_attention(*args, causal=causal, window_size=window_size)
+    return dot_product_attention(*args, kv_lengths_B=kv_lengths_B, causal=causal,
+                                 window_size=window_size)
   if q_BxTxNxH.shape[1] > k_BxSxNxH.shape[1]:
     raise ValueError(f'q_BxTxNxH: causal kind {kind!r} needs T <= S, got T='
                      f'{q_BxTxNxH.shape[1]}, S={k_BxSxNxH.shape[1]}')

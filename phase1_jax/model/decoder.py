@@ -22,8 +22,8 @@ class MultiHeadAttention(nnx.Module):
       self.qkv = lin(d_model, 3 * d_model)
     self.out = lin(d_model, d_model)
 
-  def __call__(self, x_BxTxD, memory_BxSxD=None, kv_mask_BxS=None, *, causal: bool = False,
-               kind: str = 'dense', **kind_options):
+  def __call__(self, x_BxTxD, memory_BxSxD=None, kv_mask_BxS=None, *, kv_lengths_B=None,
+               causal: bool = False, kind: str = 'dense', **kind_options):
     b, t, d = x_BxTxD.shape
     heads = lambda y: y.reshape(*y.shape[:2], self.num_heads, d // self.num_heads)
     if self.cross:
@@ -32,8 +32,8 @@ class MultiHeadAttention(nnx.Module):
     else:
       q_BxTxD, k_BxSxD, v_BxSxD = jnp.split(self.qkv(x_BxTxD), 3, axis=-1)
       q_BxTxNxH = heads(q_BxTxD)
-    out_BxTxNxH = attend(q_BxTxNxH, heads(k_BxSxD), heads(v_BxSxD), kv_mask_BxS, causal=causal,
-                         kind=kind, **kind_options)
+    out_BxTxNxH = attend(q_BxTxNxH, heads(k_BxSxD), heads(v_BxSxD), kv_mask_BxS,
+                         kv_lengths_B=kv_lengths_B, causal=causal, kind=kind, **kind_options)
     return self.out(out_BxTxNxH.reshape(b, t, d))
 
   def _heads(self, y):
@@ -60,7 +60,12 @@ class MultiHeadAttention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """x + SelfAttn(LN(x)) -> + CrossAttn(LN(x), memory) -> + MLP(LN(x)); dropout on each branch."""
+  """x + SelfAttn(LN(x)) -> + CrossAttn(LN(x), memory) -> + MLP(LN(x)); dropout on each branch.
+
+  Tokens and memory are masked by lengths: positions [0, length) are real. Cross-attention runs
+  the `dot_product` kind when self-attention does (cuDNN on GPU), `dense` otherwise (the sparse
+  kinds are causal self-attention only).
+  """
 
   def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, dropout_rate: float, dtype,
                attention_kind: str, attention_options: dict | None = None, rngs: nnx.Rngs):
@@ -73,17 +78,19 @@ class DecoderLayer(nnx.Module):
     # No stored RNG: keys come in as arguments so the layer can be scanned and shared.
     self.dropout = nnx.Dropout(dropout_rate)
     self.attention_kind = attention_kind
+    self.cross_attention_kind = 'dot_product' if attention_kind == 'dot_product' else 'dense'
     # Static (hashable) options of the self-attention kind: window_size, top_k, block_size.
     self.attention_options = tuple(sorted((attention_options or {}).items()))
 
-  def __call__(self, x_BxTxD, token_mask_BxT, memory_BxSxD, memory_mask_BxS, dropout_key=None):
+  def __call__(self, x_BxTxD, token_lengths_B, memory_BxSxD, memory_lengths_B, dropout_key=None):
     deterministic = dropout_key is None
     keys = [None] * 3 if deterministic else list(jax.random.split(dropout_key, 3))
     drop = lambda y, k: self.dropout(y, deterministic=deterministic, rngs=k)
-    h = self.self_attn(self.self_norm(x_BxTxD), kv_mask_BxS=token_mask_BxT, causal=True,
+    h = self.self_attn(self.self_norm(x_BxTxD), kv_lengths_B=token_lengths_B, causal=True,
                        kind=self.attention_kind, **dict(self.attention_options))
     x_BxTxD = x_BxTxD + drop(h, keys[0])
-    h = self.cross_attn(self.cross_norm(x_BxTxD), memory_BxSxD, memory_mask_BxS, kind='dense')
+    h = self.cross_attn(self.cross_norm(x_BxTxD), memory_BxSxD, kv_lengths_B=memory_lengths_B,
+                        kind=self.cross_attention_kind)
     x_BxTxD = x_BxTxD + drop(h, keys[1])
     return x_BxTxD + drop(self._mlp(x_BxTxD), keys[2])
 
@@ -137,14 +144,15 @@ class SharedDecoderBackbone(nnx.Module):
 
     self.layers = create(rngs)
 
-  def __call__(self, x_BxTxD, token_mask_BxT, memory_BxSxD, memory_mask_BxS, dropout_key=None):
+  def __call__(self, x_BxTxD, token_lengths_B, memory_BxSxD, memory_lengths_B, dropout_key=None):
+    """Positions [0, token_lengths_B) of x and [0, memory_lengths_B) of the memory are real."""
     graphdef, stacked = nnx.split(self.layers)
     u = self.num_unique_layers
 
     def apply(x, i, key):
       params = jax.tree.map(lambda p: p[i % u] if isinstance(i, int)
                             else jax.lax.dynamic_index_in_dim(p, i % u, keepdims=False), stacked)
-      return nnx.merge(graphdef, params)(x, token_mask_BxT, memory_BxSxD, memory_mask_BxS, key)
+      return nnx.merge(graphdef, params)(x, token_lengths_B, memory_BxSxD, memory_lengths_B, key)
 
     if self.remat:
       apply = jax.checkpoint(apply, static_argnums=() if self.scan else (1,),

@@ -18,7 +18,11 @@ class Phase1Decoder(nnx.Module):
     detail_logits_BxTxV, semantic_logits_BxTxC, element_logits_BxE (all float32). With
     detail_logits=False: detail_hidden_BxTxD and detail_weight_VxD (+ detail_bias_V if untied)
     replace the detail logits: what training's loss takes (losses.detail_terms).
-  Token positions where inputs == pad_id are masked everywhere (attention keys, pooling).
+  A page's tokens end at its first pad_id (the data pipeline pads only at the end): later
+  positions are masked everywhere (attention keys, pooling). Masked patches may sit anywhere;
+  the forward pass moves them behind the valid ones (attention over the memory does not depend
+  on its order), so both masks reach the backbone as lengths, which cuDNN's fused attention
+  takes without a mask tensor.
   """
 
   def __init__(self, *, vocab_size: int, num_semantic_classes: int, num_element_types: int,
@@ -56,13 +60,15 @@ class Phase1Decoder(nnx.Module):
 
   def __call__(self, features_BxPxF, feature_mask_BxP, inputs_BxT, dropout_key=None, *,
                detail_logits: bool = True):
-    token_mask_BxT = inputs_BxT != self.pad_id
+    token_lengths_B = prefix_lengths(inputs_BxT != self.pad_id)
     t = inputs_BxT.shape[1]
+    token_mask_BxT = jnp.arange(t)[None, :] < token_lengths_B[:, None]
     x_BxTxD = self.token_embed(inputs_BxT) + self.position_embed(jnp.arange(t))[None]
     keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     x_BxTxD = self.dropout(x_BxTxD, deterministic=dropout_key is None, rngs=keys[0])
+    features_BxPxF, memory_lengths_B = valid_patches_first(features_BxPxF, feature_mask_BxP)
     memory_BxPxD = self.encode_memory(features_BxPxF)
-    h_BxTxD = self.backbone(x_BxTxD, token_mask_BxT, memory_BxPxD, feature_mask_BxP, keys[1])
+    h_BxTxD = self.backbone(x_BxTxD, token_lengths_B, memory_BxPxD, memory_lengths_B, keys[1])
     h_BxTxD = self.final_norm(h_BxTxD)
     outputs = {'element_logits': self.element_classifier(h_BxTxD, token_mask_BxT)}
     if detail_logits:
@@ -95,6 +101,18 @@ class Phase1Decoder(nnx.Module):
                                                decode_state['memory_kv'], feature_mask_BxP)
     detail, semantic = self.heads(self.final_norm(h_Bx1xD), self.token_embed.embedding[...])
     return detail[:, 0], semantic[:, 0], {**decode_state, 'cache': cache}
+
+
+def prefix_lengths(mask_BxT):
+  """Length of each row's leading run of True: [batch] int32."""
+  return jnp.cumprod(mask_BxT, axis=-1, dtype=jnp.int32).sum(axis=-1, dtype=jnp.int32)
+
+
+def valid_patches_first(features_BxPxF, feature_mask_BxP):
+  """(features with each row's valid patches first, in their order; number valid [batch])."""
+  order_BxP = jnp.argsort(~feature_mask_BxP, axis=-1, stable=True)
+  features_BxPxF = jnp.take_along_axis(features_BxPxF, order_BxP[..., None], axis=1)
+  return features_BxPxF, feature_mask_BxP.sum(axis=-1, dtype=jnp.int32)
 
 
 def count_params(model: nnx.Module) -> int:
