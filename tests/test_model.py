@@ -98,6 +98,22 @@ def test_generation_heads_shapes(dtype, tied):
   assert ('detail' in params) == (not tied)
 
 
+@pytest.mark.parametrize('tied', [True, False])
+def test_bfloat16_detail_logits_accumulate_in_float32(tied):
+  """In bfloat16 compute the detail logits are the float32 sum of bfloat16 products (what the
+  training loss builds), not bfloat16-rounded, tied or not."""
+  heads = DualGenerationHeads(D, V, C, tied=tied, dtype=jnp.bfloat16, rngs=nnx.Rngs(4))
+  rng = np.random.default_rng(6)
+  h = jnp.asarray(rng.standard_normal((B, T, D)), jnp.bfloat16)
+  embedding = jnp.asarray(rng.standard_normal((V, D)), jnp.float32) if tied else None
+  detail, _ = heads(h, embedding)
+  weight, bias = heads.detail_weights(embedding, jnp.bfloat16)
+  expected = np.einsum('btd,vd->btv', np.asarray(h, np.float32), np.asarray(weight, np.float32))
+  if bias is not None:
+    expected = expected + np.asarray(bias)
+  np.testing.assert_allclose(detail, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_element_classifier_shapes(dtype):
   params, out = abstract_call(lambda: ElementTypeClassifier(D, E, dtype=dtype, rngs=nnx.Rngs(0)),

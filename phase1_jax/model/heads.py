@@ -26,14 +26,14 @@ class DualGenerationHeads(nnx.Module):
     return self.detail.kernel[...].T.astype(dtype), self.detail.bias[...]
 
   def __call__(self, h_BxTxD, token_embedding_VxD=None):
-    if self.detail is None:
-      # On a 2-D [tokens, D] view, as in Dense: avoids a transposed copy for the weight gradient.
-      h_NxD = h_BxTxD.reshape(-1, h_BxTxD.shape[-1])
-      detail_NxV = logits_matmul(h_NxD, token_embedding_VxD.astype(h_BxTxD.dtype))
-      detail_BxTxV = detail_NxV.reshape(*h_BxTxD.shape[:-1], -1)
-    else:
-      detail_BxTxV = self.detail(h_BxTxD).astype(jnp.float32)
-    return detail_BxTxV, self.semantic_logits(h_BxTxD)
+    """(detail logits [B, T, V], semantic logits [B, T, C]), both float32: the detail logits
+    accumulate in float32 whatever the compute dtype, as the training loss builds them."""
+    weight_VxD, bias_V = self.detail_weights(token_embedding_VxD, h_BxTxD.dtype)
+    # On a 2-D [tokens, D] view, as in Dense: avoids a transposed copy for the weight gradient.
+    detail_NxV = logits_matmul(h_BxTxD.reshape(-1, h_BxTxD.shape[-1]), weight_VxD)
+    if bias_V is not None:
+      detail_NxV = detail_NxV + bias_V
+    return detail_NxV.reshape(*h_BxTxD.shape[:-1], -1), self.semantic_logits(h_BxTxD)
 
   def semantic_logits(self, h_BxTxD):
     """Section-class logits per position, float32 [B, T, C]."""
