@@ -22,7 +22,8 @@ class Phase1Decoder(nnx.Module):
   positions are masked everywhere (attention keys, pooling). Masked patches may sit anywhere;
   the forward pass moves them behind the valid ones (attention over the memory does not depend
   on its order), so both masks reach the backbone as lengths, which cuDNN's fused attention
-  takes without a mask tensor.
+  takes without a mask tensor. Every page needs a valid patch (data.prepare rejects empty
+  feature arrays): with none, cuDNN's output is undefined where `dense` averages uniformly.
   """
 
   def __init__(self, *, vocab_size: int, num_semantic_classes: int, num_element_types: int,
