@@ -21,4 +21,5 @@ def get_config(size: str = '5k'):
   config.data.val_samples = s['val_samples']
   config.train.num_epochs = s['num_epochs']
   config.train.batch_size = s['batch_size']
+  config.model.attention.kind = 'dot_product'   # as configs/default.py: cuDNN on a GPU
   return config
