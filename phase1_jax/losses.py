@@ -74,7 +74,7 @@ def chunked_logsumexp(h_NxD, weight_VxD, bias_V=None, *, chunk_size: int):
   def body(carry, chunk):
     m_N, s_N = carry
     w_KxD, b_K = chunk
-    logits_NxK = logits_matmul(h_NxD, w_KxD) + b_K
+    logits_NxK = logits_matmul(h_NxD, w_KxD, b_K)
     new_m_N = jax.lax.stop_gradient(jnp.maximum(m_N, logits_NxK.max(axis=-1)))
     s_N = s_N * jnp.exp(m_N - new_m_N) + jnp.exp(logits_NxK - new_m_N[:, None]).sum(axis=-1)
     return (new_m_N, s_N), None
@@ -172,10 +172,7 @@ def detail_terms(outputs, targets_BxT, element_token_ids_E, vocab_chunk_size: in
       lse_N = chunked_logsumexp(h_NxD, w_VxD, bias_V, chunk_size=vocab_chunk_size)
       target_N = _target_logits(h_NxD, w_VxD, bias_V, targets_N)
     else:
-      logits_NxV = logits_matmul(h_NxD, w_VxD)
-      if bias_V is not None:
-        logits_NxV = logits_NxV + bias_V.astype(jnp.float32)
-      lse_N, target_N = logsumexp_and_pick(logits_NxV, targets_N)
+      lse_N, target_N = logsumexp_and_pick(logits_matmul(h_NxD, w_VxD, bias_V), targets_N)
     tags_NxE = _row_logits(h_NxD, w_VxD, bias_V, element_token_ids_E)
   return ((lse_N - target_N).reshape(b, t),
           (tags_NxE - lse_N[:, None]).reshape(b, t, -1))

@@ -30,9 +30,7 @@ class DualGenerationHeads(nnx.Module):
     accumulate in float32 whatever the compute dtype, as the training loss builds them."""
     weight_VxD, bias_V = self.detail_weights(token_embedding_VxD, h_BxTxD.dtype)
     # On a 2-D [tokens, D] view, as in Dense: avoids a transposed copy for the weight gradient.
-    detail_NxV = logits_matmul(h_BxTxD.reshape(-1, h_BxTxD.shape[-1]), weight_VxD)
-    if bias_V is not None:
-      detail_NxV = detail_NxV + bias_V
+    detail_NxV = logits_matmul(h_BxTxD.reshape(-1, h_BxTxD.shape[-1]), weight_VxD, bias_V)
     return detail_NxV.reshape(*h_BxTxD.shape[:-1], -1), self.semantic_logits(h_BxTxD)
 
   def semantic_logits(self, h_BxTxD):

@@ -117,8 +117,9 @@ class Embed(nnx.Embed):
     return rows if self.dtype is None else rows.astype(self.dtype)
 
 
-def logits_matmul(x_NxD, w_VxD):
-  """x @ w.T as float32 logits [N, V] (accumulated in float32) from operands of one dtype.
+def logits_matmul(x_NxD, w_VxD, bias_V=None):
+  """x @ w.T (+ bias) as float32 logits [N, V] (accumulated in float32) from operands of one
+  dtype; the bias is added in float32.
 
   In half precision the backward runs in that precision too: the float32 cotangent is cast to
   the operands' dtype before the two gradient matmuls, as PyTorch autocast does. Plain autodiff
@@ -127,8 +128,10 @@ def logits_matmul(x_NxD, w_VxD):
   largest matmuls. float32 operands take plain autodiff.
   """
   if x_NxD.dtype == jnp.float32:
-    return _float32_logits(x_NxD, w_VxD)
-  return _half_logits_matmul(x_NxD, w_VxD)
+    logits_NxV = _float32_logits(x_NxD, w_VxD)
+  else:
+    logits_NxV = _half_logits_matmul(x_NxD, w_VxD)
+  return logits_NxV if bias_V is None else logits_NxV + bias_V.astype(jnp.float32)
 
 
 def _float32_logits(x_NxD, w_VxD):
