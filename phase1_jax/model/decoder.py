@@ -25,14 +25,13 @@ class MultiHeadAttention(nnx.Module):
   def __call__(self, x_BxTxD, memory_BxSxD=None, kv_mask_BxS=None, *, kv_lengths_B=None,
                causal: bool = False, kind: str = 'dense', **kind_options):
     b, t, d = x_BxTxD.shape
-    heads = lambda y: y.reshape(*y.shape[:2], self.num_heads, d // self.num_heads)
     if self.cross:
-      q_BxTxNxH = heads(self.q(x_BxTxD))
-      k_BxSxD, v_BxSxD = jnp.split(self.kv(memory_BxSxD), 2, axis=-1)
+      q_BxTxNxH = self._heads(self.q(x_BxTxD))
+      k_BxSxNxH, v_BxSxNxH = self.memory_kv(memory_BxSxD)
     else:
-      q_BxTxD, k_BxSxD, v_BxSxD = jnp.split(self.qkv(x_BxTxD), 3, axis=-1)
-      q_BxTxNxH = heads(q_BxTxD)
-    out_BxTxNxH = attend(q_BxTxNxH, heads(k_BxSxD), heads(v_BxSxD), kv_mask_BxS,
+      q_BxTxNxH, k_BxSxNxH, v_BxSxNxH = (
+          self._heads(y) for y in jnp.split(self.qkv(x_BxTxD), 3, axis=-1))
+    out_BxTxNxH = attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS,
                          kv_lengths_B=kv_lengths_B, causal=causal, kind=kind, **kind_options)
     return self.out(out_BxTxNxH.reshape(b, t, d))
 
