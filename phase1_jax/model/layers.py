@@ -88,7 +88,7 @@ class LayerNorm(nnx.LayerNorm):
   measured 1.01-1.03x faster than with nnx.LayerNorm (five interleaved A/Bs on
   configs/bench_cpu.py and small.py); on a GPU, nnx's one-kernel column reductions of these
   gradients took 11-16 us each in an H100 profile, like the Dense biases' that column_sum sped
-  up (this form is not yet measured there)."""
+  up; with nnx.LayerNorm and nnx.Embed back, the H100 step ran 0.918x (interleaved A/B)."""
 
   def __call__(self, x):
     if self.scale is None or self.bias is None:
@@ -107,7 +107,8 @@ class Embed(nnx.Embed):
   where nnx.Embed casts the whole table first. Why: the gradient's scatter-add then sums in
   float32 (a frequent token's rows add up over many positions; in bfloat16 every add rounds), and
   no V x D cast of the table runs each step. In bfloat16 the scatter took 0.5 ms of the 10.9 ms
-  configs/default.py step in an H100 profile; the float32 form's time there is not measured yet.
+  configs/default.py step in an H100 profile; with nnx.Embed and nnx.LayerNorm back, the H100
+  step ran 0.918x (interleaved A/B).
   """
 
   def __call__(self, inputs):
