@@ -98,9 +98,10 @@ def test_decode_step_logits_equal_forward_for_each_kind(kind, options):
       return state, detail
     return jnp.swapaxes(jax.lax.scan(body, state, (jnp.arange(20), tokens.T))[1], 0, 1)
 
-  full = model(features, feature_mask, tokens)['detail_logits']
-  np.testing.assert_allclose(stepped(model, features, feature_mask, tokens), full, rtol=1e-4,
-                             atol=1e-4)
+  with jax.default_matmul_precision('highest'):   # a GPU's float32 default is TF32
+    full = model(features, feature_mask, tokens)['detail_logits']
+    cached = stepped(model, features, feature_mask, tokens)
+  np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
 
 
 def test_dot_product_model_equals_dense_model():
