@@ -98,10 +98,9 @@ def test_decode_step_logits_equal_forward_for_each_kind(kind, options):
       return state, detail
     return jnp.swapaxes(jax.lax.scan(body, state, (jnp.arange(20), tokens.T))[1], 0, 1)
 
-  with jax.default_matmul_precision('highest'):   # a GPU's float32 default is TF32
-    full = model(features, feature_mask, tokens)['detail_logits']
-    cached = stepped(model, features, feature_mask, tokens)
-  np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
+  full = model(features, feature_mask, tokens)['detail_logits']
+  np.testing.assert_allclose(stepped(model, features, feature_mask, tokens), full, rtol=1e-4,
+                             atol=1e-4)
 
 
 def test_dot_product_model_equals_dense_model():
@@ -125,9 +124,8 @@ def test_dot_product_model_equals_dense_model():
     grads, out = nnx.grad(loss, has_aux=True)(model)
     return out, nnx.state(grads)
 
-  with jax.default_matmul_precision('highest'):   # a GPU's float32 default is TF32
-    out, grads = outputs_and_grads(_model('dot_product'))
-    ref_out, ref_grads = outputs_and_grads(_model('dense'))
+  out, grads = outputs_and_grads(_model('dot_product'))   # full float32 matmuls: conftest.py
+  ref_out, ref_grads = outputs_and_grads(_model('dense'))
   chex.assert_trees_all_close(out, ref_out, rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-4)
 
