@@ -42,6 +42,11 @@ _OPTIONS = {'dense': ('window_size',), 'dot_product': ('window_size',),
 _REQUIRED = {'window': ('window_size',), 'window_topk': ('window_size', 'top_k')}
 
 
+def prefix_mask(lengths_B, size: int):
+  """[batch, size] bool: True at positions [0, length) of each row."""
+  return jnp.arange(size)[None, :] < lengths_B[:, None]
+
+
 def _causal_mask_TxS(t: int, s: int, window_size: int | None):
   """Query i (at key position i + s - t) sees keys j <= its position, and with a window only
   the `window_size` latest of them (itself included)."""
@@ -181,7 +186,7 @@ def attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, kv_lengths_B=No
       raise ValueError(f'kv_lengths_B: shape {kv_lengths_B.shape}, expected '
                        f'({k_BxSxNxH.shape[0]},), one length per batch row')
     if kind != 'dot_product':   # only cuDNN gains from lengths; the others take the mask
-      kv_mask_BxS = jnp.arange(k_BxSxNxH.shape[1])[None, :] < kv_lengths_B[:, None]
+      kv_mask_BxS = prefix_mask(kv_lengths_B, k_BxSxNxH.shape[1])
       kv_lengths_B = None
   args = (q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
   if kind == 'dense':

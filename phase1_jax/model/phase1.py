@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phase1_jax.model import kv_cache
+from phase1_jax.model.attention import prefix_mask
 from phase1_jax.model.decoder import SharedDecoderBackbone
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
 from phase1_jax.model.layers import Dense, Embed, LayerNorm
@@ -63,7 +64,7 @@ class Phase1Decoder(nnx.Module):
                detail_logits: bool = True):
     token_lengths_B = prefix_lengths(inputs_BxT != self.pad_id)
     t = inputs_BxT.shape[1]
-    token_mask_BxT = jnp.arange(t)[None, :] < token_lengths_B[:, None]
+    token_mask_BxT = prefix_mask(token_lengths_B, t)
     x_BxTxD = self.token_embed(inputs_BxT) + self.position_embed(jnp.arange(t))[None]
     keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     x_BxTxD = self.dropout(x_BxTxD, deterministic=dropout_key is None, rngs=keys[0])
