@@ -92,6 +92,19 @@ def test_loss_falls():
   assert np.mean(losses[-4:]) < 0.75 * np.mean(losses[:4]), losses
 
 
+def test_abstract_train_state_is_the_fresh_states_shapes_without_computing_it():
+  """What a resuming run and an evaluation build instead of a fresh state: the same graphdef
+  (the train step's static argument) and every leaf's shape and dtype, and no array at all."""
+  config = load_config('tiny')
+  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=8)
+  graphdef, state = state_lib.create_train_state(config, tx)
+  abstract_graphdef, abstract = state_lib.create_train_state(config, tx, abstract=True)
+  assert abstract_graphdef == graphdef
+  assert all(type(x) is jax.ShapeDtypeStruct for x in jax.tree.leaves(abstract))
+  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, state)
+  assert jax.tree.structure(state_lib.abstract_train_state(config, tx)) == jax.tree.structure(state)
+
+
 def test_checkpoint_round_trip_is_exact(tmp_path):
   config = load_config('tiny')
   tx, _, state, step, batches = tiny_setup(config, steps_per_epoch=8)

@@ -99,7 +99,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str 
   (graphdef, params, step). Falls back to the latest when no best is recorded."""
   tx, _ = state_lib.make_optimizer(config, pipeline.steps_per_epoch(
       pipeline.make_source(config, 'train'), config.train.batch_size))
-  graphdef, _ = state_lib.create_train_state(config, tx)
+  graphdef, abstract_state = state_lib.create_train_state(config, tx, abstract=True)
   best = config.checkpoint.best_metric
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
@@ -112,7 +112,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str 
     # Onto this process's first device, whatever mesh the run was saved from.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          state_lib.abstract_train_state(config, tx))
+                          abstract_state)
     state, extra = ckpt.restore(step, target, expect_config=config_lib.architecture(config))
   return graphdef, state.params, step, extra
 

@@ -51,7 +51,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   t = config.train
   steps_per_epoch = pipeline.steps_per_epoch(train_source, t.batch_size)
   tx, schedule = state_lib.make_optimizer(config, steps_per_epoch)
-  graphdef, state = state_lib.create_train_state(config, tx)
+  graphdef, abstract_state = state_lib.create_train_state(config, tx, abstract=True)
 
   best_metric = config.checkpoint.best_metric
   mode = config_lib.METRIC_MODES[best_metric]
@@ -68,7 +68,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       made['batches'] = run_lib.train_iterator(config, par, train_source, extra['epoch'])
     return made['batches']
 
-  abstract_state = jax.eval_shape(lambda: state)
   restored = ckpt.restore_latest_good(
       par.restore_target(abstract_state), data_iterator=epoch_batches,
       expect_config=config_lib.architecture(config))
@@ -77,6 +76,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     step, state, extra = restored
     logging.info('Resumed from %s step %d (epoch %d, step %d in it).', ckpt.directory, step,
                  extra['epoch'], extra.get('epoch_step', 0))
+  else:
+    _, state = state_lib.create_train_state(config, tx)
   state = par.place_state(state)
   run = run_lib.Run(config, par, extra, made.get('batches'), steps_per_epoch, schedule, ckpt)
   # A run that stopped early stays stopped when its workdir is run again.

@@ -83,15 +83,35 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   return tx, schedule
 
 
-def create_train_state(config: ml_collections.ConfigDict, tx) -> tuple[nnx.GraphDef, TrainState]:
-  """A fresh state from config.seed. Returns the model's graphdef (static) and the state."""
-  model = build_model(config, rngs=nnx.Rngs(config.seed))
-  graphdef, model_params = nnx.split(model, nnx.Param)
-  params = {'model': model_params, 'loss_log_vars': jnp.zeros((len(TASKS),), jnp.float32)}
-  rng = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1))
-  return graphdef, TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng)
+def create_train_state(config: ml_collections.ConfigDict, tx, *,
+                       abstract: bool = False) -> tuple[nnx.GraphDef, TrainState]:
+  """A fresh state from config.seed. Returns the model's graphdef (static) and the state.
+
+  With `abstract`, the state's shapes and dtypes only (jax.ShapeDtypeStruct leaves): nothing is
+  initialized or allocated. A run that resumes, or an evaluation, needs only that (the restore
+  target), and a concrete fresh state would hold a second copy of the parameters and moments in
+  device memory while the checkpoint's are read.
+  """
+  def fresh():
+    model = build_model(config, rngs=nnx.Rngs(config.seed))
+    graphdef, model_params = nnx.split(model, nnx.Param)
+    params = {'model': model_params, 'loss_log_vars': jnp.zeros((len(TASKS),), jnp.float32)}
+    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1))
+    return graphdef, TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                                rng=rng)
+
+  if not abstract:
+    return fresh()
+  graphdefs = []   # the graphdef is static: it leaves the trace as it is
+
+  def state_only():
+    graphdef, state = fresh()
+    graphdefs.append(graphdef)
+    return state
+  state = jax.eval_shape(state_only)
+  return graphdefs[0], state
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, tx) -> TrainState:
   """Shapes and dtypes of the state, without allocating it (the restore target)."""
-  return jax.eval_shape(lambda: create_train_state(config, tx)[1])
+  return create_train_state(config, tx, abstract=True)[1]
