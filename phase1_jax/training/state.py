@@ -100,16 +100,8 @@ def create_train_state(config: ml_collections.ConfigDict, tx, *,
     return graphdef, TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                                 rng=rng)
 
-  if not abstract:
-    return fresh()
-  graphdefs = []   # the graphdef is static: it leaves the trace as it is
-
-  def state_only():
-    graphdef, state = fresh()
-    graphdefs.append(graphdef)
-    return state
-  state = jax.eval_shape(state_only)
-  return graphdefs[0], state
+  # A GraphDef is a pytree without leaves: eval_shape hands it back as it is.
+  return jax.eval_shape(fresh) if abstract else fresh()
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, tx) -> TrainState:
