@@ -54,6 +54,7 @@ def _model(kind, **options):
 DECODE_CASES = [
     ('dense', {}),
     ('dot_product', {}),
+    ('fused_cpu', {}),
     ('window', dict(window_size=5, block_size=4)),
     # 5 blocks of 4, local blocks i-1..i: blocks 0..i-2 are selectable from block 2 on.
     ('window_topk', dict(window_size=4, top_k=1, block_size=4)),
@@ -103,10 +104,11 @@ def test_decode_step_logits_equal_forward_for_each_kind(kind, options):
                              atol=1e-4)
 
 
-def test_dot_product_model_equals_dense_model():
-  """The model with `dot_product` attention (key lengths, self and cross) gives the `dense`
-  model's outputs and parameter gradients on the same weights: pages of different lengths and
-  feature masks with holes."""
+@pytest.mark.parametrize('kind', ['dot_product', 'fused_cpu'])
+def test_length_masked_kinds_model_equals_dense_model(kind):
+  """The model with `dot_product` or `fused_cpu` attention (key lengths, self and cross) gives
+  the `dense` model's outputs and parameter gradients on the same weights: pages of different
+  lengths and feature masks with holes."""
   rng = np.random.default_rng(9)
   features = jnp.asarray(rng.normal(size=(3, 6, 8)), jnp.float32)
   feature_mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 1]], bool)
@@ -124,7 +126,7 @@ def test_dot_product_model_equals_dense_model():
     grads, out = nnx.grad(loss, has_aux=True)(model)
     return out, nnx.state(grads)
 
-  out, grads = outputs_and_grads(_model('dot_product'))   # full float32 matmuls: conftest.py
+  out, grads = outputs_and_grads(_model(kind))   # full float32 matmuls: conftest.py
   ref_out, ref_grads = outputs_and_grads(_model('dense'))
   chex.assert_trees_all_close(out, ref_out, rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-4)

@@ -15,6 +15,9 @@ Kinds:
   the call, XLA otherwise). Same masks, same result. Given lengths, cuDNN runs its padding mask
   and no mask tensor: 1.16x on the configs/default.py bf16 train step on an H100 (README).
 - `window`, `window_topk`: block-sparse causal kinds, see sparse_attention.py.
+- `fused_cpu`: the same result as `dense` from a compiled C++ kernel (cpu_attention.py): the
+  scores stay in cache-sized blocks, the masked causal half is skipped, and the backward pass
+  recomputes the probabilities. CPU only; keys masked by lengths (prefixes) only.
 
 `window_size` on `dense`/`dot_product` applies the same band as `window` as a mask only (still
 O(T*S)): the reference the sparse kinds are tested against. Arguments a kind does not use raise
@@ -30,15 +33,15 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from phase1_jax.model import sparse_attention
+from phase1_jax.model import cpu_attention, sparse_attention
 
-KINDS = ('dense', 'dot_product', 'window', 'window_topk')
+KINDS = ('dense', 'dot_product', 'window', 'window_topk', 'fused_cpu')
 SPARSE_KINDS = ('window', 'window_topk')
 _NEG = -1e30
 # Options each kind accepts; anything else passed to `attend` is an error.
 _OPTIONS = {'dense': ('window_size',), 'dot_product': ('window_size',),
             'window': ('window_size', 'block_size'),
-            'window_topk': ('window_size', 'top_k', 'block_size')}
+            'window_topk': ('window_size', 'top_k', 'block_size'), 'fused_cpu': ()}
 _REQUIRED = {'window': ('window_size',), 'window_topk': ('window_size', 'top_k')}
 
 
@@ -185,9 +188,18 @@ def attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, kv_lengths_B=No
     if kv_lengths_B.shape != k_BxSxNxH.shape[:1]:
       raise ValueError(f'kv_lengths_B: shape {kv_lengths_B.shape}, expected '
                        f'({k_BxSxNxH.shape[0]},), one length per batch row')
-    if kind != 'dot_product':   # only cuDNN gains from lengths; the others take the mask
+    if kind not in ('dot_product', 'fused_cpu'):   # the others take the mask
       kv_mask_BxS = prefix_mask(kv_lengths_B, k_BxSxNxH.shape[1])
       kv_lengths_B = None
+  if kind == 'fused_cpu':
+    if kv_mask_BxS is not None:
+      raise ValueError("kv_mask_BxS: attention kind 'fused_cpu' masks keys by kv_lengths_B "
+                       '(prefixes) only')
+    if causal and q_BxTxNxH.shape[1] > k_BxSxNxH.shape[1]:
+      raise ValueError(f"q_BxTxNxH: causal kind 'fused_cpu' needs T <= S, got "
+                       f'T={q_BxTxNxH.shape[1]}, S={k_BxSxNxH.shape[1]}')
+    return cpu_attention.fused_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_lengths_B,
+                                         causal=causal)
   args = (q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
   if kind == 'dense':
     return dense_attention(*args, causal=causal, window_size=window_size)

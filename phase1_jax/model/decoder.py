@@ -62,7 +62,7 @@ class DecoderLayer(nnx.Module):
   """x + SelfAttn(LN(x)) -> + CrossAttn(LN(x), memory) -> + MLP(LN(x)); dropout on each branch.
 
   Tokens and memory are masked by lengths: positions [0, length) are real. Cross-attention runs
-  the `dot_product` kind when self-attention does (cuDNN on GPU), `dense` otherwise (the sparse
+  the `dot_product` or `fused_cpu` kind when self-attention does, `dense` otherwise (the sparse
   kinds are causal self-attention only).
   """
 
@@ -77,7 +77,8 @@ class DecoderLayer(nnx.Module):
     # No stored RNG: keys come in as arguments so the layer can be scanned and shared.
     self.dropout = nnx.Dropout(dropout_rate)
     self.attention_kind = attention_kind
-    self.cross_attention_kind = 'dot_product' if attention_kind == 'dot_product' else 'dense'
+    self.cross_attention_kind = (attention_kind if attention_kind in ('dot_product', 'fused_cpu')
+                                 else 'dense')
     # Static (hashable) options of the self-attention kind: window_size, top_k, block_size.
     self.attention_options = tuple(sorted((attention_options or {}).items()))
 
