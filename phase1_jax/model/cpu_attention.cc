@@ -7,8 +7,8 @@
 //
 // Why a kernel: XLA:CPU writes the B x N x T x S scores and probabilities to memory several times
 // per step and computes the masked upper half of causal attention. Here each (batch row, head)
-// is done in L2-sized blocks, causal blocks above the diagonal are skipped, and the backward pass
-// recomputes the probabilities from the saved log-sum-exp (FlashAttention-2's algorithm).
+// is done in L2-sized blocks of query rows, keys past the causal limit are skipped, and the
+// backward pass recomputes the probabilities from the saved log-sum-exp (as FlashAttention-2).
 //
 // Each query row attends a prefix of the keys, [0, L_i) with L_i = min(length, i + S - T + 1)
 // (causal) or length. A row with L_i = 0 gets the plain average of all S values, as the dense
@@ -74,9 +74,11 @@ inline float hmax(vf x) {
 }
 
 // C[M x N] (+)= A[M x K] B[K x N], row-major with leading dimensions; N a multiple of kLanes.
+// With kTransA, A is stored transposed ([K x M], element (m, k) at A[k * lda + m]): A's
+// elements are only ever broadcast one at a time, so either layout reads as fast.
 // Register tiles of 4 rows x 64 columns (16 vector accumulators): per step of k, 4 loads of B,
 // 4 broadcasts of A, 16 fused multiply-adds.
-template <int kRows, int kVecs>
+template <bool kTransA, int kRows, int kVecs>
 inline void tile(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
                  bool accumulate) {
   vf acc[kRows][kVecs];
@@ -87,7 +89,7 @@ inline void tile(int K, const float* A, int lda, const float* B, int ldb, float*
     vf b[kVecs];
     for (int c = 0; c < kVecs; ++c) b[c] = load(B + k * ldb + c * kLanes);
     for (int r = 0; r < kRows; ++r) {
-      vf a = splat(A[r * lda + k]);
+      vf a = splat(kTransA ? A[k * lda + r] : A[r * lda + k]);
       for (int c = 0; c < kVecs; ++c) acc[r][c] += a * b[c];
     }
   }
@@ -95,21 +97,30 @@ inline void tile(int K, const float* A, int lda, const float* B, int ldb, float*
     for (int c = 0; c < kVecs; ++c) store(C + r * ldc + c * kLanes, acc[r][c]);
 }
 
-template <int kRows>
+template <bool kTransA, int kRows>
 inline void row_tiles(int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
                       int ldc, bool accumulate) {
   int n = 0;
   for (; n + 4 * kLanes <= N; n += 4 * kLanes)
-    tile<kRows, 4>(K, A, lda, B + n, ldb, C + n, ldc, accumulate);
-  for (; n < N; n += kLanes) tile<kRows, 1>(K, A, lda, B + n, ldb, C + n, ldc, accumulate);
+    tile<kTransA, kRows, 4>(K, A, lda, B + n, ldb, C + n, ldc, accumulate);
+  for (; n < N; n += kLanes)
+    tile<kTransA, kRows, 1>(K, A, lda, B + n, ldb, C + n, ldc, accumulate);
 }
 
+// 4 rows: 6 and 8 (24 and 32 accumulators) measured no faster at these sizes (~100 GFLOP/s
+// on one core of the 2-core Xeon, its float32 FMA peak).
+constexpr int kTileRows = 4;
+
+template <bool kTransA = false>
 void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
           int ldc, bool accumulate) {
+  // Where row m of A starts: A + m * lda, or A + m when A is stored transposed.
+  auto rows_of = [&](int m) { return kTransA ? A + m : A + m * lda; };
   int m = 0;
-  for (; m + 4 <= M; m += 4)
-    row_tiles<4>(N, K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, accumulate);
-  for (; m < M; ++m) row_tiles<1>(N, K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, accumulate);
+  for (; m + kTileRows <= M; m += kTileRows)
+    row_tiles<kTransA, kTileRows>(N, K, rows_of(m), lda, B, ldb, C + m * ldc, ldc, accumulate);
+  for (; m < M; ++m)
+    row_tiles<kTransA, 1>(N, K, rows_of(m), lda, B, ldb, C + m * ldc, ldc, accumulate);
 }
 
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols, in 16 x 16 tiles so that each tile
@@ -155,7 +166,8 @@ int clipped_length(const int32_t* lengths, int b, int S) {
   return std::clamp(int(lengths[b]), 0, S);
 }
 
-constexpr int kBlock = 64;   // query rows (forward) or key rows (backward) per block
+// Query rows per block, forward and backward (32 and 16 measured the same).
+constexpr int kBlock = 64;
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out,
@@ -218,6 +230,9 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// Query blocks as in the forward pass: recompute the block's probabilities P from the saved
+// log-sum-exp, then dS = P * (dO V^T - D) with D_i = dO_i . O_i; dQ = scale dS K for the block,
+// and its share of dK = scale dS^T Q and dV = P^T dO (A-transposed products, no transposes).
 ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> out,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
@@ -225,10 +240,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
                     ffi::ResultBuffer<ffi::F32> dv, bool causal, float scale) {
   const Shape s = make_shape(q, k, causal);
   const int rs = s.row_stride();
-  std::vector<float> Qs(s.Tp * s.Hp, 0.0f), QsT(s.Hp * s.Tp, 0.0f), dO(s.Tp * s.Hp, 0.0f),
-      dOT(s.Hp * s.Tp, 0.0f), K(s.Sp * s.Hp, 0.0f), KT(s.Hp * s.Sp, 0.0f), V(s.Sp * s.Hp, 0.0f),
-      D(s.Tp, 0.0f), L(s.Tp, 0.0f), dQT(s.Hp * s.Tp), PT(kBlock * s.Tp), dST(kBlock * s.Tp),
-      dKb(kBlock * s.Hp), dVb(kBlock * s.Hp), row(s.Hp);
+  std::vector<float> Qs(s.Tp * s.Hp, 0.0f), dO(s.Tp * s.Hp, 0.0f), O(s.Tp * s.Hp, 0.0f),
+      K(s.Sp * s.Hp, 0.0f), KT(s.Hp * s.Sp, 0.0f), VT(s.Hp * s.Sp, 0.0f), D(s.Tp),
+      dK(s.Sp * s.Hp), dV(s.Sp * s.Hp), P(kBlock * s.Sp), dS(kBlock * s.Sp), dQ(kBlock * s.Hp);
   for (int b = 0; b < s.B; ++b) {
     const int length = clipped_length(lengths.typed_data(), b, s.S);
     for (int n = 0; n < s.N; ++n) {
@@ -237,81 +251,63 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
       const float* lse_bn = lse.typed_data() + (size_t(b) * s.N + n) * s.T;
       gather(q.typed_data() + q_base, s.T, rs, s.H, Qs.data(), s.Hp);
       for (float& x : Qs) x *= scale;
-      transpose(Qs.data(), s.Hp, s.T, s.H, QsT.data(), s.Tp);
       gather(dout.typed_data() + q_base, s.T, rs, s.H, dO.data(), s.Hp);
-      transpose(dO.data(), s.Hp, s.T, s.H, dOT.data(), s.Tp);
+      gather(out.typed_data() + q_base, s.T, rs, s.H, O.data(), s.Hp);
       gather(k.typed_data() + kv_base, s.S, rs, s.H, K.data(), s.Hp);
       transpose(k.typed_data() + kv_base, rs, s.S, s.H, KT.data(), s.Sp);
-      gather(v.typed_data() + kv_base, s.S, rs, s.H, V.data(), s.Hp);
-      // D_i = dO_i . O_i, the softmax gradient's row term.
-      const float* out_bn = out.typed_data() + q_base;
+      transpose(v.typed_data() + kv_base, rs, s.S, s.H, VT.data(), s.Sp);
       for (int i = 0; i < s.T; ++i) {
-        float d = 0.0f;
-        for (int h = 0; h < s.H; ++h) d += dO[i * s.Hp + h] * out_bn[size_t(i) * rs + h];
-        D[i] = d;
-        L[i] = lse_bn[i];
+        vf d = vf{};
+        for (int h = 0; h < s.Hp; h += kLanes) d += load(&dO[i * s.Hp + h]) * load(&O[i * s.Hp + h]);
+        D[i] = hsum(d);
       }
-      std::fill(dQT.begin(), dQT.end(), 0.0f);
+      std::fill(dK.begin(), dK.end(), 0.0f);
+      std::fill(dV.begin(), dV.end(), 0.0f);
+      float* dq_bn = dq->typed_data() + q_base;
+      for (int i0 = 0; i0 < s.T; i0 += kBlock) {
+        const int rows = std::min(kBlock, s.T - i0);
+        if (length == 0) {   // every row fully masked: no gradient to q (dv below)
+          for (int r = 0; r < rows; ++r)
+            std::fill(dq_bn + size_t(i0 + r) * rs, dq_bn + size_t(i0 + r) * rs + s.H, 0.0f);
+          continue;
+        }
+        const int cols = round_up(s.valid_keys(i0 + rows - 1, length), kLanes);
+        gemm(rows, cols, s.Hp, Qs.data() + i0 * s.Hp, s.Hp, KT.data(), s.Sp, P.data(), s.Sp,
+             false);
+        gemm(rows, cols, s.Hp, dO.data() + i0 * s.Hp, s.Hp, VT.data(), s.Sp, dS.data(), s.Sp,
+             false);
+        for (int r = 0; r < rows; ++r) {
+          const int valid = s.valid_keys(i0 + r, length);
+          const vf row_lse = splat(lse_bn[i0 + r]), row_d = splat(D[i0 + r]);
+          float* p = P.data() + r * s.Sp;
+          float* ds = dS.data() + r * s.Sp;
+          for (int c = 0; c < cols; c += kLanes) {
+            const vi keep = (kIota + c) < valid;
+            // Masked scores may exceed the row's log-sum-exp; their exp is discarded.
+            const vf e = keep ? exp_nonpositive(keep ? load(p + c) - row_lse : vf{}) : vf{};
+            store(p + c, e);
+            store(ds + c, e * (load(ds + c) - row_d));
+          }
+        }
+        gemm(rows, s.Hp, cols, dS.data(), s.Sp, K.data(), s.Hp, dQ.data(), s.Hp, false);
+        for (int r = 0; r < rows; ++r)
+          for (int h = 0; h < s.H; ++h) dq_bn[size_t(i0 + r) * rs + h] = scale * dQ[r * s.Hp + h];
+        gemm<true>(cols, s.Hp, rows, P.data(), s.Sp, dO.data() + i0 * s.Hp, s.Hp, dV.data(),
+                   s.Hp, true);
+        gemm<true>(cols, s.Hp, rows, dS.data(), s.Sp, Qs.data() + i0 * s.Hp, s.Hp, dK.data(),
+                   s.Hp, true);
+      }
+      if (length == 0) {   // fully masked rows averaged all S values: dv_j = sum_i dO_i / S
+        for (int i = 0; i < s.T; ++i)
+          for (int h = 0; h < s.H; ++h) dV[h] += dO[i * s.Hp + h] / s.S;
+        for (int j = 1; j < s.S; ++j) std::memcpy(&dV[j * s.Hp], &dV[0], s.Hp * sizeof(float));
+      }
       float* dk_bn = dk->typed_data() + kv_base;
       float* dv_bn = dv->typed_data() + kv_base;
-      for (int j0 = 0; j0 < s.S; j0 += kBlock) {
-        const int rows = std::min(kBlock, s.S - j0);
-        // Queries that can see a key of this block: i + offset >= j0 (causal), and none past
-        // the keys' length.
-        int c0 = 0;
-        if (s.causal) c0 = std::min(s.T, std::max(0, j0 - s.offset)) / kLanes * kLanes;
-        const bool any = j0 < length && c0 < s.T;
-        std::fill(dKb.begin(), dKb.end(), 0.0f);
-        std::fill(dVb.begin(), dVb.end(), 0.0f);
-        if (any) {
-          const int nc = s.Tp - c0;
-          gemm(rows, nc, s.Hp, K.data() + j0 * s.Hp, s.Hp, QsT.data() + c0, s.Tp,
-               PT.data() + c0, s.Tp, false);
-          gemm(rows, nc, s.Hp, V.data() + j0 * s.Hp, s.Hp, dOT.data() + c0, s.Tp,
-               dST.data() + c0, s.Tp, false);
-          for (int r = 0; r < rows; ++r) {
-            const int j = j0 + r;
-            // Key j is seen by queries [first, T): those with j < valid_i.
-            const int first = j >= length ? s.T : (s.causal ? std::max(0, j - s.offset) : 0);
-            float* p = PT.data() + r * s.Tp + c0;
-            float* ds = dST.data() + r * s.Tp + c0;
-            for (int c = 0; c < nc; c += kLanes) {
-              const int i = c0 + c;
-              const vi query = kIota + i;
-              const vi keep = (query >= first) & (query < s.T);
-              // Masked scores may exceed the row's log-sum-exp; their exp is discarded.
-              const vf x = load(p + c) - load(L.data() + i);
-              const vf e = keep ? exp_nonpositive(keep ? x : vf{}) : vf{};
-              store(p + c, e);
-              store(ds + c, e * (load(ds + c) - load(D.data() + i)));
-            }
-          }
-          gemm(rows, s.Hp, nc, PT.data() + c0, s.Tp, dO.data() + c0 * s.Hp, s.Hp, dVb.data(),
-               s.Hp, false);
-          gemm(rows, s.Hp, nc, dST.data() + c0, s.Tp, Qs.data() + c0 * s.Hp, s.Hp, dKb.data(),
-               s.Hp, false);
-          gemm(s.Hp, nc, rows, KT.data() + j0, s.Sp, dST.data() + c0, s.Tp, dQT.data() + c0,
-               s.Tp, true);
-        }
-        for (int r = 0; r < rows; ++r) {
-          std::memcpy(dk_bn + size_t(j0 + r) * rs, dKb.data() + r * s.Hp, s.H * sizeof(float));
-          std::memcpy(dv_bn + size_t(j0 + r) * rs, dVb.data() + r * s.Hp, s.H * sizeof(float));
-        }
+      for (int j = 0; j < s.S; ++j) {
+        std::memcpy(dk_bn + size_t(j) * rs, &dK[j * s.Hp], s.H * sizeof(float));
+        std::memcpy(dv_bn + size_t(j) * rs, &dV[j * s.Hp], s.H * sizeof(float));
       }
-      // Fully masked rows averaged all S values: dv_j += dO_i / S; no gradient to q or k.
-      std::fill(row.begin(), row.end(), 0.0f);
-      bool masked_rows = false;
-      for (int i = 0; i < s.T; ++i) {
-        if (s.valid_keys(i, length) != 0) continue;
-        masked_rows = true;
-        for (int h = 0; h < s.H; ++h) row[h] += dO[i * s.Hp + h] / s.S;
-      }
-      if (masked_rows)
-        for (int j = 0; j < s.S; ++j)
-          for (int h = 0; h < s.H; ++h) dv_bn[size_t(j) * rs + h] += row[h];
-      float* dq_bn = dq->typed_data() + q_base;
-      for (float& x : dQT) x *= scale;
-      transpose(dQT.data(), s.Tp, s.H, s.T, dq_bn, rs);
     }
   }
   return ffi::Error::Success();
