@@ -14,7 +14,8 @@ Each operation is put in one category, from its kernel or HLO opcode and the sha
                  time a device waits for the slowest)
   vocab N x V    anything else writing a [.., V] array (softmax, cross-entropy, the embedding
                  gradient: the vocabulary-sized passes; left out when V equals another width)
-  attention      anything else writing a [.., T, T] or [.., T, P] array (scores, masks, softmax)
+  attention      the fused_cpu kernel's custom calls, and anything else writing a [.., T, T] or
+                 [.., T, P] array (scores, masks, softmax)
   layer stacking dynamic-(update-)slices and device copies (what scanned layers add)
   reduction      other reductions (norm statistics, bias gradients, partial sums)
   other          the remaining elementwise work (norms, GELU, dropout, masks, the optimizer)
@@ -77,6 +78,8 @@ def categorize(kernel: str, instruction, *, vocab: int | None, seq: int, patches
     return 'matmul'
   if opcode.startswith(_COLLECTIVE_OPS):
     return 'collective'
+  if 'phase1_attention' in opcode:   # model/cpu_attention.py's custom calls, matmuls included
+    return 'attention'
   if vocab and any(d and d[-1] == vocab for d in dims):
     return 'vocab N x V'
   if any(len(d) >= 2 and d[-2] == seq and d[-1] in (seq, patches) for d in dims):

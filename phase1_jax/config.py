@@ -14,7 +14,7 @@ from ml_collections import config_dict
 
 from phase1_jax.data import vocab
 
-ATTENTION_KINDS = ('dense', 'dot_product', 'window', 'window_topk', 'fused_cpu')
+ATTENTION_KINDS = ('dense', 'dot_product', 'window', 'window_topk', 'fused_cpu', 'auto')
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
 # The names of model/decoder.py's REMAT_POLICIES (config does not import the model).
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
@@ -76,7 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   # input; dots_saveable / dots_with_no_batch_dims_saveable: also matmul outputs).
   m.remat_policy = 'nothing_saveable'
   m.attention = ml_collections.ConfigDict()
-  m.attention.kind = 'dense'      # dense | dot_product | window | window_topk | fused_cpu
+  # dense | dot_product | window | window_topk | fused_cpu | auto (fused_cpu on a CPU with a C++
+  # compiler, else dense; dot_product on GPU/TPU)
+  m.attention.kind = 'dense'
   m.attention.window_size = 256   # window kinds: each token sees itself and window_size - 1 before
   m.attention.top_k = 4           # window_topk: earlier key blocks selected per query block
   m.attention.block_size = 0      # window kinds: 0 picks a default from window_size

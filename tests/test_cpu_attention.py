@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from phase1_jax.model import attention, cpu_attention
+from phase1_jax.training import state as state_lib
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='a CPU kernel')
 
@@ -114,3 +115,10 @@ def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
   assert os.path.getsize(path) > 0
   assert cpu_attention._library_path(compiler) == path
   assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]   # no temporary left
+
+
+def test_auto_kind_is_fused_cpu_with_a_compiler_and_dense_without(monkeypatch):
+  assert state_lib.attention_kind('auto') == 'fused_cpu'
+  assert state_lib.attention_kind('window') == 'window'
+  monkeypatch.setenv('CXX', 'no-such-compiler-phase1')
+  assert state_lib.attention_kind('auto') == 'dense'

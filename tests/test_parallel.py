@@ -114,7 +114,8 @@ def test_two_processes_train_and_checkpoint(tmp_path):
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  assert '(8 devices, jit over 8, 2 processes; float32 compute, layers unrolled)' in outs[0][0]
+  assert ('(8 devices, jit over 8, 2 processes; float32 compute, layers unrolled, '
+          'dense attention)') in outs[0][0]
   for line in ('Workdir:', 'Epoch 1/1', 'Best checkpoint'):   # only process 0 reports
     assert line in outs[0][0] and line not in outs[1][0], line
   history = json.load(open(workdir / 'training_history.json'))

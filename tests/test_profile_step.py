@@ -13,6 +13,7 @@ HLO = """HloModule jit_train_step, entry_computation_layout={}
   %custom-call.7 = (bf16[4096,768]{1,0}, s8[0]{0}) custom-call(%x, %y), custom_call_target="__cublas$gemm", metadata={op_name="jit(train_step)/dot_general"}
   %fusion.9 = f32[16,12,256,256]{3,2,1,0} fusion(%s), kind=kLoop, calls=%g, metadata={op_name="jit(train_step)/select_n"}
   %all-reduce.2 = (f32[2048,256]{1,0}, f32[256]{0}) all-reduce(%p, %q), replica_groups={}, to_apply=%add
+  %custom-call.3 = (f32[8,256,4,64]{3,2,1,0}, f32[8,4,256]{2,1,0}) custom-call(%q, %k, %v, %l), custom_call_target="phase1_attention_forward", metadata={op_name="jit(train_step)/ffi_call"}
   ROOT %input_reduce_fusion.1 = bf16[768]{0} fusion(%d), kind=kInput, calls=%h
 """
 SIZES = dict(vocab=50000, seq=256, patches=64)
@@ -28,6 +29,7 @@ def test_hlo_instructions_and_categories():
   assert cat('custom-call.7', 'custom_call_7') == 'matmul'
   assert cat('nvjet_sm90_tst_128x160_64x5', 'nvjet_sm90_tst_128x160_64x5') == 'matmul'
   assert cat('fusion.9', 'fusion_9') == 'attention'
+  assert cat('custom-call.3', 'custom_call_3') == 'attention'   # the fused_cpu kernel
   assert cat('all-reduce.2', 'all_reduce_2') == 'collective'
   assert cat('input_reduce_fusion_1', 'input_reduce_fusion_1') == 'reduction'
   assert cat('memcpy128', 'memcpy128') == 'layer stacking'

@@ -44,8 +44,16 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def compiler_available() -> bool:
+  return shutil.which(_compiler_name()) is not None
+
+
+def _compiler_name() -> str:
+  return os.environ.get('CXX') or 'g++'
+
+
 def _compiler() -> str:
-  compiler = os.environ.get('CXX') or 'g++'
+  compiler = _compiler_name()
   path = shutil.which(compiler)
   if path is None:
     raise KernelBuildError(

@@ -19,6 +19,7 @@ from phase1_jax import config as config_lib
 from phase1_jax import decoding
 from phase1_jax.data import bpe, pipeline, records, vocab
 from phase1_jax.training import evaluation, parallel, reporting
+from phase1_jax.training import state as state_lib
 
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'schemas',
                            'generation.schema.json')
@@ -139,7 +140,8 @@ def generate_pages(config: ml_collections.ConfigDict, workdir: str, *, num_sampl
   record_settings = {
       **dataclasses.asdict(settings),
       'seed': config.decode.seed, 'element_threshold': config.eval.element_threshold,
-      'checkpoint_step': step, 'attention_kind': config.model.attention.kind,
+      'checkpoint_step': step,
+      'attention_kind': state_lib.attention_kind(config.model.attention.kind),
   }
   decode = markup_decoder(config)
   rng = jax.random.key(config.decode.seed)
