@@ -35,10 +35,10 @@ inline void store(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
 inline vf splat(float x) { return vf{} + x; }
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// exp(x) for x <= 0 (softmax arguments), Cephes' polynomial after reducing by powers of two;
-// about 2 ulp. Below -87 (e^-87 ~ 1.6e-38) it returns 0.
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
+// exp(x) for x <= 0 (softmax arguments), Cephes' polynomial after reducing by powers of two;
+// about 2 ulp. Below -87 (e^-87 ~ 1.6e-38) it returns 0.
 inline vf exp_nonpositive(vf x) {
   const vi underflow = x < splat(-87.0f);
   x = underflow ? splat(-87.0f) : x;
@@ -138,7 +138,8 @@ void transpose(const float* src, int lds, int rows, int cols, float* dst, int ld
 // The rows of one (batch row, head) slice of a [.., rows, N, H] array into a dense [rows, Hp]
 // buffer (zero padding kept).
 void gather(const float* src, int rows, int row_stride, int H, float* dst, int Hp) {
-  for (int r = 0; r < rows; ++r) std::memcpy(dst + r * Hp, src + r * row_stride, H * sizeof(float));
+  for (int r = 0; r < rows; ++r)
+    std::memcpy(dst + r * Hp, src + r * row_stride, H * sizeof(float));
 }
 
 struct Shape {
@@ -258,7 +259,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
       transpose(v.typed_data() + kv_base, rs, s.S, s.H, VT.data(), s.Sp);
       for (int i = 0; i < s.T; ++i) {
         vf d = vf{};
-        for (int h = 0; h < s.Hp; h += kLanes) d += load(&dO[i * s.Hp + h]) * load(&O[i * s.Hp + h]);
+        for (int h = 0; h < s.Hp; h += kLanes)
+          d += load(&dO[i * s.Hp + h]) * load(&O[i * s.Hp + h]);
         D[i] = hsum(d);
       }
       std::fill(dK.begin(), dK.end(), 0.0f);
