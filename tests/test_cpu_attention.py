@@ -105,16 +105,28 @@ def test_missing_compiler_is_one_clear_error(monkeypatch):
     cpu_attention._compiler()
 
 
-def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
-  """The library's name is a hash of what built it; a second lookup finds the same file."""
+def test_the_kernel_is_cached_by_what_built_it(tmp_path, monkeypatch):
+  """Registered once per process from a library in the cache, named by a hash of its source,
+  compiler, flags and CPU; no temporary file of a build is left beside it."""
+  cpu_attention.register()
   compiler = cpu_attention._compiler()
-  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
   path = cpu_attention._library_path(compiler)
-  assert path.startswith(str(tmp_path)) and not os.path.exists(path)
-  cpu_attention._build(compiler, path)
   assert os.path.getsize(path) > 0
-  assert cpu_attention._library_path(compiler) == path
-  assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]   # no temporary left
+  assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith('tmp')]
+  monkeypatch.setattr(cpu_attention, '_FLAGS', cpu_attention._FLAGS + ('-DOTHER',))
+  assert cpu_attention._library_path(compiler) != path
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  assert cpu_attention._library_path(compiler).startswith(str(tmp_path))
+
+
+def test_a_failed_build_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+  source = tmp_path / 'broken.cc'
+  source.write_text('#error this kernel does not compile\n')
+  monkeypatch.setattr(cpu_attention, '_SOURCE', str(source))
+  library = tmp_path / 'cache' / 'kernel.so'
+  with pytest.raises(cpu_attention.KernelBuildError, match='broken.cc failed: .*does not compile'):
+    cpu_attention._build(cpu_attention._compiler(), str(library))
+  assert os.listdir(library.parent) == []
 
 
 def test_auto_kind_is_fused_cpu_with_a_compiler_and_dense_without(monkeypatch):

@@ -84,8 +84,10 @@ def _build(compiler: str, path: str) -> None:
     cmd = [compiler, *_FLAGS, '-I', jax.ffi.include_dir(), _SOURCE, '-o', tmp]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-      last = (result.stderr.strip().splitlines() or ['(no output)'])[-1]
-      raise KernelBuildError(f"attention kind 'fused_cpu': compiling {_SOURCE} failed: {last}")
+      lines = result.stderr.strip().splitlines() or ['(no output)']
+      first_error = next((line for line in lines if 'error' in line), lines[-1])
+      raise KernelBuildError(
+          f"attention kind 'fused_cpu': compiling {_SOURCE} failed: {first_error.strip()}")
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
