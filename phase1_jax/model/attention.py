@@ -37,6 +37,9 @@ from phase1_jax.model import cpu_attention, sparse_attention
 
 KINDS = ('dense', 'dot_product', 'window', 'window_topk', 'fused_cpu')
 SPARSE_KINDS = ('window', 'window_topk')
+# Kinds that take key lengths (no mask tensor), causal or not: the model's cross-attention runs
+# the same kind as its self-attention when it is one of these.
+LENGTH_KINDS = ('dot_product', 'fused_cpu')
 _NEG = -1e30
 # Options each kind accepts; anything else passed to `attend` is an error.
 _OPTIONS = {'dense': ('window_size',), 'dot_product': ('window_size',),
@@ -188,7 +191,7 @@ def attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, kv_lengths_B=No
     if kv_lengths_B.shape != k_BxSxNxH.shape[:1]:
       raise ValueError(f'kv_lengths_B: shape {kv_lengths_B.shape}, expected '
                        f'({k_BxSxNxH.shape[0]},), one length per batch row')
-    if kind not in ('dot_product', 'fused_cpu'):   # the others take the mask
+    if kind not in LENGTH_KINDS:   # the others take the mask
       kv_mask_BxS = prefix_mask(kv_lengths_B, k_BxSxNxH.shape[1])
       kv_lengths_B = None
   if kind == 'fused_cpu':

@@ -266,13 +266,16 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
       std::fill(dK.begin(), dK.end(), 0.0f);
       std::fill(dV.begin(), dV.end(), 0.0f);
       float* dq_bn = dq->typed_data() + q_base;
-      for (int i0 = 0; i0 < s.T; i0 += kBlock) {
+      if (length == 0) {   // every row fully masked averaged all S values: dv_j = sum_i dO_i / S,
+        // and no gradient reaches q or k
+        for (int i = 0; i < s.T; ++i)
+          std::fill(dq_bn + size_t(i) * rs, dq_bn + size_t(i) * rs + s.H, 0.0f);
+        for (int i = 0; i < s.T; ++i)
+          for (int h = 0; h < s.H; ++h) dV[h] += dO[i * s.Hp + h] / s.S;
+        for (int j = 1; j < s.S; ++j) std::memcpy(&dV[j * s.Hp], &dV[0], s.Hp * sizeof(float));
+      }
+      for (int i0 = 0; length > 0 && i0 < s.T; i0 += kBlock) {
         const int rows = std::min(kBlock, s.T - i0);
-        if (length == 0) {   // every row fully masked: no gradient to q (dv below)
-          for (int r = 0; r < rows; ++r)
-            std::fill(dq_bn + size_t(i0 + r) * rs, dq_bn + size_t(i0 + r) * rs + s.H, 0.0f);
-          continue;
-        }
         const int cols = round_up(s.valid_keys(i0 + rows - 1, length), kLanes);
         gemm(rows, cols, s.Hp, Qs.data() + i0 * s.Hp, s.Hp, KT.data(), s.Sp, P.data(), s.Sp,
              false);
@@ -298,11 +301,6 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
                    s.Hp, true);
         gemm<true>(cols, s.Hp, rows, dS.data(), s.Sp, Qs.data() + i0 * s.Hp, s.Hp, dK.data(),
                    s.Hp, true);
-      }
-      if (length == 0) {   // fully masked rows averaged all S values: dv_j = sum_i dO_i / S
-        for (int i = 0; i < s.T; ++i)
-          for (int h = 0; h < s.H; ++h) dV[h] += dO[i * s.Hp + h] / s.S;
-        for (int j = 1; j < s.S; ++j) std::memcpy(&dV[j * s.Hp], &dV[0], s.Hp * sizeof(float));
       }
       float* dk_bn = dk->typed_data() + kv_base;
       float* dv_bn = dv->typed_data() + kv_base;

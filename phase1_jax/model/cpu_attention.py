@@ -107,10 +107,11 @@ def register() -> None:
                                 platform='cpu')
 
 
-def _call(name, results, *args, causal, scale):
+def _call(name, results, q, *args, causal):
+  """The handler `name` on (q, *args); the softmax scale is 1 / sqrt(head_dim)."""
   register()
   return jax.ffi.ffi_call(_TARGETS[name], results, vmap_method='sequential')(
-      *args, causal=causal, scale=np.float32(scale))
+      q, *args, causal=causal, scale=np.float32(q.shape[-1] ** -0.5))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -119,11 +120,11 @@ def _attention(q, k, v, lengths, causal):
 
 
 def _forward(q, k, v, lengths, causal):
-  b, t, n, h = q.shape
+  b, t, n, _ = q.shape
   out_BxTxNxH, lse_BxNxT = _call(
       'forward', (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                   jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
-      q, k, v, lengths, causal=causal, scale=h ** -0.5)
+      q, k, v, lengths, causal=causal)
   return out_BxTxNxH, (q, k, v, lengths, out_BxTxNxH, lse_BxNxT)
 
 
@@ -131,8 +132,7 @@ def _backward(causal, residuals, dout_BxTxNxH):
   q, k, v, lengths, out_BxTxNxH, lse_BxNxT = residuals
   dq, dk, dv = _call(
       'backward', tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
-      q, k, v, lengths, out_BxTxNxH, lse_BxNxT, dout_BxTxNxH, causal=causal,
-      scale=q.shape[-1] ** -0.5)
+      q, k, v, lengths, out_BxTxNxH, lse_BxNxT, dout_BxTxNxH, causal=causal)
   return dq, dk, dv, None
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phase1_jax.model import kv_cache
-from phase1_jax.model.attention import attend
+from phase1_jax.model.attention import LENGTH_KINDS, attend
 from phase1_jax.model.layers import Dense, LayerNorm
 
 
@@ -77,8 +77,7 @@ class DecoderLayer(nnx.Module):
     # No stored RNG: keys come in as arguments so the layer can be scanned and shared.
     self.dropout = nnx.Dropout(dropout_rate)
     self.attention_kind = attention_kind
-    self.cross_attention_kind = (attention_kind if attention_kind in ('dot_product', 'fused_cpu')
-                                 else 'dense')
+    self.cross_attention_kind = attention_kind if attention_kind in LENGTH_KINDS else 'dense'
     # Static (hashable) options of the self-attention kind: window_size, top_k, block_size.
     self.attention_options = tuple(sorted((attention_options or {}).items()))
 
