@@ -46,14 +46,17 @@ VARIANTS = {
     'bfloat16_scan': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': True},
     'float32_scan_remat': {'model.compute_dtype': 'float32', 'model.scan_layers': True,
                            'model.remat': True},
+    # The fused chunked loss (loss.logits_chunk_pages): 2 pages of logits at a time by default.
     'float32_unrolled_chunked': {'model.compute_dtype': 'float32', 'model.scan_layers': False,
-                                 'loss.vocab_chunk_size': 4096},
-    'float32_unrolled_chunked2048': {'model.compute_dtype': 'float32', 'model.scan_layers': False,
-                                     'loss.vocab_chunk_size': 2048},
+                                 'loss.logits_chunk_pages': 2},
+    'float32_unrolled_chunked1': {'model.compute_dtype': 'float32', 'model.scan_layers': False,
+                                  'loss.logits_chunk_pages': 1},
+    'float32_unrolled_chunked4': {'model.compute_dtype': 'float32', 'model.scan_layers': False,
+                                  'loss.logits_chunk_pages': 4},
     'bfloat16_scan_chunked': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': True,
-                              'loss.vocab_chunk_size': 4096},
+                              'loss.logits_chunk_pages': 2},
     'bfloat16_unrolled_chunked': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': False,
-                                  'loss.vocab_chunk_size': 4096},
+                                  'loss.logits_chunk_pages': 2},
     'bfloat16_scan_dot_product': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': True,
                                   'model.attention.kind': 'dot_product'},
     'bfloat16_unrolled_dense': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': False,
@@ -82,7 +85,7 @@ def run_variant(config, batch, one_device):
                   **perf_common.memory_bytes(compiled),
                   'compute_dtype': str(state_lib.compute_dtype(config.model.compute_dtype)),
                   'scan_layers': config.model.scan_layers, 'remat': config.model.remat,
-                  'vocab_chunk_size': config.loss.vocab_chunk_size}}
+                  'logits_chunk_pages': config.loss.logits_chunk_pages}}
 
 
 def compile_by_depth(config_path, sets, batch, depths):
@@ -175,8 +178,8 @@ def main():
     row['real_tokens_per_second'] = results['real_tokens_per_batch'] / med
     row['flops_per_second'] = flops['train_step'] / med
     row['mfu'] = row['flops_per_second'] / peaks[row['compute_dtype']]['flops_per_second']
-    # XLA counts a scanned body once (layers, vocabulary chunks): compare unscanned steps only.
-    if row['xla_flops'] and not row['scan_layers'] and not row['vocab_chunk_size']:
+    # XLA counts a scanned body once (layers, logits chunks): compare unscanned steps only.
+    if row['xla_flops'] and not row['scan_layers'] and not row['logits_chunk_pages']:
       row['xla_over_analytic_flops'] = row['xla_flops'] / flops['train_step']
     results['variants'][name] = row
     mem, temps = row['compiled_memory_bytes'], row['temp_memory_bytes']

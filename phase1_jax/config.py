@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -89,9 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   loss.semantic_weight = 0.3
   loss.element_weight = 0.2
   loss.consistency_weight = 0.1
-  # > 0: the training detail cross-entropy walks the vocabulary this many entries at a time, so
-  # no B x T x V float32 logits exist (large vocabularies); 0: plain full logits.
-  loss.vocab_chunk_size = 0
+  # > 0 (large vocabularies): training builds the detail logits this many pages at a time, with
+  # their gradient in the same pass (losses.fused_head_loss), so no B x T x V float32 logits
+  # exist; rounded down to a divisor of the per-device batch. 0: whole logits.
+  loss.logits_chunk_pages = 0
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 16
@@ -152,6 +154,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Fields of earlier versions, with what replaced them. A saved run's config.json may hold them:
+# training-only settings, dropped when it is read back (generation.load_config).
+RETIRED_FIELDS = {
+    'loss.vocab_chunk_size': 'use loss.logits_chunk_pages (pages of logits at a time, e.g. 2)',
+}
+
 # Fields that fix the parameters' meaning: a checkpoint trained with other values cannot be
 # resumed or evaluated under this config (checked against the config saved in the checkpoint).
 ARCHITECTURE_FIELDS = ('model.vocab_size', 'model.num_semantic_classes', 'model.num_element_types',
@@ -191,6 +199,30 @@ def _fail(field: str, rule: str, value) -> ConfigError:
   return ConfigError(f'config.{field}={value!r}: {rule}')
 
 
+def unknown_field(path: str) -> ConfigError:
+  """The error for a field base_config() lacks: what replaced it, or the closest known name."""
+  if path in RETIRED_FIELDS:
+    return ConfigError(f'config.{path}: no longer exists: {RETIRED_FIELDS[path]}')
+  close = difflib.get_close_matches(path, flatten(base_config().to_dict()), n=1)
+  return ConfigError(f'config.{path}: unknown field' + (f' (did you mean {close[0]}?)' if close
+                                                         else ''))
+
+
+def parse_flags(argv):
+  """absl's flag parsing for the CLIs (app.run(main, flags_parser=parse_flags)): a --config.a.b
+  override of a field the config lacks exits with one line naming it, not a traceback."""
+  from absl import app
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    missing = re.search(r"'(\w+)", str(e)).group(1)   # ml_collections: "'name'\nDid you mean..."
+    for arg in argv[1:]:
+      path = arg.removeprefix('--config.').split('=')[0]
+      if arg.startswith('--config.') and missing in path.split('.'):
+        raise SystemExit(f'error: {unknown_field(path)}') from None
+    raise
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field that breaks a rule (cheap: runs before compiling)."""
   def get(path):
@@ -224,9 +256,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   known = flatten(base_config().to_dict())
   for path in flatten(config.to_dict()):
     if path not in known:
-      close = difflib.get_close_matches(path, known, n=1)
-      hint = f' (did you mean {close[0]}?)' if close else ''
-      raise ConfigError(f'config.{path}: unknown field{hint}')
+      raise unknown_field(path)
 
   def boolean(*paths):
     for p in paths:
@@ -285,7 +315,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   positive('model.attention.top_k', 'model.attention.block_size', allow_zero=True)
 
   one_of('loss.weighting', LOSS_WEIGHTINGS)
-  positive('loss.vocab_chunk_size', allow_zero=True)
+  positive('loss.logits_chunk_pages', allow_zero=True)
   for name in ('detail', 'semantic', 'element', 'consistency'):
     in_range(f'loss.{name}_weight', 0, float('inf'))
 

@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from phase1_jax.config import ConfigError
+from phase1_jax.config import ConfigError, parse_flags
 from phase1_jax.training.checkpoint import CheckpointError
 from phase1_jax.training.generation import InputError, generate_pages, load_config
 
@@ -56,4 +56,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

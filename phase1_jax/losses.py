@@ -9,9 +9,9 @@ or, as training computes it, as the final states and the head's weights (`detail
 log-sum-exp over the vocabulary, the target's logit, and the open-tag tokens' logits
 (p(tag) = exp(logit_tag - lse)). From the states, the tags' logits are a small matmul with their
 own weight rows, so the N x V gradient holds only the softmax and the target terms and fuses into
-one pass; with `vocab_chunk_size` > 0, `chunked_logsumexp` walks the vocabulary that many entries
-at a time and no B x T x V array is ever built, forward or backward (the target's logit is then a
-row gather too).
+one pass. With `logits_chunk_pages` > 0 (large vocabularies), `fused_head_loss` builds the logits
+that many pages at a time and computes their gradient in the same pass: no B x T x V array is ever
+built, and the head costs the same three matmuls as the plain loss.
 
 `axis_name` (inside pmap/shard_map over a data axis): each device holds part of the global
 batch. Every mean then divides the device's local sum by the *global* count (a psum of the
@@ -20,6 +20,8 @@ so the psum over devices of the returned values, and of their gradients, is exac
 (and gradient) of the whole batch on one device, however the tokens are spread.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,42 +49,6 @@ def implied_element_probs(tag_logprobs_BxTxE, target_mask_BxT):
   """
   p_BxTxE = jnp.exp(tag_logprobs_BxTxE)
   return jnp.max(jnp.where(target_mask_BxT[..., None], p_BxTxE, 0.0), axis=1)
-
-
-def chunked_logsumexp(h_NxD, weight_VxD, bias_V=None, *, chunk_size: int):
-  """logsumexp_v(h_n . w_v + b_v) per row n, float32 [N], computed over vocabulary chunks of at
-  most `chunk_size` rows so that at most an N x chunk_size float32 block of logits exists at once.
-
-  A `lax.scan` over the chunks with an online (running max, running sum) log-sum-exp; the body is
-  rematerialized, so the backward pass recomputes each chunk's logits instead of storing them.
-  The running max is held out of the gradient: lse = m + log sum exp(l - m) has the same
-  derivative (the softmax) for any m.
-  """
-  v, d = weight_VxD.shape
-  # As few chunks as chunk_size allows, evened out so the padding is under one row per chunk
-  # (V = 50000 at 4096: 13 chunks of 3847, not 13 of 4096 with 3248 padded rows of work).
-  n_chunks = -(-v // chunk_size)
-  chunk_size = -(-v // n_chunks)
-  pad = n_chunks * chunk_size - v
-  w_CxKxD = jnp.pad(weight_VxD, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, d)
-  b_V = jnp.zeros((v,), jnp.float32) if bias_V is None else bias_V.astype(jnp.float32)
-  # Padded vocabulary rows get -inf; each chunk holds at least one real row, so maxima are finite.
-  b_CxK = jnp.pad(b_V, (0, pad), constant_values=-jnp.inf).reshape(n_chunks, chunk_size)
-  h_NxD = h_NxD.astype(weight_VxD.dtype)
-
-  @jax.checkpoint
-  def body(carry, chunk):
-    m_N, s_N = carry
-    w_KxD, b_K = chunk
-    logits_NxK = logits_matmul(h_NxD, w_KxD, b_K)
-    new_m_N = jax.lax.stop_gradient(jnp.maximum(m_N, logits_NxK.max(axis=-1)))
-    s_N = s_N * jnp.exp(m_N - new_m_N) + jnp.exp(logits_NxK - new_m_N[:, None]).sum(axis=-1)
-    return (new_m_N, s_N), None
-
-  n = h_NxD.shape[0]
-  init = (jnp.full((n,), -1e30, jnp.float32), jnp.zeros((n,), jnp.float32))
-  (m_N, s_N), _ = jax.lax.scan(body, init, (w_CxKxD, b_CxK))
-  return m_N + jnp.log(s_N)
 
 
 @jax.custom_vjp
@@ -143,20 +109,12 @@ def _row_logits(h_NxD, weight_VxD, bias_V, ids_K):
   return logits_NxK if bias_V is None else logits_NxK + bias_V.astype(jnp.float32)[ids_K]
 
 
-def _target_logits(h_NxD, weight_VxD, bias_V, ids_N):
-  """Logit of vocabulary id ids_N[n] at row n, float32 [N]: a gather of N weight rows."""
-  w_NxD = weight_VxD[ids_N]
-  logits_N = jnp.einsum('nd,nd->n', h_NxD, w_NxD, preferred_element_type=jnp.float32)
-  return logits_N if bias_V is None else logits_N + bias_V.astype(jnp.float32)[ids_N]
-
-
-def detail_terms(outputs, targets_BxT, element_token_ids_E, vocab_chunk_size: int = 0):
+def detail_terms(outputs, targets_BxT, element_token_ids_E):
   """(nll_BxT, element-tag log-probabilities BxTxE) of the detail head, float32.
 
   From `detail_logits` when the outputs hold them (evaluation). Else from `detail_hidden` and
-  `detail_weight` (and `detail_bias`), as training computes them: the logits whole, or with
-  `vocab_chunk_size` > 0 over vocabulary chunks (see module docstring); the tags' logits come
-  from their own weight rows, so their gradient stays out of the N x V cotangent.
+  `detail_weight` (and `detail_bias`), as training computes them: the tags' logits come from their
+  own weight rows, so their gradient stays out of the N x V cotangent.
   """
   b, t = targets_BxT.shape
   targets_N = targets_BxT.reshape(b * t)
@@ -168,17 +126,146 @@ def detail_terms(outputs, targets_BxT, element_token_ids_E, vocab_chunk_size: in
     h_BxTxD, w_VxD = outputs['detail_hidden'], outputs['detail_weight']
     bias_V = outputs.get('detail_bias')
     h_NxD = h_BxTxD.reshape(b * t, -1).astype(w_VxD.dtype)
-    if vocab_chunk_size > 0:
-      lse_N = chunked_logsumexp(h_NxD, w_VxD, bias_V, chunk_size=vocab_chunk_size)
-      target_N = _target_logits(h_NxD, w_VxD, bias_V, targets_N)
-    else:
-      lse_N, target_N = logsumexp_and_pick(logits_matmul(h_NxD, w_VxD, bias_V), targets_N)
+    lse_N, target_N = logsumexp_and_pick(logits_matmul(h_NxD, w_VxD, bias_V), targets_N)
     tags_NxE = _row_logits(h_NxD, w_VxD, bias_V, element_token_ids_E)
   return ((lse_N - target_N).reshape(b, t),
           (tags_NxE - lse_N[:, None]).reshape(b, t, -1))
 
 
-def task_losses(outputs, batch, element_token_ids_E, vocab_chunk_size: int = 0, axis_name=None):
+def head_sums(nll_BxT, tag_logprobs_BxTxE, element_logits_BxE, target_mask_BxT, page_mask_B):
+  """Numerators of the detail and consistency losses, float32 [2]: the detail NLL summed over the
+  target mask, and the consistency term (mean over element types) summed over the pages.
+  target_mask_BxT must already exclude padding pages."""
+  implied_BxE = implied_element_probs(tag_logprobs_BxTxE, target_mask_BxT)
+  consistency_B = jnp.square(implied_BxE - jax.nn.sigmoid(element_logits_BxE)).mean(axis=-1)
+  return jnp.stack([jnp.where(target_mask_BxT, nll_BxT, 0.0).sum(),
+                    jnp.where(page_mask_B, consistency_B, 0.0).sum()])
+
+
+def chunk_pages(batch_size: int, pages: int) -> int:
+  """Pages per logits chunk: the largest divisor of the batch size that is at most `pages`."""
+  return max(p for p in range(1, min(pages, batch_size) + 1) if batch_size % p == 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def fused_head_loss(h_BxTxD, weight_VxD, bias_V, task_weights_2, element_logits_BxE, targets_BxT,
+                    target_mask_BxT, page_mask_B, element_token_ids_E, counts_2, pages_per_chunk):
+  """w_detail * L_detail + w_consistency * L_consistency with its gradient computed in the same
+  pass, `pages_per_chunk` pages at a time: (total, (L_detail, L_consistency)), float32.
+
+  task_weights_2: (w_detail, w_consistency); counts_2: the losses' denominators (target tokens and
+  pages, summed over devices). bias_V may be None. The (L_detail, L_consistency) output is for
+  logging and carries no gradient.
+
+  Why fused: the plain loss builds B x T x V float32 logits; a vocabulary-chunked loss avoids that
+  but must build every chunk's logits twice (the softmax needs each row's whole log-sum-exp, and
+  the backward pass needs the softmax): 4 head matmuls against 3. Here each chunk holds whole
+  rows, and whole pages, so the chunk knows its rows' log-sum-exp AND its rows' full cotangent (the
+  consistency term is a per-page max): the forward pass writes the logits' gradient and applies
+  both gradient matmuls at once, 3 head matmuls, and at most a P x T x V block exists at a time.
+  The output is one scalar, so the backward pass only scales the stored gradients.
+  """
+  return _fused_head_loss_fwd(h_BxTxD, weight_VxD, bias_V, task_weights_2, element_logits_BxE,
+                              targets_BxT, target_mask_BxT, page_mask_B, element_token_ids_E,
+                              counts_2, pages_per_chunk)[0]
+
+
+def _fused_head_loss_fwd(h_BxTxD, weight_VxD, bias_V, task_weights_2, element_logits_BxE,
+                         targets_BxT, target_mask_BxT, page_mask_B, element_token_ids_E,
+                         counts_2, pages_per_chunk):
+  b, t, d = h_BxTxD.shape
+  v = weight_VxD.shape[0]
+  p = chunk_pages(b, pages_per_chunk)
+  r = p * t
+  dtype = h_BxTxD.dtype
+  # The sums' cotangent: d total / d sum_i = w_i / count_i.
+  scale_2 = task_weights_2.astype(jnp.float32) / counts_2
+  tag_w_ExD = weight_VxD[element_token_ids_E]
+
+  def body(carry, chunk):
+    d_weight_VxD, d_bias_V, sums_2 = carry
+    h_PxTxD, elements_PxE, targets_PxT, target_mask_PxT, page_mask_P = chunk
+    h_RxD, targets_R = h_PxTxD.reshape(r, d), targets_PxT.reshape(r)
+    logits_RxV = logits_matmul(h_RxD, weight_VxD, bias_V)
+    lse_R = jax.nn.logsumexp(logits_RxV, axis=-1)
+    picked_R = jnp.take_along_axis(logits_RxV, targets_R[:, None], axis=-1)[:, 0]
+    tags_RxE = logits_RxV[:, element_token_ids_E]
+
+    def sums(lse_R, picked_R, tags_RxE, elements_PxE):
+      return head_sums((lse_R - picked_R).reshape(p, t),
+                       (tags_RxE - lse_R[:, None]).reshape(p, t, -1), elements_PxE,
+                       target_mask_PxT, page_mask_P)
+
+    chunk_sums_2, sums_vjp = jax.vjp(sums, lse_R, picked_R, tags_RxE, elements_PxE)
+    g_lse_R, g_picked_R, g_tags_RxE, g_elements_PxE = sums_vjp(scale_2)
+    # The logits' gradient, softmax * g_lse + g_picked at the target column, in one elementwise
+    # pass; the few tag columns' share goes through their own weight rows below instead.
+    cols_RxV = jax.lax.broadcasted_iota(targets_R.dtype, logits_RxV.shape, 1)
+    g_RxV = (jnp.exp(logits_RxV - lse_R[:, None]) * g_lse_R[:, None]
+             + jnp.where(cols_RxV == targets_R[:, None], g_picked_R[:, None], 0.0))
+    g_lo_RxV = g_RxV.astype(dtype)
+    d_h_RxD = (jnp.einsum('rv,vd->rd', g_lo_RxV, weight_VxD, preferred_element_type=jnp.float32)
+               + jnp.einsum('re,ed->rd', g_tags_RxE, tag_w_ExD.astype(jnp.float32)))
+    d_weight_VxD = d_weight_VxD + jnp.einsum('rv,rd->vd', g_lo_RxV, h_RxD,
+                                             preferred_element_type=jnp.float32)
+    d_weight_VxD = d_weight_VxD.at[element_token_ids_E].add(
+        jnp.einsum('re,rd->ed', g_tags_RxE, h_RxD.astype(jnp.float32)))
+    if d_bias_V is not None:
+      d_bias_V = (d_bias_V + g_RxV.sum(axis=0)).at[element_token_ids_E].add(g_tags_RxE.sum(0))
+    return (d_weight_VxD, d_bias_V, sums_2 + chunk_sums_2), (d_h_RxD.reshape(p, t, d).astype(dtype),
+                                                             g_elements_PxE)
+
+  chunks = lambda x: x.reshape(b // p, p, *x.shape[1:])
+  init = (jnp.zeros((v, d), jnp.float32), None if bias_V is None else jnp.zeros((v,), jnp.float32),
+          jnp.zeros((2,), jnp.float32))
+  xs = tuple(map(chunks, (h_BxTxD, element_logits_BxE.astype(jnp.float32), targets_BxT,
+                          target_mask_BxT, page_mask_B)))
+  (d_weight_VxD, d_bias_V, sums_2), (d_h, d_elements) = jax.lax.scan(body, init, xs)
+  losses_2 = sums_2 / counts_2
+  total = jnp.dot(task_weights_2.astype(jnp.float32), losses_2)
+  grads = (d_h.reshape(b, t, d), d_weight_VxD.astype(weight_VxD.dtype),
+           None if bias_V is None else d_bias_V.astype(bias_V.dtype), losses_2,
+           d_elements.reshape(b, -1).astype(element_logits_BxE.dtype))
+  return (total, jax.lax.stop_gradient(losses_2)), grads
+
+
+def _fused_head_loss_bwd(pages_per_chunk, grads, cotangents):
+  del pages_per_chunk
+  g_total, _ = cotangents   # the losses output is for logging: its cotangent is ignored
+  d_h, d_weight, d_bias, d_task_weights, d_elements = jax.tree.map(
+      lambda x: (g_total * x).astype(x.dtype), grads)
+  return d_h, d_weight, d_bias, d_task_weights, d_elements, None, None, None, None, None
+
+
+fused_head_loss.defvjp(_fused_head_loss_fwd, _fused_head_loss_bwd)
+
+
+def _counts(target_mask_BxT, page_mask_B, axis_name=None):
+  """The detail and consistency losses' denominators, float32 [2]: target tokens and pages (over
+  all devices with axis_name; at least 1)."""
+  counts_2 = jnp.stack([target_mask_BxT.sum(), page_mask_B.sum()]).astype(jnp.float32)
+  counts_2 = counts_2 if axis_name is None else jax.lax.psum(counts_2, axis_name)
+  return jnp.maximum(counts_2, 1.0)
+
+
+def _masks(batch):
+  page_mask_B = batch.get('page_mask', jnp.ones(batch['targets'].shape[:1], bool))
+  return batch['target_mask'] & page_mask_B[:, None], page_mask_B
+
+
+def _semantic_and_element_losses(outputs, batch, page_mask_B, axis_name=None):
+  semantic_nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
+      outputs['semantic_logits'].astype(jnp.float32), batch['semantic_labels'])
+  element_bce_BxE = optax.sigmoid_binary_cross_entropy(
+      outputs['element_logits'].astype(jnp.float32), batch['element_labels'])
+  return {
+      'semantic': masked_mean(semantic_nll_BxT, batch['semantic_mask'] & page_mask_B[:, None],
+                              axis_name),
+      'element': masked_mean(element_bce_BxE.mean(axis=-1), page_mask_B, axis_name),
+  }
+
+
+def task_losses(outputs, batch, element_token_ids_E, axis_name=None):
   """The four unweighted task losses, float32 scalars.
 
   outputs: detail_logits_BxTxV (or detail_hidden_BxTxD + detail_weight_VxD [+ detail_bias_V]),
@@ -186,52 +273,64 @@ def task_losses(outputs, batch, element_token_ids_E, vocab_chunk_size: int = 0, 
   batch: targets_BxT, target_mask_BxT, semantic_labels_BxT, semantic_mask_BxT, element_labels_BxE,
     and optionally page_mask_B (False for padding pages of a short eval batch: they count nowhere).
   """
-  page_mask_B = batch.get('page_mask', jnp.ones(batch['targets'].shape[:1], bool))
-  target_mask = batch['target_mask'] & page_mask_B[:, None]
-  nll_BxT, tag_logprobs_BxTxE = detail_terms(outputs, batch['targets'], element_token_ids_E,
-                                             vocab_chunk_size)
-  semantic_nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
-      outputs['semantic_logits'].astype(jnp.float32), batch['semantic_labels'])
-  element_logits_BxE = outputs['element_logits'].astype(jnp.float32)
-  element_bce_BxE = optax.sigmoid_binary_cross_entropy(element_logits_BxE, batch['element_labels'])
-  implied_BxE = implied_element_probs(tag_logprobs_BxTxE, target_mask)
-  consistency_BxE = jnp.square(implied_BxE - jax.nn.sigmoid(element_logits_BxE))
-  mean = lambda x, mask: masked_mean(x, mask, axis_name)
-  return {
-      'detail': mean(nll_BxT, target_mask),
-      'semantic': mean(semantic_nll_BxT, batch['semantic_mask'] & page_mask_B[:, None]),
-      'element': mean(element_bce_BxE.mean(axis=-1), page_mask_B),
-      'consistency': mean(consistency_BxE.mean(axis=-1), page_mask_B),
-  }
+  target_mask_BxT, page_mask_B = _masks(batch)
+  nll_BxT, tag_logprobs_BxTxE = detail_terms(outputs, batch['targets'], element_token_ids_E)
+  detail, consistency = (
+      head_sums(nll_BxT, tag_logprobs_BxTxE, outputs['element_logits'].astype(jnp.float32),
+                target_mask_BxT, page_mask_B)
+      / _counts(target_mask_BxT, page_mask_B, axis_name))
+  return {'detail': detail, 'consistency': consistency,
+          **_semantic_and_element_losses(outputs, batch, page_mask_B, axis_name)}
 
 
-def combine(losses: dict, *, weighting: str, weights: dict, log_vars_4=None, axis_name=None):
-  """Total loss from the task losses.
+def task_weights(*, weighting: str, weights: dict, log_vars_4=None, axis_name=None):
+  """(effective weight of each task, regularizer): the total loss is sum_i w_i L_i + regularizer.
 
-  fixed:       sum_i w_i L_i  (seed defaults 0.4 / 0.3 / 0.2 / 0.1).
-  uncertainty: sum_i exp(-s_i) L_i + s_i / 2 with learned s_i = log sigma_i^2 (Kendall et al.
-               2018, classification form), s in TASKS order.
-  Returns (total, effective weights dict). With `axis_name`, s_i / 2 is split over the devices.
+  fixed:       w_i from `weights` (seed defaults 0.4 / 0.3 / 0.2 / 0.1), no regularizer.
+  uncertainty: w_i = exp(-s_i), regularizer sum_i s_i / 2, with learned s_i = log sigma_i^2
+               (Kendall et al. 2018, classification form), s in TASKS order. With `axis_name`,
+               the regularizer is split over the devices.
   """
   if weighting == 'fixed':
-    w = {k: jnp.float32(weights[k]) for k in TASKS}
-    return sum(w[k] * losses[k] for k in TASKS), w
+    return {k: jnp.float32(weights[k]) for k in TASKS}, jnp.float32(0)
   if weighting == 'uncertainty':
     s = log_vars_4.astype(jnp.float32)
-    w = {k: jnp.exp(-s[i]) for i, k in enumerate(TASKS)}
     devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
-    return sum(w[k] * losses[k] + 0.5 * s[i] / devices for i, k in enumerate(TASKS)), w
+    return {k: jnp.exp(-s[i]) for i, k in enumerate(TASKS)}, 0.5 * s.sum() / devices
   raise ValueError(f'loss weighting {weighting!r}: must be fixed or uncertainty')
 
 
+def combine(losses: dict, *, weighting: str, weights: dict, log_vars_4=None, axis_name=None):
+  """(total, effective weights dict) from the task losses: see task_weights."""
+  w, regularizer = task_weights(weighting=weighting, weights=weights, log_vars_4=log_vars_4,
+                                axis_name=axis_name)
+  return sum(w[k] * losses[k] for k in TASKS) + regularizer, w
+
+
 def multitask_loss(outputs, batch, *, element_token_ids_E, weighting: str, weights: dict,
-                   log_vars_4=None, vocab_chunk_size: int = 0, axis_name=None):
+                   log_vars_4=None, logits_chunk_pages: int = 0, axis_name=None):
   """(total, aux) where aux holds each task loss and its effective weight, for logging. With
-  `axis_name`, total and the task losses are this device's shares (psum them)."""
-  losses = task_losses(outputs, batch, element_token_ids_E, vocab_chunk_size, axis_name)
-  total, w = combine(losses, weighting=weighting, weights=weights, log_vars_4=log_vars_4,
-                     axis_name=axis_name)
-  aux = {f'loss_{k}': v for k, v in losses.items()}
+  `axis_name`, total and the task losses are this device's shares (psum them).
+
+  logits_chunk_pages > 0 (training, outputs with detail_hidden): the detail and consistency terms
+  come from fused_head_loss, that many pages of logits at a time.
+  """
+  w, regularizer = task_weights(weighting=weighting, weights=weights, log_vars_4=log_vars_4,
+                                axis_name=axis_name)
+  if logits_chunk_pages > 0:
+    target_mask_BxT, page_mask_B = _masks(batch)
+    losses = _semantic_and_element_losses(outputs, batch, page_mask_B, axis_name)
+    head_total, (losses['detail'], losses['consistency']) = fused_head_loss(
+        outputs['detail_hidden'], outputs['detail_weight'], outputs.get('detail_bias'),
+        jnp.stack([w['detail'], w['consistency']]), outputs['element_logits'], batch['targets'],
+        target_mask_BxT, page_mask_B, element_token_ids_E,
+        _counts(target_mask_BxT, page_mask_B, axis_name), logits_chunk_pages)
+    total = head_total + w['semantic'] * losses['semantic'] + w['element'] * losses['element']
+    total = total + regularizer
+  else:
+    losses = task_losses(outputs, batch, element_token_ids_E, axis_name)
+    total = sum(w[k] * losses[k] for k in TASKS) + regularizer
+  aux = {f'loss_{k}': losses[k] for k in TASKS}
   aux.update({f'weight_{k}': v for k, v in w.items()})
   aux['loss'] = total
   return total, aux

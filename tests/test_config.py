@@ -197,6 +197,14 @@ def test_unknown_field_named_with_suggestion():
     validate(config)
 
 
+def test_retired_field_names_its_replacement():
+  config = base_config()
+  config.loss.vocab_chunk_size = 2048
+  with pytest.raises(ConfigError, match=r'^config\.loss\.vocab_chunk_size: no longer exists: use '
+                     r'loss\.logits_chunk_pages'):
+    validate(config)
+
+
 @pytest.mark.parametrize('path,value', [('checkpoint.every_steps', -1),
                                         ('train.max_consecutive_nonfinite', 0),
                                         ('exp_name', 'a/b'), ('checkpoint.async_save', 1)])

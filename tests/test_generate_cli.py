@@ -129,3 +129,14 @@ def test_config_of_an_older_run_gets_todays_defaults(tmp_path):
   config = generation.load_config(str(tmp_path))
   assert config.model.d_model == 48 and config.decode.strategy == 'greedy'
   config_lib.validate(config)
+
+
+def test_config_of_an_older_run_drops_retired_fields(tmp_path):
+  """A config.json holding a field since retired (config.RETIRED_FIELDS) still loads."""
+  saved = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py')).to_dict()
+  saved['loss']['vocab_chunk_size'] = 2048
+  del saved['loss']['logits_chunk_pages']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  config = generation.load_config(str(tmp_path))
+  assert 'vocab_chunk_size' not in config.loss and config.loss.logits_chunk_pages == 0
+  config_lib.validate(config)

@@ -205,23 +205,31 @@ def test_multitask_loss_aux(weighting):
     chex.assert_type(v, jnp.float32)
 
 
-# Vocabulary-chunked detail cross-entropy: the same losses and gradients as full logits.
-CB, CT, CD, CV = 2, 5, 8, 37      # 37 = 4 chunks of 10 with 3 padded rows in the last
+# The chunked detail loss (logits_chunk_pages > 0, losses.fused_head_loss): the same losses and
+# gradients as the plain loss over explicit logits.
+CB, CT, CD, CV, CE = 6, 5, 8, 37, 3
+CHUNK_IDS = np.array([1, 3, 36])   # the last vocabulary row is a tag too
 
 
-def chunked_case(seed, bias):
+def chunked_case(seed, bias, scale=1.0):
+  """Six pages of states and head weights: page 3 is padding (page_mask False), page 4 has no
+  target tokens, page 0's first target is a tag id."""
   rng = np.random.default_rng(seed)
-  outputs, batch = make_case(seed)
-  batch = {**batch, 'targets': rng.integers(0, CV, (CB, CT)).astype(np.int32),
-           'target_mask': rng.random((CB, CT)) < 0.7, 'semantic_labels': np.zeros((CB, CT), int),
-           'semantic_mask': np.ones((CB, CT), bool)}
-  batch['target_mask'][:, 0] = True
-  outputs = {'semantic_logits': rng.standard_normal((CB, CT, C)).astype(np.float32),
-             'element_logits': outputs['element_logits'],
-             'detail_hidden': rng.standard_normal((CB, CT, CD)).astype(np.float32),
-             'detail_weight': rng.standard_normal((CV, CD)).astype(np.float32)}
+  outputs = {'detail_hidden': rng.standard_normal((CB, CT, CD)).astype(np.float32) * scale,
+             'detail_weight': rng.standard_normal((CV, CD)).astype(np.float32),
+             'semantic_logits': rng.standard_normal((CB, CT, C)).astype(np.float32),
+             'element_logits': rng.standard_normal((CB, CE)).astype(np.float32) * 2}
   if bias:
     outputs['detail_bias'] = rng.standard_normal((CV,)).astype(np.float32)
+  batch = {'targets': rng.integers(0, CV, (CB, CT)).astype(np.int32),
+           'target_mask': rng.random((CB, CT)) < 0.7,
+           'semantic_labels': rng.integers(0, C, (CB, CT)).astype(np.int32),
+           'semantic_mask': rng.random((CB, CT)) < 0.8,
+           'element_labels': (rng.random((CB, CE)) < 0.5).astype(np.float32),
+           'page_mask': np.array([1, 1, 1, 0, 1, 1], bool)}
+  batch['target_mask'][:, 0] = True
+  batch['target_mask'][4] = False
+  batch['targets'][0, 0] = CHUNK_IDS[1]
   return outputs, batch
 
 
@@ -232,63 +240,128 @@ def as_full_logits(outputs):
   return full
 
 
+def chunked_total(diff, outputs, batch, weighting, pages, axis_name=None):
+  """(total, aux) of multitask_loss with `diff` (outputs and log_vars) differentiable; pages 0:
+  the plain loss over explicit B x T x V logits, the reference."""
+  outs = {**outputs, **diff['outputs']}
+  if pages == 0:
+    outs = as_full_logits(outs)
+  return losses.multitask_loss(outs, batch, element_token_ids_E=jnp.asarray(CHUNK_IDS),
+                               weighting=weighting, weights=WEIGHTS, log_vars_4=diff['s'],
+                               logits_chunk_pages=pages, axis_name=axis_name)
+
+
+chunked_grad = jax.jit(jax.value_and_grad(chunked_total, has_aux=True),
+                       static_argnames=('weighting', 'pages'))
+
+
+def differentiable(outputs):
+  return {'outputs': {k: jnp.asarray(v) for k, v in outputs.items() if k != 'semantic_logits'},
+          's': jnp.asarray(S)}
+
+
+@pytest.mark.parametrize('weighting', ['fixed', 'uncertainty'])
 @pytest.mark.parametrize('bias', [False, True])
-@pytest.mark.parametrize('chunk', [0, 10, 16, 37, 64])   # 0: whole logits built by the loss
-def test_chunked_detail_loss_equals_full_logits(bias, chunk):
-  outputs, batch = chunked_case(6, bias)
-  weights = dict(WEIGHTS)
-
-  def total(outs, chunk_size):
-    return losses.multitask_loss(outs, batch, element_token_ids_E=jnp.asarray(ELEMENT_IDS),
-                                 weighting='fixed', weights=weights,
-                                 vocab_chunk_size=chunk_size)[0]
-
-  diff_keys = [k for k in outputs if k.startswith('detail_')]
-  grad_chunked = jax.jit(jax.value_and_grad(
-      lambda d: total({**outputs, **d}, chunk)))
-  grad_full = jax.jit(jax.value_and_grad(
-      lambda d: total(as_full_logits({**outputs, **d}), 0)))
-  params = {k: jnp.asarray(outputs[k]) for k in diff_keys}
-  (l_c, g_c), (l_f, g_f) = grad_chunked(params), grad_full(params)
-  np.testing.assert_allclose(l_c, l_f, rtol=1e-5)
-  chex.assert_trees_all_close(g_c, g_f, rtol=1e-4, atol=1e-6)
-  assert float(jnp.abs(g_c['detail_weight']).max()) > 0
-  # Each task term separately as well (the consistency term reads p(open tag) via the lse).
-  got = losses.task_losses(outputs, batch, jnp.asarray(ELEMENT_IDS), chunk)
-  want = losses.task_losses(as_full_logits(outputs), batch, jnp.asarray(ELEMENT_IDS))
-  chex.assert_trees_all_close(got, want, rtol=1e-5)
+@pytest.mark.parametrize('pages', [1, 2, 4, 6])   # 4 -> 3, a divisor of the 6 pages
+def test_chunked_loss_equals_full_logits_with_gradients(bias, weighting, pages):
+  """Total, every task loss, and the gradients of the states, head weights (and bias), element
+  logits and log-variances."""
+  outputs, batch = chunked_case(pages + 10 * bias, bias)
+  diff = differentiable(outputs)
+  (total, aux), grads = chunked_grad(diff, outputs, batch, weighting=weighting, pages=pages)
+  (want_total, want_aux), want_grads = chunked_grad(diff, outputs, batch, weighting=weighting,
+                                                    pages=0)
+  chex.assert_trees_all_close(aux, want_aux, rtol=1e-5)
+  np.testing.assert_allclose(total, want_total, rtol=1e-5)
+  chex.assert_trees_all_equal_shapes_and_dtypes(grads, want_grads)
+  chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-6)
+  for name in ('detail_hidden', 'detail_weight', 'element_logits'):
+    assert float(jnp.abs(grads['outputs'][name]).max()) > 0, name
+  if weighting == 'uncertainty':
+    assert float(jnp.abs(grads['s']).min()) > 0
 
 
-def test_chunked_logsumexp_matches_and_is_stable():
-  rng = np.random.default_rng(7)
-  h = jnp.asarray(rng.standard_normal((6, CD)).astype(np.float32)) * 30   # large logits
-  w = jnp.asarray(rng.standard_normal((CV, CD)).astype(np.float32))
-  got = losses.chunked_logsumexp(h, w, chunk_size=8)
-  chex.assert_shape(got, (6,))
-  chex.assert_tree_all_finite(got)
-  np.testing.assert_allclose(got, jax.nn.logsumexp(h @ w.T, axis=-1), rtol=1e-6)
+def test_chunked_loss_is_stable_with_large_logits():
+  outputs, batch = chunked_case(3, bias=True, scale=30.0)   # logits in the hundreds
+  diff = differentiable(outputs)
+  (_, aux), grads = chunked_grad(diff, outputs, batch, weighting='fixed', pages=2)
+  (_, want_aux), want_grads = chunked_grad(diff, outputs, batch, weighting='fixed', pages=0)
+  chex.assert_tree_all_finite((aux, grads))
+  assert float(aux['loss_detail']) > 10
+  chex.assert_trees_all_close(aux, want_aux, rtol=1e-5)
+  chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_loss_over_a_device_axis_sums_to_one_device():
+  """With axis_name (here a vmap over 2 'devices' of 3 pages, the token counts differing), the
+  per-device totals and gradients sum to the one-device loss and gradient."""
+  outputs, batch = chunked_case(5, bias=False)
+  diff = differentiable(outputs)
+  split = lambda x: jnp.reshape(x, (2, CB // 2, *np.shape(x)[1:]))
+  batched = ('detail_hidden', 'element_logits')   # the rest: the head's weights, log_vars
+  axes = {'outputs': {k: 0 if k in batched else None for k in diff['outputs']}, 's': None}
+  local = {'outputs': {k: split(v) if k in batched else v for k, v in diff['outputs'].items()},
+           's': diff['s']}
+  per_device = jax.vmap(
+      lambda d, o, b: jax.value_and_grad(chunked_total, has_aux=True)(
+          d, o, b, 'uncertainty', 2, axis_name='devices'),
+      in_axes=(axes, 0, 0), axis_name='devices')
+  (totals, _), grads = jax.jit(per_device)(
+      local, {'semantic_logits': split(outputs['semantic_logits'])}, jax.tree.map(split, batch))
+  (want_total, _), want = chunked_grad(diff, outputs, batch, weighting='uncertainty', pages=0)
+  np.testing.assert_allclose(totals.sum(), want_total, rtol=1e-5)
+  np.testing.assert_allclose(grads['outputs']['detail_hidden'].reshape(CB, CT, CD),
+                             want['outputs']['detail_hidden'], rtol=1e-4, atol=1e-6)
+  for name in ('detail_weight', 'element_logits'):
+    got = grads['outputs'][name]
+    got = got.sum(0) if name == 'detail_weight' else got.reshape(CB, CE)
+    np.testing.assert_allclose(got, want['outputs'][name], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(grads['s'].sum(0), want['s'], rtol=1e-5)
+
+
+def test_chunked_loss_in_bfloat16_matches_float32():
+  """bfloat16 states and head weights (compute dtype): gradients come back in bfloat16, close to
+  the float32 loss's; the losses themselves are float32."""
+  outputs, batch = chunked_case(7, bias=False)
+  diff = differentiable(outputs)
+  half = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 and x.shape[-1] == CD
+                      else x, diff)
+  (_, aux), grads = chunked_grad(half, outputs, batch, weighting='fixed', pages=2)
+  (_, want_aux), want = chunked_grad(diff, outputs, batch, weighting='fixed', pages=0)
+  chex.assert_type(grads['outputs']['detail_weight'], jnp.bfloat16)
+  chex.assert_type(aux['loss_detail'], jnp.float32)
+  chex.assert_trees_all_close(aux, want_aux, rtol=3e-2)
+  for name in ('detail_hidden', 'detail_weight'):
+    got, ref = (np.asarray(g['outputs'][name], np.float32) for g in (grads, want))
+    assert np.abs(got - ref).max() <= 3e-2 * np.abs(ref).max(), name
 
 
 def test_chunked_loss_gradient_never_holds_full_logits():
-  """XLA's compiled memory of loss+gradient: chunked stays far below one N x V float32 array."""
-  n, d, v, chunk = 512, 16, 8192, 256
-  h = jax.ShapeDtypeStruct((1, n, d), jnp.float32)
-  w = jax.ShapeDtypeStruct((v, d), jnp.float32)
-  tgt = jax.ShapeDtypeStruct((1, n), jnp.int32)
+  """XLA's compiled memory of loss + gradient: with one page at a time it stays far below one
+  B x T x V float32 array, which the plain loss needs several of."""
+  b, t, d, v, e = 8, 64, 16, 8192, 3
+  outputs = {'detail_hidden': jax.ShapeDtypeStruct((b, t, d), jnp.float32),
+             'detail_weight': jax.ShapeDtypeStruct((v, d), jnp.float32),
+             'element_logits': jax.ShapeDtypeStruct((b, e), jnp.float32),
+             'semantic_logits': jax.ShapeDtypeStruct((b, t, C), jnp.float32)}
+  batch = {'targets': jax.ShapeDtypeStruct((b, t), jnp.int32),
+           'target_mask': jax.ShapeDtypeStruct((b, t), bool),
+           'semantic_labels': jax.ShapeDtypeStruct((b, t), jnp.int32),
+           'semantic_mask': jax.ShapeDtypeStruct((b, t), bool),
+           'element_labels': jax.ShapeDtypeStruct((b, e), jnp.float32)}
 
-  def detail_loss(h, w, t, chunk_size):
-    outs = {'detail_hidden': h, 'detail_weight': w}
-    if chunk_size == 0:
-      outs = {'detail_logits': jnp.einsum('btd,vd->btv', h, w)}
-    nll, tags = losses.detail_terms(outs, t, jnp.asarray(ELEMENT_IDS), chunk_size)
-    return nll.mean() + tags.mean()
+  def temp_bytes(pages):
+    def loss(h, w, outs, batch):
+      return losses.multitask_loss(
+          {**outs, 'detail_hidden': h, 'detail_weight': w}, batch,
+          element_token_ids_E=jnp.asarray(CHUNK_IDS), weighting='fixed', weights=WEIGHTS,
+          logits_chunk_pages=pages)[0]
+    f = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return f.lower(outputs['detail_hidden'], outputs['detail_weight'], outputs,
+                   batch).compile().memory_analysis().temp_size_in_bytes
 
-  def temp_bytes(chunk_size):
-    f = jax.jit(jax.grad(lambda h, w, t: detail_loss(h, w, t, chunk_size), argnums=(0, 1)))
-    return f.lower(h, w, tgt).compile().memory_analysis().temp_size_in_bytes
-
-  logits_bytes = n * v * 4
-  chunked, full = temp_bytes(chunk), temp_bytes(0)
+  logits_bytes = b * t * v * 4
+  chunked, full = temp_bytes(1), temp_bytes(0)
   assert full >= logits_bytes
   assert chunked < logits_bytes / 4, (chunked, logits_bytes)
 

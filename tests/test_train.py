@@ -133,6 +133,23 @@ def test_cli_bad_override_is_one_line_naming_the_field(tmp_path):
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 
+def test_cli_override_of_a_missing_field_is_one_line(tmp_path):
+  """--config.a.b for a field the config lacks: one line naming it (with what replaced a retired
+  one), not a traceback; nothing written."""
+  for arg, want in (('--config.loss.vocab_chunk_size=2048',
+                     'error: config.loss.vocab_chunk_size: no longer exists: use '
+                     'loss.logits_chunk_pages'),
+                    ('--config.model.attention.kindd=dense',
+                     'error: config.model.attention.kindd: unknown field (did you mean '
+                     'model.attention.kind?)')):
+    proc = run_cli('phase1_jax.train', '--config', 'configs/tiny.py', arg,
+                   '--workdir', str(tmp_path / 'run'))
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(want), proc.stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
 def test_cli_evaluate_without_checkpoints_is_one_line(tmp_path):
   proc = run_cli('phase1_jax.evaluate', '--config', 'configs/tiny.py', '--workdir', str(tmp_path))
   assert proc.returncode != 0
@@ -175,14 +192,14 @@ def test_gradient_accumulation_updates_every_k_micro_batches():
                               rtol=1e-5)
 
 
-def test_vocab_chunked_train_step_matches_plain():
-  """loss.vocab_chunk_size > 0: the train step never builds full logits, with the same task
+def test_chunked_loss_train_step_matches_plain():
+  """loss.logits_chunk_pages > 0: the train step never builds full logits, with the same task
   losses and gradient norm as the plain step."""
   results = []
-  for chunk in (0, 100):   # tiny's vocabulary of 320 in 4 chunks of 80
+  for pages in (0, 2):
     config = load_config('tiny')
     config.model.dropout_rate = 0.0
-    config.loss.vocab_chunk_size = chunk
+    config.loss.logits_chunk_pages = pages
     _, _, state, step, (batch, *_) = tiny_setup(config, steps_per_epoch=8)
     _, metrics = step(state, batch)
     results.append(jax.device_get(metrics))

@@ -31,12 +31,18 @@ class InputError(ValueError):
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with: its workdir's config.json over today's defaults (so a
-  run saved before a config section existed still loads)."""
+  run saved before a config section existed still loads), less config.RETIRED_FIELDS."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no config.json (is {workdir} a training workdir?)')
   with open(path) as f:
     saved = json.load(f)
+  for field in config_lib.RETIRED_FIELDS:
+    *sections, name = field.split('.')
+    node = saved
+    for section in sections:
+      node = node.get(section, {})
+    node.pop(name, None)
   config = config_lib.base_config()
   config.update(ml_collections.ConfigDict(saved))
   return config

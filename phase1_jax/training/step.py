@@ -21,19 +21,19 @@ class LossSpec:
   weighting: str
   weights: tuple[tuple[str, float], ...]   # ((task, weight), ...)
   element_token_ids: tuple[int, ...]
-  vocab_chunk_size: int = 0   # > 0: detail CE over vocabulary chunks, no full logits in training
+  logits_chunk_pages: int = 0   # > 0: detail logits that many pages at a time (fused_head_loss)
 
   @classmethod
   def from_config(cls, config) -> 'LossSpec':
     weights = tuple((task, config.loss[f'{task}_weight']) for task in losses.TASKS)
     return cls(config.loss.weighting, weights, pipeline.element_open_tag_ids(config),
-               config.loss.vocab_chunk_size)
+               config.loss.logits_chunk_pages)
 
   def __call__(self, outputs, batch, log_vars_4, axis_name=None):
     return losses.multitask_loss(
         outputs, batch, element_token_ids_E=jnp.asarray(self.element_token_ids),
         weighting=self.weighting, weights=dict(self.weights), log_vars_4=log_vars_4,
-        vocab_chunk_size=self.vocab_chunk_size, axis_name=axis_name)
+        logits_chunk_pages=self.logits_chunk_pages, axis_name=axis_name)
 
 
 def forward(graphdef, model_params, batch, dropout_key=None, *, detail_logits: bool = True):
@@ -59,8 +59,8 @@ def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec, a
 
   def loss_fn(params):
     model_params = params['model'] if gather_params is None else gather_params(params['model'])
-    # The states and head weights, not the logits: the loss builds them (or walks them in
-    # vocabulary chunks) so that their gradient fuses into one pass (losses.detail_terms).
+    # The states and head weights, not the logits: the loss builds them (whole, or a few pages
+    # at a time) so that their gradient fuses into one pass (losses.detail_terms).
     outputs = forward(graphdef, model_params, batch, dropout_key, detail_logits=False)
     return loss_spec(outputs, batch, params['loss_log_vars'], axis_name)
 
