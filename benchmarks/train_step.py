@@ -61,6 +61,10 @@ VARIANTS = {
                                   'model.attention.kind': 'dot_product'},
     'bfloat16_unrolled_dense': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': False,
                                 'model.attention.kind': 'dense'},
+    'float32_unrolled_dense': {'model.compute_dtype': 'float32', 'model.scan_layers': False,
+                               'model.attention.kind': 'dense'},
+    'float32_unrolled_fused_cpu': {'model.compute_dtype': 'float32', 'model.scan_layers': False,
+                                   'model.attention.kind': 'fused_cpu'},
 }
 DEFAULT_VARIANTS = {
     'cpu': 'float32_unrolled,float32_scan,bfloat16_unrolled,bfloat16_scan',
