@@ -135,6 +135,17 @@ def device_name() -> str:
   return 'cpu' if dev.platform == 'cpu' else dev.device_kind.replace(' ', '_').lower()
 
 
+def host_cpu() -> str:
+  """The host CPU's model name (/proc/cpuinfo): CPU figures from different sessions may come from
+  different machines, whose relative speeds differ (PyTorch's oneDNN against XLA, say)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
+                  'unknown')
+  except OSError:
+    return 'unknown'
+
+
 def memory_bytes(compiled) -> dict:
   """XLA's memory analysis of the compiled step: 'compiled_memory_bytes' (arguments + outputs +
   temporaries - aliased: the state, the batch and every intermediate) and 'temp_memory_bytes'

@@ -162,7 +162,8 @@ def main():
   flops = perf_common.analytic_flops(base)
   positions = base.train.batch_size * base.data.max_seq_len
   results = {'config': args.config, 'overrides': sets, 'device': jax.devices()[0].device_kind,
-             'backend': backend, 'device_count': jax.device_count(),
+             'backend': backend, 'host_cpu': perf_common.host_cpu(),
+             'device_count': jax.device_count(),
              'cpu_devices': cpu_devices,
              'keep_freed_host_memory': host.keeps_freed_memory(base),
              'jax_version': jax.__version__, 'batch_size': base.train.batch_size,

@@ -198,7 +198,8 @@ def main():
   positions = config.train.batch_size * config.data.max_seq_len
   device = perf_common.device_name()
   results = {'config': args.config, 'device': jax.devices()[0].device_kind,
-             'backend': jax.default_backend(), 'cpu_count': os.cpu_count(),
+             'backend': jax.default_backend(), 'host_cpu': perf_common.host_cpu(),
+             'cpu_count': os.cpu_count(),
              'jax_version': jax.__version__, 'jax_overrides': overrides,
              'cpu_devices': cpu_devices, 'device_count': jax.device_count(),
              'keep_freed_host_memory': config.parallel.keep_freed_host_memory,

@@ -22,9 +22,9 @@ def get_config():
   # 1.17x `dense`, interleaved A/B, 16 rounds), `dense` where no C++ compiler is found; on a GPU
   # cuDNN's fused attention (dot_product).
   config.model.attention.kind = 'auto'
-  # model.scan_layers and model.compute_dtype stay auto: unrolled layers (the step 1.6-1.7x faster
-  # than scanned) and, on CPU, float32 (1.39x faster than bfloat16), measured with
-  # benchmarks/train_step.py on 2 cores; bfloat16 on a GPU/TPU.
+  # model.scan_layers and model.compute_dtype stay auto: unrolled layers (the step 1.04-1.7x faster
+  # than scanned, by CPU and attention kind) and, on CPU, float32 (1.03-1.39x faster than
+  # bfloat16), measured with benchmarks/train_step.py on 2 cores; bfloat16 on a GPU/TPU.
   config.train.batch_size = 32
   # On CPU the train CLI splits the host into one device per core (parallel.cpu_devices); pmap
   # over them measured 1.15-1.19x one device, jit data parallelism 1.10-1.12x (2 cores).
