@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   loss.element_weight = 0.2
   loss.consistency_weight = 0.1
   # > 0 (large vocabularies): training builds the detail logits this many pages at a time, with
-  # their gradient in the same pass (losses.fused_head_loss), so no B x T x V float32 logits
+  # their gradient in the same pass (detail_loss.fused_head_loss), so no B x T x V float32 logits
   # exist; rounded down to a divisor of the per-device batch. 0: whole logits.
   loss.logits_chunk_pages = 0
 

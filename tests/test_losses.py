@@ -1,4 +1,5 @@
-"""phase1_jax.losses against values computed by hand in numpy (float64)."""
+"""phase1_jax.losses and phase1_jax.detail_loss against values computed by hand in numpy (float64)
+and against plain autodiff."""
 from __future__ import annotations
 
 import chex
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phase1_jax import losses
+from phase1_jax import detail_loss, losses
 
 B, T, V, C, E = 2, 3, 5, 3, 2
 # The open-tag token of element type e is vocabulary id ELEMENT_IDS[e].
@@ -98,7 +99,7 @@ def test_task_losses_by_hand():
 def test_implied_element_probs_is_max_over_positions():
   outputs, batch = make_case(1)
   lp = jax.nn.log_softmax(jnp.asarray(outputs['detail_logits']))
-  got = losses.implied_element_probs(lp[..., jnp.asarray(ELEMENT_IDS)],
+  got = detail_loss.implied_element_probs(lp[..., jnp.asarray(ELEMENT_IDS)],
                                      jnp.asarray(batch['target_mask']))
   p = np.exp(log_softmax(outputs['detail_logits']))[..., ELEMENT_IDS]   # B x T x E
   m = batch['target_mask'][..., None]
@@ -205,7 +206,7 @@ def test_multitask_loss_aux(weighting):
     chex.assert_type(v, jnp.float32)
 
 
-# The chunked detail loss (logits_chunk_pages > 0, losses.fused_head_loss): the same losses and
+# The chunked detail loss (logits_chunk_pages > 0, detail_loss.fused_head_loss): the same losses and
 # gradients as the plain loss over explicit logits.
 CB, CT, CD, CV, CE = 6, 5, 8, 37, 3
 CHUNK_IDS = np.array([1, 3, 36])   # the last vocabulary row is a tag too
@@ -383,7 +384,7 @@ def test_logsumexp_and_pick_match_autodiff_with_gradients():
     out, vjp = jax.vjp(f, logits)
     return out, vjp((g_lse, g_pick))[0]
 
-  (lse, picked), grad = jax.jit(lambda: pull(lambda x: losses.logsumexp_and_pick(x, ids)))()
+  (lse, picked), grad = jax.jit(lambda: pull(lambda x: detail_loss.logsumexp_and_pick(x, ids)))()
   (ref_lse, ref_picked), ref_grad = pull(reference)
   chex.assert_shape((lse, picked, grad), ((n,), (n,), (n, v)))
   chex.assert_type((lse, picked, grad), jnp.float32)
@@ -399,7 +400,7 @@ def test_logsumexp_one_pass_matches_and_is_stable():
   rng = np.random.default_rng(23)
   x = rng.standard_normal((7, 1001)).astype(np.float32) * 40
   x[0, :500] = -np.inf
-  got = jax.jit(losses.logsumexp_one_pass)(jnp.asarray(x))
+  got = jax.jit(detail_loss.logsumexp_one_pass)(jnp.asarray(x))
   chex.assert_shape(got, (7,))
   chex.assert_type(got, jnp.float32)
   chex.assert_tree_all_finite(got)
@@ -425,7 +426,7 @@ def test_detail_terms_from_states_match_log_softmax_with_gradients():
 
   def ours(h, w, bias):
     outs = {'detail_hidden': h, 'detail_weight': w, 'detail_bias': bias}
-    return losses.detail_terms(outs, targets, tag_ids)
+    return detail_loss.detail_terms(outs, targets, tag_ids)
 
   def pull(f):
     out, vjp = jax.vjp(f, h, w, bias)

@@ -18,7 +18,7 @@ class Phase1Decoder(nnx.Module):
   __call__(features_BxPxF, feature_mask_BxP, inputs_BxT, dropout_key=None) -> dict with
     detail_logits_BxTxV, semantic_logits_BxTxC, element_logits_BxE (all float32). With
     detail_logits=False: detail_hidden_BxTxD and detail_weight_VxD (+ detail_bias_V if untied)
-    replace the detail logits: what training's loss takes (losses.detail_terms).
+    replace the detail logits: what training's loss takes (detail_loss.detail_terms).
   A page's tokens end at its first pad_id (the data pipeline pads only at the end): later
   positions are masked everywhere (attention keys, pooling). Masked patches may sit anywhere;
   the forward pass moves them behind the valid ones (attention over the memory does not depend

@@ -60,7 +60,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, loss_spec: LossSpec, a
   def loss_fn(params):
     model_params = params['model'] if gather_params is None else gather_params(params['model'])
     # The states and head weights, not the logits: the loss builds them (whole, or a few pages
-    # at a time) so that their gradient fuses into one pass (losses.detail_terms).
+    # at a time) so that their gradient fuses into one pass (detail_loss.detail_terms).
     outputs = forward(graphdef, model_params, batch, dropout_key, detail_logits=False)
     return loss_spec(outputs, batch, params['loss_log_vars'], axis_name)
 
