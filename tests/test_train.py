@@ -194,14 +194,19 @@ def test_gradient_accumulation_updates_every_k_micro_batches():
 
 def test_chunked_loss_train_step_matches_plain():
   """loss.logits_chunk_pages > 0: the train step never builds full logits, with the same task
-  losses and gradient norm as the plain step."""
-  results = []
+  losses and gradient norm as the plain step; the eval step (full logits, for the argmax) runs
+  under that config too."""
+  results, evals = [], []
   for pages in (0, 2):
     config = load_config('tiny')
     config.model.dropout_rate = 0.0
     config.loss.logits_chunk_pages = pages
-    _, _, state, step, (batch, *_) = tiny_setup(config, steps_per_epoch=8)
-    _, metrics = step(state, batch)
+    _, graphdef, state, step, (batch, *_) = tiny_setup(config, steps_per_epoch=8)
+    state, metrics = step(state, batch)   # the step donates its input state
     results.append(jax.device_get(metrics))
+    evaluate = parallel.jit_eval_step(graphdef=graphdef,
+                                      loss_spec=step_lib.LossSpec.from_config(config))
+    evals.append(jax.device_get(evaluate(state.params, batch)))
   chex.assert_trees_all_close(results[1], results[0], rtol=1e-5, atol=1e-6)
   assert results[0]['grad_norm'] > 0
+  chex.assert_trees_all_equal(evals[1], evals[0])
