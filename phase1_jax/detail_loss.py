@@ -99,10 +99,13 @@ def _row_logits(h_NxD, weight_VxD, bias_V, ids_K):
 def detail_terms(outputs, targets_BxT, element_token_ids_E):
   """(nll_BxT, element-tag log-probabilities BxTxE) of the detail head, float32.
 
-  From `detail_logits` when the outputs hold them (evaluation). Else from `detail_hidden` and
+  As given when the outputs hold them (`detail_nll`, `detail_tag_logprobs`: chunked evaluation,
+  chunked_detail_terms). From `detail_logits` (evaluation). Else from `detail_hidden` and
   `detail_weight` (and `detail_bias`), as training computes them: the tags' logits come from their
   own weight rows, so their gradient stays out of the N x V cotangent.
   """
+  if 'detail_nll' in outputs:
+    return outputs['detail_nll'], outputs['detail_tag_logprobs']
   b, t = targets_BxT.shape
   targets_N = targets_BxT.reshape(b * t)
   if 'detail_logits' in outputs:
@@ -132,6 +135,34 @@ def head_sums(nll_BxT, tag_logprobs_BxTxE, element_logits_BxE, target_mask_BxT, 
 def chunk_pages(batch_size: int, pages: int) -> int:
   """Pages per logits chunk: the largest divisor of the batch size that is at most `pages`."""
   return max(p for p in range(1, min(pages, batch_size) + 1) if batch_size % p == 0)
+
+
+def _chunk_logits(h_RxD, weight_VxD, bias_V, targets_R, element_token_ids_E):
+  """(logits_RxV, lse_R, picked_R, tags_RxE) of one chunk of rows, float32."""
+  logits_RxV = logits_matmul(h_RxD, weight_VxD, bias_V)
+  lse_R = jax.nn.logsumexp(logits_RxV, axis=-1)
+  picked_R = jnp.take_along_axis(logits_RxV, targets_R[:, None], axis=-1)[:, 0]
+  return logits_RxV, lse_R, picked_R, logits_RxV[:, element_token_ids_E]
+
+
+def chunked_detail_terms(h_BxTxD, weight_VxD, bias_V, targets_BxT, element_token_ids_E,
+                         pages_per_chunk: int):
+  """(nll_BxT, tag_logprobs_BxTxE, argmax_BxT): detail_terms plus the argmax token, with the
+  logits built `pages_per_chunk` pages at a time (evaluation: no gradient, no B x T x V array)."""
+  b, t, d = h_BxTxD.shape
+  p = chunk_pages(b, pages_per_chunk)
+
+  def chunk(args):
+    h_PxTxD, targets_PxT = args
+    logits_RxV, lse_R, picked_R, tags_RxE = _chunk_logits(
+        h_PxTxD.reshape(p * t, d), weight_VxD, bias_V, targets_PxT.reshape(p * t),
+        element_token_ids_E)
+    return ((lse_R - picked_R).reshape(p, t), (tags_RxE - lse_R[:, None]).reshape(p, t, -1),
+            jnp.argmax(logits_RxV, axis=-1).reshape(p, t))
+
+  chunks = lambda x: x.reshape(b // p, p, *x.shape[1:])
+  outs = jax.lax.map(chunk, (chunks(h_BxTxD), chunks(targets_BxT)))
+  return tuple(x.reshape(b, *x.shape[2:]) for x in outs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
@@ -173,10 +204,8 @@ def _fused_head_loss_fwd(h_BxTxD, weight_VxD, bias_V, task_weights_2, element_lo
     d_weight_VxD, d_bias_V, sums_2 = carry
     h_PxTxD, elements_PxE, targets_PxT, target_mask_PxT, page_mask_P = chunk
     h_RxD, targets_R = h_PxTxD.reshape(r, d), targets_PxT.reshape(r)
-    logits_RxV = logits_matmul(h_RxD, weight_VxD, bias_V)
-    lse_R = jax.nn.logsumexp(logits_RxV, axis=-1)
-    picked_R = jnp.take_along_axis(logits_RxV, targets_R[:, None], axis=-1)[:, 0]
-    tags_RxE = logits_RxV[:, element_token_ids_E]
+    logits_RxV, lse_R, picked_R, tags_RxE = _chunk_logits(h_RxD, weight_VxD, bias_V, targets_R,
+                                                          element_token_ids_E)
 
     def sums(lse_R, picked_R, tags_RxE, elements_PxE):
       return head_sums((lse_R - picked_R).reshape(p, t),

@@ -102,12 +102,12 @@ def multitask_loss(outputs, batch, *, element_token_ids_E, weighting: str, weigh
   `axis_name`, total and the task losses are this device's shares (psum them).
 
   logits_chunk_pages > 0 and outputs with detail_hidden (training): the detail and consistency
-  terms come from fused_head_loss, that many pages of logits at a time. Outputs with
-  detail_logits (evaluation) take the plain path whatever it says.
+  terms come from fused_head_loss, that many pages of logits at a time. Outputs with the logits
+  or the detail terms (evaluation: step.eval_step) take the plain path whatever it says.
   """
   w, regularizer = task_weights(weighting=weighting, weights=weights, log_vars_4=log_vars_4,
                                 axis_name=axis_name)
-  if logits_chunk_pages > 0 and 'detail_logits' not in outputs:
+  if logits_chunk_pages > 0 and 'detail_hidden' in outputs:
     target_mask_BxT, page_mask_B = _masks(batch)
     losses = _semantic_and_element_losses(outputs, batch, page_mask_B, axis_name)
     head_total, (losses['detail'], losses['consistency']) = fused_head_loss(

@@ -337,6 +337,33 @@ def test_chunked_loss_in_bfloat16_matches_float32():
     assert np.abs(got - ref).max() <= 3e-2 * np.abs(ref).max(), name
 
 
+@pytest.mark.parametrize('pages', [1, 4])   # 4 -> 3
+def test_chunked_detail_terms_for_evaluation_equal_full_logits(pages):
+  """Evaluation's chunked form: the NLL, the tags' log-probabilities and the argmax token of the
+  explicit logits."""
+  outputs, batch = chunked_case(11, bias=True)
+  full = as_full_logits(outputs)
+  ids = jnp.asarray(CHUNK_IDS)
+  nll, tags, argmax = jax.jit(detail_loss.chunked_detail_terms, static_argnums=5)(
+      outputs['detail_hidden'], outputs['detail_weight'], outputs['detail_bias'],
+      batch['targets'], ids, pages)
+  want_nll, want_tags = detail_loss.detail_terms(full, batch['targets'], ids)
+  chex.assert_shape((nll, tags, argmax), ((CB, CT), (CB, CT, len(CHUNK_IDS)), (CB, CT)))
+  chex.assert_type((nll, tags, argmax), (jnp.float32, jnp.float32, jnp.int32))
+  np.testing.assert_allclose(nll, want_nll, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(tags, want_tags, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(argmax, jnp.argmax(full['detail_logits'], axis=-1))
+
+
+def test_chunked_detail_terms_never_hold_full_logits():
+  b, t, d, v = 8, 64, 16, 8192
+  args = (jax.ShapeDtypeStruct((b, t, d), jnp.float32), jax.ShapeDtypeStruct((v, d), jnp.float32),
+          None, jax.ShapeDtypeStruct((b, t), jnp.int32), jnp.asarray(CHUNK_IDS))
+  compiled = jax.jit(detail_loss.chunked_detail_terms, static_argnums=(2, 5)).lower(
+      *args, 1).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < b * t * v * 4 / 4
+
+
 def test_chunked_loss_gradient_never_holds_full_logits():
   """XLA's compiled memory of loss + gradient: with one page at a time it stays far below one
   B x T x V float32 array, which the plain loss needs several of."""

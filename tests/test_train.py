@@ -209,4 +209,6 @@ def test_chunked_loss_train_step_matches_plain():
     evals.append(jax.device_get(evaluate(state.params, batch)))
   chex.assert_trees_all_close(results[1], results[0], rtol=1e-5, atol=1e-6)
   assert results[0]['grad_norm'] > 0
-  chex.assert_trees_all_equal(evals[1], evals[0])
+  # Evaluation builds the logits a few pages at a time too: the same losses and predictions.
+  chex.assert_trees_all_equal(evals[1]['detail_pred'], evals[0]['detail_pred'])
+  chex.assert_trees_all_close(evals[1], evals[0], rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from phase1_jax import losses
+from phase1_jax import detail_loss, losses
 from phase1_jax.data import pipeline
 from phase1_jax.training.state import TrainState
 
@@ -89,10 +89,20 @@ def eval_step(params, batch, *, graphdef, loss_spec: LossSpec):
   """Teacher-forced evaluation of one batch: losses plus the predictions metrics need.
 
   Returns scalars (losses) and arrays: element_probs_BxE, semantic_pred_BxT, detail_pred_BxT.
+  With loss.logits_chunk_pages > 0 the detail logits are built that many pages at a time here
+  too, so no B x T x V array exists in evaluation either.
   """
-  outputs = forward(graphdef, params['model'], batch)
+  pages = loss_spec.logits_chunk_pages
+  outputs = forward(graphdef, params['model'], batch, detail_logits=not pages)
+  if pages:
+    head = [outputs.pop(k, None) for k in ('detail_hidden', 'detail_weight', 'detail_bias')]
+    outputs['detail_nll'], outputs['detail_tag_logprobs'], detail_pred = (
+        detail_loss.chunked_detail_terms(*head, batch['targets'],
+                                         jnp.asarray(loss_spec.element_token_ids), pages))
+  else:
+    detail_pred = jnp.argmax(outputs['detail_logits'], axis=-1)
   _, aux = loss_spec(outputs, batch, params['loss_log_vars'])
   aux['element_probs'] = jax.nn.sigmoid(outputs['element_logits'])
   aux['semantic_pred'] = jnp.argmax(outputs['semantic_logits'], axis=-1)
-  aux['detail_pred'] = jnp.argmax(outputs['detail_logits'], axis=-1)
+  aux['detail_pred'] = detail_pred
   return aux
