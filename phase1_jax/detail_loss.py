@@ -137,6 +137,11 @@ def chunk_pages(batch_size: int, pages: int) -> int:
   return max(p for p in range(1, min(pages, batch_size) + 1) if batch_size % p == 0)
 
 
+def _page_chunks(x, pages: int):
+  """[B, ...] -> [B / pages, pages, ...]: the leading axis of lax.scan / lax.map over chunks."""
+  return x.reshape(x.shape[0] // pages, pages, *x.shape[1:])
+
+
 def _chunk_logits(h_RxD, weight_VxD, bias_V, targets_R, element_token_ids_E):
   """(logits_RxV, lse_R, picked_R, tags_RxE) of one chunk of rows, float32."""
   logits_RxV = logits_matmul(h_RxD, weight_VxD, bias_V)
@@ -160,8 +165,7 @@ def chunked_detail_terms(h_BxTxD, weight_VxD, bias_V, targets_BxT, element_token
     return ((lse_R - picked_R).reshape(p, t), (tags_RxE - lse_R[:, None]).reshape(p, t, -1),
             jnp.argmax(logits_RxV, axis=-1).reshape(p, t))
 
-  chunks = lambda x: x.reshape(b // p, p, *x.shape[1:])
-  outs = jax.lax.map(chunk, (chunks(h_BxTxD), chunks(targets_BxT)))
+  outs = jax.lax.map(chunk, (_page_chunks(h_BxTxD, p), _page_chunks(targets_BxT, p)))
   return tuple(x.reshape(b, *x.shape[2:]) for x in outs)
 
 
@@ -231,11 +235,10 @@ def _fused_head_loss_fwd(h_BxTxD, weight_VxD, bias_V, task_weights_2, element_lo
     return (d_weight_VxD, d_bias_V, sums_2 + chunk_sums_2), (d_h_RxD.reshape(p, t, d).astype(dtype),
                                                              g_elements_PxE)
 
-  chunks = lambda x: x.reshape(b // p, p, *x.shape[1:])
   init = (jnp.zeros((v, d), jnp.float32), None if bias_V is None else jnp.zeros((v,), jnp.float32),
           jnp.zeros((2,), jnp.float32))
-  xs = tuple(map(chunks, (h_BxTxD, element_logits_BxE.astype(jnp.float32), targets_BxT,
-                          target_mask_BxT, page_mask_B)))
+  xs = tuple(_page_chunks(x, p) for x in (h_BxTxD, element_logits_BxE.astype(jnp.float32),
+                                           targets_BxT, target_mask_BxT, page_mask_B))
   (d_weight_VxD, d_bias_V, sums_2), (d_h, d_elements) = jax.lax.scan(body, init, xs)
   losses_2 = sums_2 / counts_2
   total = jnp.dot(task_weights_2.astype(jnp.float32), losses_2)
