@@ -18,6 +18,7 @@ On a CPU host, the train CLI first splits the machine into per-core devices (hos
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -155,6 +156,11 @@ class DataParallel:
     if self.mode == 'pmap':
       return jax.pmap(functools.partial(fn, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
                       donate_argnums=0)
+    # loss.logits_chunk_pages counts pages per device, as under pmap: here the loss sees the
+    # global batch, whose (strided) chunks then hold that many pages on each device, so the
+    # number of chunks, and of the head-gradient all-reduces they bring, stays that of pmap.
+    fn = functools.partial(fn, loss_spec=dataclasses.replace(
+        loss_spec, logits_chunk_pages=loss_spec.logits_chunk_pages * self.num_devices))
     shardings = self.state_shardings(abstract_state)
     if self.fsdp > 1:
       # Gather the sharded params for the forward pass (their gradients are reduce-scattered
