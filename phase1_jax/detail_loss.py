@@ -96,6 +96,11 @@ def _row_logits(h_NxD, weight_VxD, bias_V, ids_K):
   return logits_NxK if bias_V is None else logits_NxK + bias_V.astype(jnp.float32)[ids_K]
 
 
+def _page_terms(lse_N, picked_N, tags_NxE, pages: int, t: int):
+  """(nll_PxT, tag_logprobs_PxTxE) from each row's log-sum-exp, target logit and tags' logits."""
+  return (lse_N - picked_N).reshape(pages, t), (tags_NxE - lse_N[:, None]).reshape(pages, t, -1)
+
+
 def detail_terms(outputs, targets_BxT, element_token_ids_E):
   """(nll_BxT, element-tag log-probabilities BxTxE) of the detail head, float32.
 
@@ -118,8 +123,7 @@ def detail_terms(outputs, targets_BxT, element_token_ids_E):
     h_NxD = h_BxTxD.reshape(b * t, -1).astype(w_VxD.dtype)
     lse_N, target_N = logsumexp_and_pick(logits_matmul(h_NxD, w_VxD, bias_V), targets_N)
     tags_NxE = _row_logits(h_NxD, w_VxD, bias_V, element_token_ids_E)
-  return ((lse_N - target_N).reshape(b, t),
-          (tags_NxE - lse_N[:, None]).reshape(b, t, -1))
+  return _page_terms(lse_N, target_N, tags_NxE, b, t)
 
 
 def head_sums(nll_BxT, tag_logprobs_BxTxE, element_logits_BxE, target_mask_BxT, page_mask_B):
@@ -174,7 +178,7 @@ def chunked_detail_terms(h_BxTxD, weight_VxD, bias_V, targets_BxT, element_token
     logits_RxV, lse_R, picked_R, tags_RxE = _chunk_logits(
         h_PxTxD.reshape(p * t, d), weight_VxD, bias_V, targets_PxT.reshape(p * t),
         element_token_ids_E)
-    return ((lse_R - picked_R).reshape(p, t), (tags_RxE - lse_R[:, None]).reshape(p, t, -1),
+    return (*_page_terms(lse_R, picked_R, tags_RxE, p, t),
             jnp.argmax(logits_RxV, axis=-1).reshape(p, t))
 
   outs = jax.lax.map(chunk, (_page_chunks(h_BxTxD, p), _page_chunks(targets_BxT, p)))
@@ -224,8 +228,7 @@ def _fused_head_loss_fwd(h_BxTxD, weight_VxD, bias_V, task_weights_2, element_lo
                                                           element_token_ids_E)
 
     def sums(lse_R, picked_R, tags_RxE, elements_PxE):
-      return head_sums((lse_R - picked_R).reshape(p, t),
-                       (tags_RxE - lse_R[:, None]).reshape(p, t, -1), elements_PxE,
+      return head_sums(*_page_terms(lse_R, picked_R, tags_RxE, p, t), elements_PxE,
                        target_mask_PxT, page_mask_P)
 
     chunk_sums_2, sums_vjp = jax.vjp(sums, lse_R, picked_R, tags_RxE, elements_PxE)
