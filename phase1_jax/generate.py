@@ -12,7 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from phase1_jax.config import ConfigError, parse_flags
+from phase1_jax.config import ConfigError
+from phase1_jax.config_validation import parse_flags
 from phase1_jax.training.checkpoint import CheckpointError
 from phase1_jax.training.generation import InputError, generate_pages, load_config
 

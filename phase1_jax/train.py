@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from phase1_jax import config as config_lib
+from phase1_jax import config_validation
 from phase1_jax.config import ConfigError
 from phase1_jax.data.pipeline import DataError
 from phase1_jax.training import faults, host
@@ -29,7 +29,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every file operation at INFO
     logging.set_verbosity(logging.WARNING)
   try:
-    config_lib.validate(_CONFIG.value)
+    config_validation.validate(_CONFIG.value)
     host.prepare(_CONFIG.value)   # before anything starts JAX's backends
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except faults.Preempted as e:  # checkpoint committed; a distinct status says "resubmit me"
@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(main, flags_parser=config_validation.parse_flags)

@@ -22,6 +22,7 @@ jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.jax_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax import config_validation  # noqa: E402
 from phase1_jax.data import pipeline  # noqa: E402
 from phase1_jax.training import parallel  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
@@ -38,7 +39,7 @@ def tiny(mode='jit', fsdp=1, data=0):
   config.train.batch_size = 8
   config.train.warmup_steps = 0
   config.parallel.mode, config.parallel.fsdp, config.parallel.data = mode, fsdp, data
-  config_lib.validate(config)
+  config_validation.validate(config)
   return config
 
 

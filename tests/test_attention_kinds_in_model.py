@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from phase1_jax import config as config_lib
+from phase1_jax import config_validation
 from phase1_jax.data import pipeline
 from phase1_jax.decoding import greedy_decode, greedy_decode_reference
 from phase1_jax.model import attention
@@ -28,7 +29,7 @@ def test_a_few_training_steps_with_each_kind(kind):
   config.model.attention.window_size = 8     # the tiny pages are up to 48 tokens: several blocks
   config.model.attention.block_size = 4
   config.model.attention.top_k = 2
-  config_lib.validate(config)
+  config_validation.validate(config)
   tx, _ = state_lib.make_optimizer(config, steps_per_epoch=6)
   graphdef, state = state_lib.create_train_state(config, tx)
   step = parallel.jit_train_step(graphdef=graphdef, tx=tx,

@@ -7,7 +7,8 @@ import pytest
 from conftest import REPO
 
 from phase1_jax import config as config_lib
-from phase1_jax.config import ConfigError, base_config, validate
+from phase1_jax.config import ConfigError, base_config
+from phase1_jax.config_validation import validate
 from phase1_jax.data import vocab
 from phase1_jax.training import state as state_lib
 

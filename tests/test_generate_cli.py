@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from phase1_jax import config as config_lib
+from phase1_jax import config_validation
 from phase1_jax.data import pipeline, vocab
 from phase1_jax.training import generation, loop
 
@@ -128,7 +129,7 @@ def test_config_of_an_older_run_gets_todays_defaults(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   config = generation.load_config(str(tmp_path))
   assert config.model.d_model == 48 and config.decode.strategy == 'greedy'
-  config_lib.validate(config)
+  config_validation.validate(config)
 
 
 def test_config_of_an_older_run_drops_retired_fields(tmp_path):
@@ -139,4 +140,4 @@ def test_config_of_an_older_run_drops_retired_fields(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   config = generation.load_config(str(tmp_path))
   assert 'vocab_chunk_size' not in config.loss and config.loss.logits_chunk_pages == 0
-  config_lib.validate(config)
+  config_validation.validate(config)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from phase1_jax import config as config_lib
+from phase1_jax import config_validation
 from phase1_jax.data import bpe, html_pages, pipeline, prepare, records, synthetic, vocab
 from phase1_jax.training import generation, loop
 from tests.test_data import DTYPES, KEYS
@@ -369,7 +370,7 @@ def test_user_features_by_file_name(tmp_path):
 def test_files_source_through_the_pipeline(prepared):
   _, out, meta, _ = prepared
   config = files_config(out)
-  config_lib.validate(config)
+  config_validation.validate(config)
   train = pipeline.make_source(config, 'train')
   assert len(train) == meta['splits']['train']['num_records']
   assert pipeline.element_open_tag_ids(config) == tuple(meta['element_open_tag_ids'])
@@ -400,7 +401,7 @@ def test_files_config_errors_name_the_field(prepared, field, value, words):
   section, name = field.split('.')
   config[section][name] = value
   with pytest.raises(config_lib.ConfigError, match=words) as info:
-    config_lib.validate(config)
+    config_validation.validate(config)
   assert '\n' not in str(info.value) and str(info.value).startswith('config.')
 
 
@@ -412,9 +413,9 @@ def test_html_config_reads_the_prepared_directory(prepared):
   assert config.data.feature_dim == meta['feature_dim']
   config.data.grid_rows, config.data.grid_cols = 4, 4
   config.train.batch_size = 4
-  config_lib.validate(config)
+  config_validation.validate(config)
   with pytest.raises(config_lib.ConfigError, match='data.path'):
-    config_lib.validate(config_lib.load_file(os.path.join(REPO, 'configs', 'html.py')))
+    config_validation.validate(config_lib.load_file(os.path.join(REPO, 'configs', 'html.py')))
 
 
 # ------------------------------------------------------------------------------------ training

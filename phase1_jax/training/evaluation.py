@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from phase1_jax import config as config_lib
-from phase1_jax import decoding
+from phase1_jax import config_validation, decoding
 from phase1_jax import metrics as metrics_lib
 from phase1_jax.data import pipeline, vocab
 from phase1_jax.training import parallel, reporting
@@ -122,7 +122,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, whic
 
   Writes and returns evaluation_results.json's content.
   """
-  config_lib.validate(config)
+  config_validation.validate(config)
   source = pipeline.make_source(config, 'val')
   graphdef, params, step, extra = load_trained(config, workdir, which=which)
   result = with_targets(config, Evaluator(config, graphdef)(params, source))

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from phase1_jax import config as config_lib
-from phase1_jax import decoding
+from phase1_jax import config_validation, decoding
 from phase1_jax.data import bpe, pipeline, records, vocab
 from phase1_jax.training import evaluation, parallel, reporting
 from phase1_jax.training import state as state_lib
@@ -131,7 +131,7 @@ def generate_pages(config: ml_collections.ConfigDict, workdir: str, *, num_sampl
   """Decodes `num_samples` pages (all if None) of the validation split, or of `features_path`,
   with the checkpoint `which` of `workdir` and `config.decode`; writes JSON Lines to `output`
   (default `<workdir>/generations.jsonl`). Returns (output path, pages written)."""
-  config_lib.validate(config)
+  config_validation.validate(config)
   if features_path is not None:
     source = FeatureFile(features_path, config.data.feature_dim)
     source_name = lambda i: f'{source.name}:{i}'

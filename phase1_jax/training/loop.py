@@ -13,6 +13,7 @@ from absl import logging
 from flax import nnx
 
 from phase1_jax import config as config_lib
+from phase1_jax import config_validation
 from phase1_jax.data import pipeline
 from phase1_jax.model.phase1 import parameter_report
 from phase1_jax.training import evaluation, faults, parallel, reporting
@@ -41,7 +42,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   Raises faults.Preempted after SIGTERM/SIGINT (checkpoint of the current step committed),
   faults.NonFiniteError after train.max_consecutive_nonfinite skipped steps in a row.
   """
-  config_lib.validate(config)
+  config_validation.validate(config)
   parallel.initialize_distributed(config)
   par = parallel.DataParallel(config)   # checks the layout against the devices: before compiling
   workdir = workdir or default_workdir(config)
