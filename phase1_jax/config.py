@@ -44,7 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_seq_len = 256           # decoder length T (targets incl. EOS); longer pages drop sections
   d.grid_rows = 16              # the rendered layout is grid_rows x grid_cols patches
   d.grid_cols = 4
-  d.feature_dim = 64
+  d.feature_dim = 64            # F; pixel input: 2 + 3 * patch_size**2 (row, column, RGB pixels)
+  # 0: the input is fused features (feature_dim per patch). > 0: a screenshot cut into square
+  # patches of this many pixels a side (a prepared pixel dataset's; model/encoder.py reads them).
+  d.patch_size = 0
+  d.max_patches = 0             # pixel input: patches per page, P (pages are cut or padded to it)
   d.feature_noise = 0.5         # std of the Gaussian noise added to every patch feature
   d.text_visibility = 0.8       # probability that a word of an element is rendered into its patches
   d.min_sections = 1
@@ -61,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_layers = 6              # layer applications
   m.num_unique_layers = 3       # distinct blocks; application i uses block i % num_unique_layers
   m.mlp_dim = 3072
+  m.encoder_layers = 0          # pixel input: the patch encoder's transformer layers (0: embedding)
   m.dropout_rate = 0.1
   m.compute_dtype = 'auto'      # auto: bfloat16 on GPU/TPU, float32 on CPU (measured faster there)
   m.tie_detail_head = True
@@ -162,7 +167,8 @@ RETIRED_FIELDS = {
 ARCHITECTURE_FIELDS = ('model.vocab_size', 'model.num_semantic_classes', 'model.num_element_types',
                        'model.d_model', 'model.num_heads', 'model.num_layers',
                        'model.num_unique_layers', 'model.mlp_dim', 'model.tie_detail_head',
-                       'data.feature_dim', 'data.max_seq_len')
+                       'model.encoder_layers', 'data.feature_dim', 'data.max_seq_len',
+                       'data.patch_size', 'data.max_patches')
 
 
 def architecture(config: ml_collections.ConfigDict) -> dict:

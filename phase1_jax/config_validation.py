@@ -119,6 +119,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.name == 'synthetic' and config.data.max_sections > config.data.grid_rows:
     raise _fail('data.max_sections', f'must be <= data.grid_rows ({config.data.grid_rows}): '
                 'each section needs a row of patches', config.data.max_sections)
+  positive('data.patch_size', 'data.max_patches', allow_zero=True)
+  _validate_pixel_input(config.data)
 
   positive('model.vocab_size', 'model.num_semantic_classes', 'model.num_element_types',
            'model.d_model', 'model.num_heads', 'model.num_layers', 'model.num_unique_layers',
@@ -139,6 +141,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.num_unique_layers > m.num_layers:
     raise _fail('model.num_unique_layers', f'must be <= model.num_layers ({m.num_layers})',
                 m.num_unique_layers)
+  positive('model.encoder_layers', allow_zero=True)
+  if m.encoder_layers and not config.data.patch_size:
+    raise _fail('model.encoder_layers', 'must be 0 unless data.patch_size > 0 (the encoder reads '
+                'pixel patches)', m.encoder_layers)
   in_range('model.dropout_rate', 0, 1, hi_open=True)
   one_of('model.compute_dtype', COMPUTE_DTYPES)
   one_of('model.remat_policy', REMAT_POLICIES)
@@ -207,6 +213,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise _fail('checkpoint.best_metric', f'{best} needs eval.bleu_samples > 0', best)
 
 
+def _validate_pixel_input(d: ml_collections.ConfigDict) -> None:
+  """data.patch_size > 0 (pixel patches): a files dataset, patches per page, F = 2 + 3 ps^2."""
+  if not d.patch_size:
+    if d.max_patches:
+      raise _fail('data.max_patches', 'must be 0 unless data.patch_size > 0 (pixel input)',
+                  d.max_patches)
+    return
+  if d.name != 'files':
+    raise _fail('data.patch_size', "must be 0 unless data.name='files': pixel patches come from "
+                'a prepared pixel dataset (synthetic pages are features)', d.patch_size)
+  if d.max_patches < 1:
+    raise _fail('data.max_patches', 'must be >= 1 with data.patch_size > 0 (patches per page)',
+                d.max_patches)
+  want = 2 + 3 * d.patch_size ** 2
+  if d.feature_dim != want:
+    raise _fail('data.feature_dim', f'must be {want} with data.patch_size={d.patch_size} '
+                '(2 + 3 * patch_size**2: row, column, RGB pixels)', d.feature_dim)
+
+
 def _validate_files(config: ml_collections.ConfigDict) -> None:
   """data.name='files': the prepared directory exists and fits the model's sizes."""
   from phase1_jax.data import records  # grain and friends load only for file datasets
@@ -224,6 +249,13 @@ def _validate_files(config: ml_collections.ConfigDict) -> None:
                             ('model.num_element_types', m.num_element_types, 'element_types')):
     if value != len(meta[key]):
       raise _fail(field, f'must be {len(meta[key])} (the {key} of {where})', value)
+  if records.input_kind(meta) == 'pixels':
+    if d.patch_size != meta['patch_size']:
+      raise _fail('data.patch_size', f'must be {meta["patch_size"]} (the patch_size of {where}, '
+                  'a pixel dataset)', d.patch_size)
+  elif d.patch_size:
+    raise _fail('data.patch_size', f'must be 0: {where} holds features, not pixel patches',
+                d.patch_size)
   if m.vocab_size < meta['vocab_size']:
     raise _fail('model.vocab_size', f'must be >= {meta["vocab_size"]} (the vocab_size of {where})',
                 m.vocab_size)

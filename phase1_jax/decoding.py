@@ -66,7 +66,8 @@ def cached_stepper(model: Phase1Decoder, features_BxPxF, feature_mask_BxP, max_l
     # for every beam of a page, and beams never move across pages, so they stay.
     return {**state, 'cache': jax.tree.map(lambda x: x[:, rows_B], state['cache'])}
 
-  return Stepper(step, model.init_decode_state(features_BxPxF, max_len), reorder)
+  return Stepper(step, model.init_decode_state(features_BxPxF, max_len, feature_mask_BxP),
+                 reorder)
 
 
 def recompute_stepper(model: Phase1Decoder, features_BxPxF, feature_mask_BxP, max_len: int,

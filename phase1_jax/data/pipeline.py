@@ -31,9 +31,19 @@ class DataError(ValueError):
   """A record does not have the documented keys, shapes or dtypes; names the source and index."""
 
 
-def record_spec(spec: synthetic.PageSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """{key: (shape, dtype)} every page record must have (see SyntheticPages)."""
-  t, p = spec.max_seq_len, spec.grid_rows * spec.grid_cols
+def num_patches(config: ml_collections.ConfigDict) -> int:
+  """P, the patches per page a batch holds: data.max_patches for pixel input (data.patch_size >
+  0), else the layout grid's grid_rows * grid_cols."""
+  d = config.data
+  return d.max_patches if d.patch_size > 0 else d.grid_rows * d.grid_cols
+
+
+def record_spec(spec: synthetic.PageSpec,
+                patches: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{key: (shape, dtype)} every page record must have (see SyntheticPages): P = `patches`
+  (num_patches(config)), by default the spec's grid_rows * grid_cols; F = spec.feature_dim."""
+  t = spec.max_seq_len
+  p = spec.grid_rows * spec.grid_cols if patches is None else patches
   i32, f32, b = np.dtype(np.int32), np.dtype(np.float32), np.dtype(bool)
   return {'features': ((p, spec.feature_dim), f32), 'feature_mask': ((p,), b),
           'inputs': ((t,), i32), 'targets': ((t,), i32), 'target_mask': ((t,), b),
@@ -72,11 +82,12 @@ def make_source(config: ml_collections.ConfigDict, split: str):
   d = config.data
   if d.name == 'files':
     return records.FilePages(d.path, split, max_seq_len=d.max_seq_len,
-                             num_patches=d.grid_rows * d.grid_cols)
+                             num_patches=num_patches(config))
   n = {'train': config.data.train_samples, 'val': config.data.val_samples}[split]
   spec = page_spec(config)
   pages = synthetic.SyntheticPages(spec, num_samples=n, seed=config.data.seed, split=split)
-  return CheckedSource(pages, f'{config.data.name} {split} split', record_spec(spec))
+  return CheckedSource(pages, f'{config.data.name} {split} split',
+                       record_spec(spec, num_patches(config)))
 
 
 def element_open_tag_ids(config: ml_collections.ConfigDict) -> tuple[int, ...]:

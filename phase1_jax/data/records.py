@@ -6,14 +6,21 @@ Layout of a prepared directory DIR (see README, "Your own pages"):
   DIR/train/train-00000.array_record, ...   (group_size 1: each record is read alone)
   DIR/val/val-00000.array_record, ...
 
-One record is a msgpack map of one page (arrays as {'dtype', 'shape', 'data': raw bytes}):
+One record is a msgpack map of one page (arrays as {'dtype', 'shape', 'data': raw bytes}). Its
+input is one of two kinds, dataset.json's `input` ('features' when absent; version 1 directories
+hold features only):
   features        float16 [num_patches, feature_dim]  rendered layout or user features
+or, input 'pixels' (dataset.json also gives `patch_size` and `max_patches`):
+  patches         uint8   [num_patches, patch_size * patch_size * 3]  RGB, (y, x, channel) order
+  patch_positions int16   [num_patches, 2]   each patch's (row, column) in the screenshot
+and always:
   tokens          int32   [num_tokens]   detail token ids of the normalised markup (no BOS/EOS)
   semantic_labels int8    [num_tokens]   section class of each token, -1 outside every section
   element_labels  uint8   [num_element_types]  multi-hot element types of the page
   source_id       str     the page's path relative to the HTML folder
 FilePages reads a split through grain's ArrayRecordDataSource (random access, never whole into
-memory) and returns exactly SyntheticPages' example dict, padded or cut to the configured sizes.
+memory) and returns exactly SyntheticPages' example dict, padded or cut to the configured sizes;
+a pixel page's features are Pix2Struct's flattened patches (see to_example).
 """
 from __future__ import annotations
 
@@ -27,33 +34,62 @@ from array_record.python import array_record_module
 
 from phase1_jax.data import synthetic
 
-FORMAT, VERSION = 'phase1_jax.page_records', 1
+# Version 2 added pixel records (dataset.json `input`); version 1 directories still read.
+FORMAT, VERSION = 'phase1_jax.page_records', 2
+READABLE_VERSIONS = (1, 2)
 METADATA_FILE, TOKENIZER_FILE = 'dataset.json', 'tokenizer.json'
-ARRAY_FIELDS = {'features': 'float16', 'tokens': 'int32', 'semantic_labels': 'int8',
-                'element_labels': 'uint8'}
-FIELD_SHAPES = {'features': ['num_patches', 'feature_dim'], 'tokens': ['num_tokens'],
-                'semantic_labels': ['num_tokens'], 'element_labels': ['num_element_types']}
+INPUT_KINDS = ('features', 'pixels')
+# The array fields of each input kind, then the labels every record holds.
+INPUT_FIELDS = {'features': {'features': 'float16'},
+                'pixels': {'patches': 'uint8', 'patch_positions': 'int16'}}
+LABEL_FIELDS = {'tokens': 'int32', 'semantic_labels': 'int8', 'element_labels': 'uint8'}
+
+
+def array_fields(kind: str = 'features') -> dict[str, str]:
+  """{field: dtype} of a record of input `kind` (INPUT_KINDS), in the order records list them."""
+  return INPUT_FIELDS[kind] | LABEL_FIELDS
+
+
+ARRAY_FIELDS = array_fields('features')        # a features record (what version 1 holds)
+PIXEL_ARRAY_FIELDS = array_fields('pixels')    # a pixel record
+KNOWN_FIELDS = ARRAY_FIELDS | PIXEL_ARRAY_FIELDS
+FIELD_SHAPES = {'features': ['num_patches', 'feature_dim'],
+                'patches': ['num_patches', 'patch_pixels'], 'patch_positions': ['num_patches', 2],
+                'tokens': ['num_tokens'], 'semantic_labels': ['num_tokens'],
+                'element_labels': ['num_element_types']}
 
 
 class DatasetError(ValueError):
   """A prepared dataset directory or record is unusable; one line naming the file or record."""
 
 
+def record_kind(page: dict) -> str:
+  """The input kind of a page dict or decoded record: 'pixels' if it holds patches."""
+  kind = 'pixels' if 'patches' in page else 'features'
+  for name in array_fields(kind):
+    if name not in page:
+      raise KeyError(f'{name!r} (a {kind} record holds {", ".join(array_fields(kind))})')
+  return kind
+
+
 def encode_record(page: dict) -> bytes:
-  """One page dict (ARRAY_FIELDS arrays + 'source_id') -> record bytes."""
+  """One page dict (array_fields(kind) arrays + 'source_id') -> record bytes."""
   out = {'source_id': str(page['source_id'])}
-  for name, dtype in ARRAY_FIELDS.items():
+  for name, dtype in array_fields(record_kind(page)).items():
     a = np.ascontiguousarray(page[name], dtype=dtype)
     out[name] = {'dtype': dtype, 'shape': list(a.shape), 'data': a.tobytes()}
   return msgpack.packb(out, use_bin_type=True)
 
 
 def decode_record(data: bytes) -> dict:
+  """Record bytes -> page dict of the array fields it holds (either input kind)."""
   raw = msgpack.unpackb(data, raw=False)
   page = {'source_id': raw['source_id']}
-  for name in ARRAY_FIELDS:
-    f = raw[name]
-    page[name] = np.frombuffer(f['data'], dtype=f['dtype']).reshape(f['shape'])
+  for name in KNOWN_FIELDS:
+    if name in raw:
+      f = raw[name]
+      page[name] = np.frombuffer(f['data'], dtype=f['dtype']).reshape(f['shape'])
+  record_kind(page)
   return page
 
 
@@ -104,9 +140,16 @@ def read_metadata(directory: str) -> dict:
                        'python -m phase1_jax.data.prepare)') from None
   except (OSError, ValueError) as e:
     raise DatasetError(f'{path}: unreadable ({e})') from None
-  if meta.get('format') != FORMAT or meta.get('version') != VERSION:
+  if meta.get('format') != FORMAT or meta.get('version') not in READABLE_VERSIONS:
     raise DatasetError(f'{path}: format {meta.get("format")!r} version {meta.get("version")!r}, '
-                       f'expected {FORMAT!r} version {VERSION}')
+                       f'expected {FORMAT!r} version {" or ".join(map(str, READABLE_VERSIONS))}')
+  kind = input_kind(meta)
+  if kind not in INPUT_KINDS:
+    raise DatasetError(f'{path}: input {kind!r}, expected one of {", ".join(INPUT_KINDS)}')
+  for key in ('patch_size', 'max_patches') if kind == 'pixels' else ():
+    value = meta.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise DatasetError(f'{path}: {key} {value!r}, a pixel dataset needs a positive integer')
   for split in ('train', 'val'):
     for shard in meta['splits'][split]['shards']:
       if not os.path.isfile(os.path.join(directory, shard)):
@@ -114,9 +157,25 @@ def read_metadata(directory: str) -> dict:
   return meta
 
 
+def input_kind(meta: dict) -> str:
+  """dataset.json's input kind: 'features' when it names none (version 1)."""
+  return meta.get('input', 'features')
+
+
+def page_features(page: dict, num_patches: int) -> np.ndarray:
+  """The page's first num_patches patch features, float32 [<= num_patches, F]. A pixel record's
+  are Pix2Struct's flattened patches: [row, column, RGB pixels / 255...] (F = 2 + 3 ps^2)."""
+  if 'patches' not in page:
+    return page['features'][:num_patches]
+  positions = page['patch_positions'][:num_patches].astype(np.float32)
+  pixels = page['patches'][:num_patches].astype(np.float32) / np.float32(255)
+  return np.concatenate([positions.reshape(len(positions), 2), pixels], axis=-1)
+
+
 def to_example(page: dict, *, max_seq_len: int, num_patches: int) -> dict[str, np.ndarray]:
   """A record as SyntheticPages' example dict: tokens cut to max_seq_len - 1 (room for EOS),
-  features cut or zero-padded to num_patches (feature_mask marks the real ones), float32."""
+  features (page_features) cut or zero-padded to num_patches (feature_mask marks the real
+  ones), float32."""
   t = max_seq_len
   tokens = page['tokens'][:t - 1]
   sem = page['semantic_labels'][:t - 1]
@@ -126,9 +185,10 @@ def to_example(page: dict, *, max_seq_len: int, num_patches: int) -> dict[str, n
   semantic[:n] = np.maximum(sem, 0)
   semantic_mask = np.zeros(t, bool)
   semantic_mask[:n] = sem >= 0          # tokens outside every section carry no class
-  p = min(len(page['features']), num_patches)
-  features = np.zeros((num_patches, page['features'].shape[-1]), np.float32)
-  features[:p] = page['features'][:p]
+  real = page_features(page, num_patches)
+  p = len(real)
+  features = np.zeros((num_patches, real.shape[-1]), np.float32)
+  features[:p] = real
   return {
       'features': features,
       'feature_mask': np.arange(num_patches) < p,

@@ -1,4 +1,5 @@
-"""Phase1Decoder: feature projection -> shared backbone -> dual heads + element classifier."""
+"""Phase1Decoder: feature projection (or patch encoder) -> shared backbone -> dual heads + element
+classifier."""
 from __future__ import annotations
 
 import jax
@@ -8,6 +9,7 @@ from flax import nnx
 from phase1_jax.model import kv_cache
 from phase1_jax.model.attention import prefix_mask
 from phase1_jax.model.decoder import SharedDecoderBackbone
+from phase1_jax.model.encoder import PatchEncoder, patch_feature_dim
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
 from phase1_jax.model.layers import Dense, Embed, LayerNorm
 
@@ -25,6 +27,12 @@ class Phase1Decoder(nnx.Module):
   on its order), so both masks reach the backbone as lengths, which cuDNN's fused attention
   takes without a mask tensor. Every page needs a valid patch (data.prepare rejects empty
   feature arrays): with none, cuDNN's output is undefined where `dense` averages uniformly.
+
+  patch_size > 0: the input is a screenshot's patches in the flattened-patches layout of
+  encoder.py (F = 2 + 3 * patch_size**2), read by a PatchEncoder (`encoder_layers` layers,
+  position tables of `max_patches`) in place of the feature projection; its self-attention sees
+  the valid patches only, in training and in decoding alike. patch_size = 0: fused features
+  through one Dense (`feature_proj`), as before (same parameters, same numerics).
   """
 
   def __init__(self, *, vocab_size: int, num_semantic_classes: int, num_element_types: int,
@@ -34,14 +42,26 @@ class Phase1Decoder(nnx.Module):
                attention_options: dict | None = None, tie_detail_head: bool = True,
                scan_layers: bool = True, remat: bool = False,
                remat_policy: str = 'nothing_saveable', pad_id: int = 0,
+               patch_size: int = 0, max_patches: int = 0, encoder_layers: int = 0,
                rngs: nnx.Rngs):
     self.pad_id, self.dtype = pad_id, dtype
     embed = lambda n: Embed(n, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.token_embed, self.position_embed = embed(vocab_size), embed(max_seq_len)
-    self.feature_proj = Dense(feature_dim, d_model, dtype=dtype, param_dtype=jnp.float32,
-                              rngs=rngs)
     norm = lambda: LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-    self.memory_norm, self.final_norm = norm(), norm()
+    if patch_size:
+      if feature_dim != patch_feature_dim(patch_size):
+        raise ValueError(f'feature_dim={feature_dim}: must be 2 + 3 * patch_size**2 = '
+                         f'{patch_feature_dim(patch_size)} for patch_size={patch_size}')
+      self.patch_encoder = PatchEncoder(
+          patch_size=patch_size, max_patches=max_patches, num_layers=encoder_layers,
+          d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate,
+          dtype=dtype, attention_kind=attention_kind, rngs=rngs)
+    else:
+      self.patch_encoder = None
+      self.feature_proj = Dense(feature_dim, d_model, dtype=dtype, param_dtype=jnp.float32,
+                                rngs=rngs)
+      self.memory_norm = norm()
+    self.final_norm = norm()
     self.dropout = nnx.Dropout(dropout_rate)
     self.backbone = SharedDecoderBackbone(
         num_layers=num_layers, num_unique_layers=num_unique_layers, scan=scan_layers, remat=remat,
@@ -56,8 +76,12 @@ class Phase1Decoder(nnx.Module):
     self.element_classifier = ElementTypeClassifier(d_model, num_element_types, dtype=dtype,
                                                     rngs=rngs)
 
-  def encode_memory(self, features_BxPxF):
-    """The decoder's memory: projected, normalized features [batch, patches, d_model]."""
+  def encode_memory(self, features_BxPxF, lengths_B=None, dropout_key=None):
+    """The decoder's memory [batch, patches, d_model]: projected, normalized features, or the
+    patch encoder's output. lengths_B (patch encoder only): patches [0, length) are real and
+    the others are never attended (None: all are real)."""
+    if self.patch_encoder is not None:
+      return self.patch_encoder(features_BxPxF, lengths_B, dropout_key)
     return self.memory_norm(self.feature_proj(features_BxPxF.astype(self.dtype)))
 
   def __call__(self, features_BxPxF, feature_mask_BxP, inputs_BxT, dropout_key=None, *,
@@ -66,10 +90,14 @@ class Phase1Decoder(nnx.Module):
     t = inputs_BxT.shape[1]
     token_mask_BxT = prefix_mask(token_lengths_B, t)
     x_BxTxD = self.token_embed(inputs_BxT) + self.position_embed(jnp.arange(t))[None]
-    keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    # A third key for the patch encoder only: the features model draws the masks it always did.
+    num_keys = 2 if self.patch_encoder is None else 3
+    keys = ((None,) * num_keys if dropout_key is None
+            else jax.random.split(dropout_key, num_keys))
     x_BxTxD = self.dropout(x_BxTxD, deterministic=dropout_key is None, rngs=keys[0])
     features_BxPxF, memory_lengths_B = valid_patches_first(features_BxPxF, feature_mask_BxP)
-    memory_BxPxD = self.encode_memory(features_BxPxF)
+    memory_BxPxD = self.encode_memory(features_BxPxF, memory_lengths_B,
+                                      keys[2] if num_keys == 3 else None)
     h_BxTxD = self.backbone(x_BxTxD, token_lengths_B, memory_BxPxD, memory_lengths_B, keys[1])
     h_BxTxD = self.final_norm(h_BxTxD)
     outputs = {'element_logits': self.element_classifier(h_BxTxD, token_mask_BxT)}
@@ -85,22 +113,38 @@ class Phase1Decoder(nnx.Module):
       outputs['detail_bias'] = bias_V
     return outputs
 
-  def init_decode_state(self, features_BxPxF, max_len: int):
+  def init_decode_state(self, features_BxPxF, max_len: int, feature_mask_BxP=None):
     """What decoding keeps per sequence: memory K/V per unique layer (computed once), and an
-    empty self-attention KV cache per layer application in the attention kind's layout."""
-    memory_kv = self.backbone.memory_kv(self.encode_memory(features_BxPxF))
+    empty self-attention KV cache per layer application in the attention kind's layout.
+
+    With a patch encoder, the memory is encoded as in __call__ (valid patches first, the others
+    never attended; feature_mask_BxP None: all valid) and the state also holds `memory_mask`,
+    the mask of that order, which decode_step then uses in place of its feature_mask_BxP."""
+    extra = {}
+    if self.patch_encoder is None:
+      memory_BxPxD = self.encode_memory(features_BxPxF)
+    else:
+      b, p, _ = features_BxPxF.shape
+      if feature_mask_BxP is None:
+        feature_mask_BxP = jnp.ones((b, p), bool)
+      features_BxPxF, lengths_B = valid_patches_first(features_BxPxF, feature_mask_BxP)
+      memory_BxPxD = self.encode_memory(features_BxPxF, lengths_B)
+      extra['memory_mask'] = prefix_mask(lengths_B, p)
+    memory_kv = self.backbone.memory_kv(memory_BxPxD)
     _, b, _, n, h = memory_kv[0].shape
     cache = kv_cache.init(self.attention_kind, dict(self.attention_options),
                           num_applications=self.backbone.num_layers, batch=b, max_len=max_len,
                           num_heads=n, head_dim=h, dtype=self.dtype)
-    return {'memory_kv': memory_kv, 'cache': cache}
+    return {'memory_kv': memory_kv, 'cache': cache, **extra}
 
   def decode_step(self, tokens_B, pos, decode_state, feature_mask_BxP):
     """Logits for the position after `tokens_B` at position `pos`: (detail_BxV, semantic_BxC,
-    new decode_state). Equals __call__ on the whole prefix at position pos (tested)."""
+    new decode_state). Equals __call__ on the whole prefix at position pos (tested), given the
+    feature_mask_BxP init_decode_state had."""
     x_Bx1xD = self.token_embed(tokens_B[:, None]) + self.position_embed(pos)[None, None]
+    memory_mask_BxP = decode_state.get('memory_mask', feature_mask_BxP)
     h_Bx1xD, cache = self.backbone.decode_step(x_Bx1xD, decode_state['cache'], pos,
-                                               decode_state['memory_kv'], feature_mask_BxP)
+                                               decode_state['memory_kv'], memory_mask_BxP)
     detail, semantic = self.heads(self.final_norm(h_Bx1xD), self.token_embed.embedding[...])
     return detail[:, 0], semantic[:, 0], {**decode_state, 'cache': cache}
 

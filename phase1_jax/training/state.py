@@ -57,7 +57,9 @@ def scan_layers(value: bool | None, num_layers: int) -> bool:
 
 
 def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Phase1Decoder:
-  m = config.model
+  """The decoder the config describes; with pixel input (data.patch_size > 0) it reads
+  data.max_patches patches per page through an encoder of model.encoder_layers layers."""
+  m, d = config.model, config.data
   kind = attention_kind(m.attention.kind)
   return Phase1Decoder(
       vocab_size=m.vocab_size, num_semantic_classes=m.num_semantic_classes,
@@ -70,7 +72,9 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Phase1D
           block_size=m.attention.block_size or None),
       tie_detail_head=m.tie_detail_head,
       scan_layers=scan_layers(m.scan_layers, m.num_layers), remat=m.remat,
-      remat_policy=m.remat_policy, rngs=rngs)
+      remat_policy=m.remat_policy, patch_size=d.patch_size,
+      max_patches=d.max_patches if d.patch_size else 0, encoder_layers=m.encoder_layers,
+      rngs=rngs)
 
 
 def _decay_mask(params):

@@ -1,0 +1,54 @@
+"""Screenshot pixels -> markup at GPU size: a prepared pixel dataset (patches of 16 x 16 px, up to
+1024 per page), d_model 768, 6 decoder applications over 3 unique layers, a 4-layer encoder.
+
+    python -m phase1_jax.data.prepare --html_dir pages/ --out data/pixels --render \\
+      --patch_size 16 --max_patches 1024
+    python -m phase1_jax.train --config configs/pixels.py:data/pixels
+
+model.vocab_size (rounded up to a multiple of 128), the label counts, data.feature_dim,
+data.patch_size and data.max_patches (the patches per page it was prepared with) come from the
+directory's dataset.json. bfloat16 compute and cuDNN's fused attention on a GPU (compute_dtype
+and attention kind auto).
+"""
+import json
+import os
+
+from phase1_jax.config import base_config
+
+
+def get_config(path: str = ''):
+  config = base_config()
+  config.exp_name = 'phase1_pixels'
+  config.data.name = 'files'
+  config.data.path = path
+  config.data.max_seq_len = 1024
+  config.data.patch_size = 16
+  config.data.max_patches = 1024
+  config.data.feature_dim = 2 + 3 * 16 * 16
+  config.model.d_model = 768
+  config.model.num_heads = 12
+  config.model.num_layers = 6
+  config.model.num_unique_layers = 3
+  config.model.mlp_dim = 3072
+  config.model.encoder_layers = 4
+  config.model.compute_dtype = 'auto'       # bfloat16 on a GPU/TPU
+  config.model.attention.kind = 'auto'      # dot_product (cuDNN) on a GPU
+  config.parallel.mode = 'jit'
+  config.train.batch_size = 64
+  config.train.learning_rate = 3e-4
+  config.train.warmup_steps = 1000
+  config.train.stop_when_targets_met = True
+  config.eval.batch_size = 64
+  config.eval.bleu_samples = 128
+  metadata = os.path.join(path, 'dataset.json')
+  if path and os.path.isfile(metadata):   # otherwise validate() names the problem
+    with open(metadata) as f:
+      meta = json.load(f)
+    config.model.vocab_size = -(-meta['vocab_size'] // 128) * 128
+    config.model.num_semantic_classes = len(meta['semantic_classes'])
+    config.model.num_element_types = len(meta['element_types'])
+    if meta.get('input') == 'pixels':   # a features dataset: validate() says so
+      config.data.feature_dim = meta['feature_dim']
+      config.data.patch_size = meta['patch_size']
+      config.data.max_patches = meta['max_patches']
+  return config

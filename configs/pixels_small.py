@@ -1,0 +1,61 @@
+"""Screenshot pixels -> markup on a 2-core CPU: a prepared pixel dataset (patches of 16 x 16 px).
+
+    python -m phase1_jax.data.prepare --html_dir pages/ --out data/pixels --render \\
+      --patch_size 16 --max_patches 256
+    python -m phase1_jax.train --config configs/pixels_small.py:data/pixels
+
+model.vocab_size (rounded up to a multiple of 128), the label counts, data.feature_dim,
+data.patch_size and data.max_patches (the patches per page it was prepared with) come from the
+directory's dataset.json, so the config always fits the data. A patch encoder of 2 layers reads
+the patches (model/encoder.py).
+"""
+import json
+import os
+
+from phase1_jax.config import base_config
+
+
+def get_config(path: str = ''):
+  config = base_config()
+  config.exp_name = 'phase1_pixels_small'
+  config.data.name = 'files'
+  config.data.path = path
+  config.data.max_seq_len = 256
+  config.data.patch_size = 16
+  config.data.max_patches = 256
+  config.data.feature_dim = 2 + 3 * 16 * 16
+  config.model.d_model = 256
+  config.model.num_heads = 4
+  config.model.num_layers = 4
+  config.model.num_unique_layers = 2
+  config.model.mlp_dim = 1024
+  config.model.encoder_layers = 2
+  config.model.dropout_rate = 0.0
+  # auto: the C++ fused attention kernel on a CPU (fused_cpu; the encoder's bidirectional
+  # attention and the cross-attention too), cuDNN's on a GPU.
+  config.model.attention.kind = 'auto'
+  # As configs/small.py: one device per core, pmap over them.
+  config.parallel.mode = 'pmap'
+  config.train.batch_size = 16
+  # An upper bound of about 30 minutes on 2 cores: a step of this model measured about 1.7 s
+  # (one device, jit, fused_cpu, vocab 8064, busy machine), so ~1,000 steps = 16,000 pages, e.g.
+  # 10 epochs of 1,600 train pages; scale it to the dataset. Training ends at the first epoch
+  # whose evaluation meets every target.
+  config.train.num_epochs = 10
+  config.train.stop_when_targets_met = True
+  config.train.learning_rate = 1e-3
+  config.train.warmup_steps = 200
+  config.eval.batch_size = 32
+  config.eval.bleu_samples = 64     # greedy decoding of 256 tokens is the slow part of eval
+  metadata = os.path.join(path, 'dataset.json')
+  if path and os.path.isfile(metadata):   # otherwise validate() names the problem
+    with open(metadata) as f:
+      meta = json.load(f)
+    config.model.vocab_size = -(-meta['vocab_size'] // 128) * 128
+    config.model.num_semantic_classes = len(meta['semantic_classes'])
+    config.model.num_element_types = len(meta['element_types'])
+    if meta.get('input') == 'pixels':   # a features dataset: validate() says so
+      config.data.feature_dim = meta['feature_dim']
+      config.data.patch_size = meta['patch_size']
+      config.data.max_patches = meta['max_patches']
+  return config
