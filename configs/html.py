@@ -3,8 +3,9 @@
     python -m phase1_jax.data.prepare --html_dir pages/ --out data/pages
     python -m phase1_jax.train --config configs/html.py:data/pages
 
-The model is configs/small.py's; model.vocab_size and data.feature_dim come from the directory's
-dataset.json (vocab rounded up to a multiple of 128), so the config always fits the data.
+The model is configs/small.py's; model.vocab_size (rounded up to a multiple of 128), the head
+sizes (the dataset's section classes and element types) and data.feature_dim come from the
+directory's dataset.json, so the config always fits the data.
 """
 import json
 import os
@@ -38,4 +39,6 @@ def get_config(path: str = ''):
       meta = json.load(f)
     config.model.vocab_size = -(-meta['vocab_size'] // 128) * 128
     config.data.feature_dim = meta['feature_dim']
+    config.model.num_semantic_classes = len(meta['semantic_classes'])
+    config.model.num_element_types = len(meta['element_types'])
   return config

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 
 import jsonschema
 import numpy as np
@@ -12,12 +11,23 @@ import pytest
 
 from phase1_jax import config as config_lib
 from phase1_jax import config_validation
-from phase1_jax.data import bpe, html_pages, pipeline, prepare, records, synthetic, vocab
+from phase1_jax.data import (
+  assemble,
+  bpe,
+  html_labels,
+  html_pages,
+  pipeline,
+  prepare,
+  records,
+  synthetic,
+  vocab,
+)
 from phase1_jax.training import generation, loop
 from tests.test_data import DTYPES, KEYS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GRID = dict(grid_rows=4, grid_cols=4, feature_dim=16)   # configs/tiny.py's patch grid
+FEATURE_DIM, MAX_PATCHES = 16, 16     # configs/tiny.py's feature width and 4 x 4 patches
+KEYWORDS = html_labels.LabelScheme(class_keywords=True)
 
 SECTIONS = ['<header><nav><a href="/">Home</a><a href="/a">About</a><a>Blog</a></nav></header>',
             '<section class="pricing"><h2>Plans</h2><table><tr><td>Pro</td></tr></table>'
@@ -31,9 +41,10 @@ SECTIONS = ['<header><nav><a href="/">Home</a><a href="/a">About</a><a>Blog</a><
             '<footer><p>(c) 2024 <i class="fa fa-heart"></i></p></footer>']
 
 
-def write_corpus(root, n_pages=14, seed=0):
+def write_corpus(root, n_pages=14, seed=0, features=None):
   """n_pages pages of random section mixes (nested folders), plus one broken, one empty and one
-  non-HTML page. Returns {relative path: html}."""
+  non-HTML page. Returns {relative path: html}. With `features` (a folder), each page also gets
+  random features [2..MAX_PATCHES, FEATURE_DIM] there."""
   rng = np.random.default_rng(seed)
   pages = {}
   for i in range(n_pages):
@@ -50,22 +61,38 @@ def write_corpus(root, n_pages=14, seed=0):
       f.write(html)
   with open(os.path.join(root, 'notes.txt'), 'w') as f:
     f.write('not a page')
+  if features is not None:
+    write_features(features, pages, rng)
   return pages
+
+
+def write_features(folder, pages, rng):
+  """Random user features per page, {relative path: array}."""
+  arrays = {}
+  for rel in pages:
+    arrays[rel] = rng.standard_normal((int(rng.integers(2, MAX_PATCHES + 1)), FEATURE_DIM))
+    path = os.path.join(folder, os.path.splitext(rel)[0] + '.npy')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path, arrays[rel].astype(np.float32))
+  return arrays
 
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
-  root = tmp_path_factory.mktemp('html')
-  pages = write_corpus(str(root))
+  root, feats = tmp_path_factory.mktemp('html'), tmp_path_factory.mktemp('features')
+  pages = write_corpus(str(root), features=str(feats))
   out = str(tmp_path_factory.mktemp('prepared') / 'data')
   meta = prepare.prepare(str(root), out, vocab_size=320, val_fraction=0.2, workers=1,
-                         records_per_shard=4, progress=False, **GRID)
-  return str(root), out, meta, pages
+                         features_dir=str(feats), records_per_shard=4, progress=False)
+  return str(root), out, meta, pages, str(feats)
 
 
 def files_config(out):
   config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
   config.data.name, config.data.path = 'files', out
+  meta = records.read_metadata(out)
+  config.model.num_semantic_classes = len(meta['semantic_classes'])
+  config.model.num_element_types = len(meta['element_types'])
   return config
 
 
@@ -100,8 +127,8 @@ ELEMENTS = [
 
 
 @pytest.mark.parametrize('html,expected', ELEMENTS, ids=[e for _, e in ELEMENTS])
-def test_element_type_mapping(html, expected):
-  page = html_pages.parse_page(f'<body>{html}</body>'.encode())
+def test_element_type_mapping_with_class_keywords(html, expected):
+  page = html_pages.parse_page(f'<body>{html}</body>'.encode(), scheme=KEYWORDS)
   etype = vocab.ELEMENT_TYPES.index(expected)
   assert etype in page.element_types, (html, [vocab.ELEMENT_TYPES[e] for e in page.element_types])
   # The element is written with its type's canonical open tag (one BPE token).
@@ -137,8 +164,8 @@ LANDMARKS = [
 
 
 @pytest.mark.parametrize('html,expected', LANDMARKS, ids=[e for _, e in LANDMARKS])
-def test_section_class_mapping(html, expected):
-  page = html_pages.parse_page(f'<body>{html}<p>after</p></body>'.encode())
+def test_section_class_mapping_with_class_keywords(html, expected):
+  page = html_pages.parse_page(f'<body>{html}<p>after</p></body>'.encode(), scheme=KEYWORDS)
   cls = vocab.SEMANTIC_CLASSES.index(expected)
   end = page.markup.index('<p >after')
   # Every character of the section carries its class; the paragraph after it none.
@@ -146,19 +173,15 @@ def test_section_class_mapping(html, expected):
   assert (page.char_classes_N[end:] == -1).all()
 
 
-def test_nested_sections_innermost_wins_and_layout():
+def test_nested_sections_innermost_wins():
   page = html_pages.parse_page(b'<body><main><section class="faq"><h2>Q</h2></section>'
-                               b'<p>home</p></main><button>buy</button></body>')
+                               b'<p>home</p></main><button>buy</button></body>', scheme=KEYWORDS)
   m, c = page.markup, page.char_classes_N
   faq, main = vocab.SEMANTIC_CLASSES.index('faq_accordion'), c[0]
   assert c[m.index('<section')] == faq and c[m.index('<h2 ')] == faq
   assert c[m.index('<p ')] == main != faq and c[m.index('<button ')] == -1
   t = vocab.ELEMENT_TYPES.index
-  word = vocab.WORDS.index
-  q = html_pages.WORD_INDEX.get('q', zlib.crc32(b'q') % len(vocab.WORDS))   # hashed: not a word
-  assert page.layout == [(faq, [(t('heading'), [q])]),
-                         (int(main), [(t('paragraph'), [word('home')])]),
-                         (None, [(t('button'), [word('buy')])])]
+  assert page.element_types == sorted([t('heading'), t('paragraph'), t('button')])
 
 
 def test_normalisation_drops_scripts_styles_comments_and_whitespace():
@@ -185,10 +208,12 @@ def test_broken_html_is_repaired_not_fatal(data):
 # ---------------------------------------------------------------------------------- tokenizer
 
 def test_tokenizer_round_trip_and_reserved_ids(prepared):
-  root, out, meta, pages = prepared
+  root, out, meta, pages, _ = prepared
   tok = bpe.load(os.path.join(out, records.TOKENIZER_FILE))
   assert [tok.token_to_id(t) for t in bpe.SPECIAL_TOKENS] == [0, 1, 2, 3]
-  assert meta['element_open_tag_ids'] == list(range(4, 4 + len(vocab.ELEMENT_TYPES)))
+  assert meta['element_types'] == list(html_pages.SEMANTIC.element_types)
+  assert meta['element_open_tag_ids'] == [4 + vocab.ELEMENT_TYPES.index(t)
+                                          for t in meta['element_types']]
   assert meta['vocab_size'] == tok.get_vocab_size() <= 320
   rng = np.random.default_rng()
   for rel in rng.choice(sorted(p for p, h in pages.items() if h), 4, replace=False):
@@ -197,7 +222,7 @@ def test_tokenizer_round_trip_and_reserved_ids(prepared):
     assert bpe.decode(tok, [vocab.BOS_ID, *ids, vocab.EOS_ID, 7, 9]) == markup
   # Each element open tag is one id, and never matched inside another tag name.
   for etype, text in enumerate(bpe.ELEMENT_OPEN_TOKENS):
-    assert tok.encode(text + 'class="x">').ids[0] == meta['element_open_tag_ids'][etype]
+    assert tok.encode(text + 'class="x">').ids[0] == 4 + etype
   ids = tok.encode('<abbr ><iframe ><address >x</address><input >').ids
   assert set(ids) & set(meta['element_open_tag_ids']) == {tok.token_to_id('<input ')}
   text = 'unseen caf\u00e9 \u4e2d\u6587 \U0001F600'
@@ -207,7 +232,7 @@ def test_tokenizer_round_trip_and_reserved_ids(prepared):
 # -------------------------------------------------------------------------- prepare + records
 
 def test_prepare_writes_splits_and_reports_skipped_pages(prepared):
-  root, out, meta, pages = prepared
+  root, out, meta, pages, _ = prepared
   assert json.load(open(os.path.join(out, 'dataset.json'))) == meta
   s, n = meta['summary'], {k: v['num_records'] for k, v in meta['splits'].items()}
   assert s['pages_found'] == len(pages) and s['pages_skipped'] == 1
@@ -218,11 +243,14 @@ def test_prepare_writes_splits_and_reports_skipped_pages(prepared):
                                 ['tokens']) for k in n for i in range(n[k]))
   assert sum(s['element_type_pages'].values()) > 0 and 'outside_sections' in s[
       'semantic_class_tokens']
-  assert not os.path.exists(os.path.join(out, prepare.SPILL_FILE))
+  assert sorted(os.listdir(out)) == ['dataset.json', 'tokenizer.json', 'train', 'val']
+  assert not os.path.exists(out + '.incomplete')
+  assert meta['input'] == 'features' and meta['feature_dim'] == FEATURE_DIM
+  assert meta['semantic_classes'] == list(html_labels.LANDMARK_CLASSES)
 
 
 def test_records_match_the_pages(prepared):
-  root, out, meta, pages = prepared
+  root, out, meta, pages, feats = prepared
   tok = bpe.load(os.path.join(out, records.TOKENIZER_FILE))
   seen = set()
   for split in ('train', 'val'):
@@ -236,8 +264,9 @@ def test_records_match_the_pages(prepared):
       np.testing.assert_array_equal(
           rec['semantic_labels'], page.char_classes_N[[a for a, _ in enc.offsets]])
       assert sorted(np.flatnonzero(rec['element_labels'])) == page.element_types
-      assert rec['features'].dtype == np.float16 and rec['features'].shape == (16, 16)
-      assert prepare._split_of(rec['source_id'], 0.2) == split or split == 'val'
+      user = np.load(os.path.join(feats, os.path.splitext(rec['source_id'])[0] + '.npy'))
+      np.testing.assert_array_equal(rec['features'], user.astype(np.float16))
+      assert assemble.split_of(assemble.markup_hash(page.markup), 0.2) == split or split == 'val'
   assert seen == {p for p, h in pages.items() if h}
 
 
@@ -294,37 +323,130 @@ def test_example_matches_synthetic_layout(n_tokens, n_patches):
                                 rec['features'][:p].astype(np.float32))
 
 
-def test_prepare_errors_are_one_line(tmp_path):
+def test_element_labels_follow_the_window_of_a_long_page(prepared):
+  """A label holds only when its type's open tag is among the tokens the model is scored on."""
+  _, out, meta, _, _ = prepared
+  open_ids = np.array(meta['element_open_tag_ids'])
+  cut = 0
+  for t in (8, 24, 512):
+    src = records.FilePages(out, 'train', max_seq_len=t, num_patches=4)
+    for i in range(len(src)):
+      rec, ex = src.record(i), src[i]
+      window = rec['tokens'][:t - 1]
+      np.testing.assert_array_equal(ex['element_labels'], np.isin(open_ids, window))
+      cut += int(ex['element_labels'].sum() < rec['element_labels'].sum())
+  assert cut > 0          # short windows do drop labels of this corpus
+
+
+def test_prepare_errors_are_one_line_and_leave_no_output(tmp_path):
   (tmp_path / 'empty').mkdir()
+  feats = dict(features_dir=str(tmp_path))
   cases = [(str(tmp_path / 'empty'), 'no .html/.htm files'), (str(tmp_path / 'nope'),
                                                                 'not a directory')]
   for html_dir, words in cases:
     with pytest.raises(prepare.PrepareError, match=words) as info:
-      prepare.prepare(html_dir, str(tmp_path / 'out'), progress=False)
+      prepare.prepare(html_dir, str(tmp_path / 'out'), progress=False, **feats)
     assert '\n' not in str(info.value) and html_dir in str(info.value)
   (tmp_path / 'bad').mkdir()
   (tmp_path / 'bad' / 'a.html').write_text('   ')
   with pytest.raises(prepare.PrepareError, match='none of 1 pages.*a.html: empty file'):
-    prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'out2'), progress=False)
+    prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'out2'), progress=False, **feats)
+  assert not os.path.exists(tmp_path / 'out2') and not os.path.exists(tmp_path / 'out2.incomplete')
   with pytest.raises(prepare.PrepareError, match='--vocab_size'):
-    prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'o3'), vocab_size=60000)
+    prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'o3'), vocab_size=60000, **feats)
   with pytest.raises(prepare.PrepareError, match='--out .*not empty'):
-    prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'bad' / 'a.html'))
+    prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'bad' / 'a.html'), **feats)
+  with pytest.raises(prepare.PrepareError, match='--render or --features_dir'):
+    prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'o4'))
+  with pytest.raises(prepare.PrepareError, match='--shard_index 2'):
+    prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'o5'), num_shards=2, shard_index=2,
+                    **feats)
+
+
+def without_timing(meta):
+  timing = ('pages_per_second', 'convert_seconds')
+  return {**meta, 'summary': {k: v for k, v in meta['summary'].items() if k not in timing}}
+
+
+def assert_same_records(dir_a, dir_b):
+  """Both directories hold the same records in each split (in any order)."""
+  for split in ('train', 'val'):
+    a, b = ({r['source_id']: r for r in map(src.record, range(len(src)))}
+            for src in (records.FilePages(d, split, max_seq_len=48, num_patches=16)
+                        for d in (dir_a, dir_b)))
+    assert sorted(a) == sorted(b)
+    for page in a:
+      for k in records.ARRAY_FIELDS:
+        np.testing.assert_array_equal(a[page][k], b[page][k])
 
 
 def test_parallel_workers_write_the_same_dataset(prepared, tmp_path):
-  root, out, meta, _ = prepared
+  root, out, meta, _, feats = prepared
   again = prepare.prepare(root, str(tmp_path / 'par'), vocab_size=320, val_fraction=0.2,
-                          workers=2, records_per_shard=4, progress=False, **GRID)
-  assert again == meta
+                          workers=2, records_per_shard=4, progress=False, features_dir=feats)
+  assert without_timing(again) == without_timing(meta)
+  assert_same_records(out, str(tmp_path / 'par'))
+
+
+def test_sharded_conversion_then_merge_equals_one_run(prepared, tmp_path):
+  root, out, meta, _, feats = prepared
+  shared = str(tmp_path / 'sharded')
+  for i in (1, 0, 2):        # any order, as on separate machines
+    assert prepare.prepare(root, shared, vocab_size=320, val_fraction=0.2, workers=1,
+                           features_dir=feats, progress=False, num_shards=3, shard_index=i) is None
+    if i == 0:
+      with pytest.raises(prepare.PrepareError, match=r'parts \[2\] of 3 are not written'):
+        prepare.merge(shared, vocab_size=320, val_fraction=0.2, records_per_shard=4)
+  merged = prepare.merge(shared, vocab_size=320, val_fraction=0.2, records_per_shard=4,
+                         progress=False)
+  assert without_timing(merged)['splits'] == meta['splits']
+  assert merged['summary']['skipped'] == meta['summary']['skipped']
+  assert_same_records(out, shared)
+  assert not os.path.exists(os.path.join(shared, prepare.PARTS_DIR))
+
+
+def test_redirect_stubs_skipped_and_duplicates_share_a_split(tmp_path):
+  root, feats = tmp_path / 'html', tmp_path / 'feats'
+  page = '<body><main><h1>Title {}</h1><p>Some text</p></main></body>'
+  pages = {f'copy{i}.html': page.format('same') for i in range(6)}
+  pages.update({f'other{i}.html': page.format(i) for i in range(30)})
+  pages['moved.html'] = ('<html><head><meta http-equiv="refresh" content="0; url=new.html">'
+                         '</head><body>Redirecting to <a href="new.html">new</a></body></html>')
+  for rel, html in pages.items():
+    os.makedirs(root, exist_ok=True)
+    (root / rel).write_text(html)
+  write_features(str(feats), pages, np.random.default_rng())
+  meta = prepare.prepare(str(root), str(tmp_path / 'out'), vocab_size=300, val_fraction=0.3,
+                         workers=1, features_dir=str(feats), progress=False)
+  s = meta['summary']
+  assert s['skipped'] == [{'path': 'moved.html', 'reason': 'redirect stub (meta refresh to '
+                                                           'new.html)'}]
+  assert s['duplicate_pages'] == 5 and {d['same_as'] for d in s['duplicates']} == {'copy0.html'}
+  sides = {}
   for split in ('train', 'val'):
-    a, b = (records.FilePages(d, split, max_seq_len=48, num_patches=16)
-            for d in (out, str(tmp_path / 'par')))
-    for i in range(len(a)):
-      ra, rb = a.record(i), b.record(i)
-      assert ra['source_id'] == rb['source_id']
-      for k in records.ARRAY_FIELDS:
-        np.testing.assert_array_equal(ra[k], rb[k])
+    src = records.FilePages(str(tmp_path / 'out'), split, max_seq_len=8, num_patches=1)
+    sides.update({src.record(i)['source_id']: split for i in range(len(src))})
+  assert len({sides[f'copy{i}.html'] for i in range(6)}) == 1
+  assert set(sides.values()) == {'train', 'val'}
+
+
+def test_stored_tokens_are_capped_and_labels_follow_them(prepared, tmp_path):
+  root, out, meta, pages, feats = prepared
+  capped = prepare.prepare(root, str(tmp_path / 'cap'), vocab_size=320, val_fraction=0.2,
+                           workers=1, features_dir=feats, progress=False, max_tokens=12)
+  assert capped['summary']['pages_cut_at_max_tokens'] > 0
+  tok = bpe.load(os.path.join(tmp_path / 'cap', records.TOKENIZER_FILE))
+  open_ids = np.array(capped['element_open_tag_ids'])
+  for split in ('train', 'val'):
+    src = records.FilePages(str(tmp_path / 'cap'), split, max_seq_len=48, num_patches=16)
+    for i in range(len(src)):
+      rec = src.record(i)
+      # The parse stops early too: memory per page stays bounded.
+      page = html_pages.parse_page(pages[rec['source_id']].encode(),
+                                   max_chars=12 * prepare.CHARS_PER_TOKEN_CAP)
+      full = tok.encode(page.markup).ids
+      np.testing.assert_array_equal(rec['tokens'], full[:12])
+      np.testing.assert_array_equal(rec['element_labels'], np.isin(open_ids, full[:12]))
 
 
 def test_each_process_reads_its_slice_of_every_global_batch(prepared):
@@ -356,7 +478,7 @@ def test_user_features_by_file_name(tmp_path):
   out = str(tmp_path / 'out')
   meta = prepare.prepare(str(root), out, vocab_size=300, features_dir=str(feats), workers=1,
                          progress=False)
-  assert meta['feature_dim'] == 6 and meta['features_from'] == 'npy'
+  assert meta['feature_dim'] == 6 and meta['input'] == 'features'
   assert {x['path'] for x in meta['summary']['skipped']} == {'sub/empty.html', 'page0.html'}
   for split in ('train', 'val'):
     src = records.FilePages(out, split, max_seq_len=16, num_patches=8)
@@ -368,7 +490,7 @@ def test_user_features_by_file_name(tmp_path):
 # ------------------------------------------------------------------------- pipeline + config
 
 def test_files_source_through_the_pipeline(prepared):
-  _, out, meta, _ = prepared
+  _, out, meta, _, _ = prepared
   config = files_config(out)
   config_validation.validate(config)
   train = pipeline.make_source(config, 'train')
@@ -381,7 +503,7 @@ def test_files_source_through_the_pipeline(prepared):
     assert {k: v.shape[1:] for k, v in b.items()} == {
         'features': (p, 16), 'feature_mask': (p,), 'inputs': (t,), 'targets': (t,),
         'target_mask': (t,), 'semantic_labels': (t,), 'semantic_mask': (t,),
-        'element_labels': (30,)}
+        'element_labels': (len(meta['element_types']),)}
     assert all(b[k].dtype == DTYPES[k] for k in KEYS)
   it = pipeline.train_iterator(train, batch_size=2, seed=1, epoch=0)
   next(it)
@@ -406,7 +528,7 @@ def test_files_config_errors_name_the_field(prepared, field, value, words):
 
 
 def test_html_config_reads_the_prepared_directory(prepared):
-  _, out, meta, _ = prepared
+  _, out, meta, _, _ = prepared
   config = config_lib.load_file(os.path.join(REPO, 'configs', 'html.py'), out)
   assert config.data.name == 'files' and config.data.path == out
   assert config.model.vocab_size % 128 == 0 and config.model.vocab_size >= meta['vocab_size']
@@ -422,7 +544,7 @@ def test_html_config_reads_the_prepared_directory(prepared):
 
 def test_trains_and_evaluates_on_prepared_pages(prepared, tmp_path):
   """configs/tiny.py on the prepared pages: a few steps, eval and BLEU (over token-id strings)."""
-  _, out, meta, _ = prepared
+  _, out, meta, _, _ = prepared
   config = files_config(out)
   config.train.batch_size = 4
   config.train.num_epochs = 1

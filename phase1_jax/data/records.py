@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 
-import grain
 import msgpack
 import numpy as np
 from array_record.python import array_record_module
@@ -172,10 +171,13 @@ def page_features(page: dict, num_patches: int) -> np.ndarray:
   return np.concatenate([positions.reshape(len(positions), 2), pixels], axis=-1)
 
 
-def to_example(page: dict, *, max_seq_len: int, num_patches: int) -> dict[str, np.ndarray]:
+def to_example(page: dict, *, max_seq_len: int, num_patches: int,
+               element_open_tag_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """A record as SyntheticPages' example dict: tokens cut to max_seq_len - 1 (room for EOS),
   features (page_features) cut or zero-padded to num_patches (feature_mask marks the real
-  ones), float32."""
+  ones), float32. With `element_open_tag_ids` (the dataset's, one per element type), an element
+  label holds only when its open tag is among the tokens kept: labels and target describe the
+  same window of a long page."""
   t = max_seq_len
   tokens = page['tokens'][:t - 1]
   sem = page['semantic_labels'][:t - 1]
@@ -185,6 +187,9 @@ def to_example(page: dict, *, max_seq_len: int, num_patches: int) -> dict[str, n
   semantic[:n] = np.maximum(sem, 0)
   semantic_mask = np.zeros(t, bool)
   semantic_mask[:n] = sem >= 0          # tokens outside every section carry no class
+  element_labels = page['element_labels'].astype(np.float32)
+  if element_open_tag_ids is not None:
+    element_labels *= np.isin(element_open_tag_ids, tokens)
   real = page_features(page, num_patches)
   p = len(real)
   features = np.zeros((num_patches, real.shape[-1]), np.float32)
@@ -197,7 +202,7 @@ def to_example(page: dict, *, max_seq_len: int, num_patches: int) -> dict[str, n
       'target_mask': np.arange(t) <= n,
       'semantic_labels': semantic,
       'semantic_mask': semantic_mask,
-      'element_labels': page['element_labels'].astype(np.float32),
+      'element_labels': element_labels,
   }
 
 
@@ -210,7 +215,10 @@ class FilePages:
       raise DatasetError(f'{directory}: no split {split!r} in {METADATA_FILE}')
     self.directory, self.split, self.metadata = directory, split, meta
     self.max_seq_len, self.num_patches = max_seq_len, num_patches
+    ids = meta.get('element_open_tag_ids')
+    self.element_open_tag_ids = None if ids is None else np.array(ids)
     shards = [os.path.join(directory, s) for s in meta['splits'][split]['shards']]
+    import grain  # here, not at import: grain loads jax, which writing records never needs
     self._source = grain.sources.ArrayRecordDataSource(shards) if shards else []
 
   def __len__(self) -> int:
@@ -227,4 +235,5 @@ class FilePages:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return to_example(self.record(int(index)), max_seq_len=self.max_seq_len,
-                      num_patches=self.num_patches)
+                      num_patches=self.num_patches,
+                      element_open_tag_ids=self.element_open_tag_ids)

@@ -285,21 +285,21 @@ def write_pages(out: str, num_pages: int, *, seed: int = 0, width: int = 1024) -
   return list(files)
 
 
-_OUT = flags.DEFINE_string('out', None, 'New (or empty) output directory.')
-_NUM = flags.DEFINE_integer('num_pages', None, 'Number of pages to write.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the pages (page i depends on seed and i only).')
-_WIDTH = flags.DEFINE_integer('width', 1024, 'Viewport width in CSS px the pages are laid out for.')
-
-
 def main(argv):
   del argv
+  f = flags.FLAGS
   try:
-    paths = write_pages(_OUT.value, _NUM.value, seed=_SEED.value, width=_WIDTH.value)
+    paths = write_pages(f.out, f.num_pages, seed=f.seed, width=f.width)
   except (SyntheticHtmlError, OSError) as e:
     sys.exit(f'synthetic_html: {e}')
-  print(f'Wrote {_NUM.value} pages ({len(paths)} files) to {_OUT.value}')
+  print(f'Wrote {f.num_pages} pages ({len(paths)} files) to {f.out}')
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: prepare.py's flags share names (--out).
+  flags.DEFINE_string('out', None, 'New (or empty) output directory.')
+  flags.DEFINE_integer('num_pages', None, 'Number of pages to write.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the pages (page i depends on seed and i only).')
+  flags.DEFINE_integer('width', 1024, 'Viewport width in CSS px the pages are laid out for.')
   flags.mark_flags_as_required(['out', 'num_pages'])
   app.run(main)

@@ -1,0 +1,81 @@
+"""Pix2Struct-style patches of a screenshot: resize keeping the aspect ratio, cut a row-major grid.
+
+The grid is the largest one Pix2Struct's rule allows: with scale = sqrt(max_patches * (ps / h) *
+(ps / w)), rows = floor(scale * h / ps) and cols = floor(scale * w / ps), each at least 1, rows at
+most max_patches and cols at most max_patches // rows, so rows * cols <= max_patches always.
+scale * h / ps equals sqrt(max_patches * h / w), so the floors are computed exactly in integers
+(math.isqrt): an image that already fits exactly is never resized by a float rounding.
+
+The image is resized to (rows * ps, cols * ps) with Pillow's BILINEAR filter, as Pix2Struct does
+(bilinear with antialiasing): Pillow widens the bilinear kernel when it shrinks, so small text is
+averaged rather than aliased. Each patch is flattened in (y, x, channel) order; positions are
+0-based (row, col). Pillow (the render extra) is imported only when an image is resized or decoded.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+MAX_POSITION = np.iinfo(np.int16).max
+
+
+def grid_shape(height: int, width: int, *, max_patches: int) -> tuple[int, int]:
+  """(rows, cols) of the patch grid for an image of height x width (the module docstring's rule)."""
+  rows = max(1, min(math.isqrt(max_patches * height // width), max_patches))
+  cols = max(1, min(math.isqrt(max_patches * width // height), max_patches // rows))
+  return rows, cols
+
+
+def to_patches(image_HxWx3: np.ndarray, *, patch_size: int,
+               max_patches: int) -> tuple[np.ndarray, np.ndarray]:
+  """(patches_PxD uint8 [n, ps*ps*3], positions_Px2 int16 [n, 2] = (row, col)), n <= max_patches.
+
+  image_HxWx3: uint8 RGB. Patches are row-major over the grid.
+  """
+  if patch_size < 1:
+    raise ValueError(f'patch_size must be >= 1, got {patch_size}')
+  if not 1 <= max_patches <= MAX_POSITION:
+    raise ValueError(f'max_patches must be in [1, {MAX_POSITION}], got {max_patches}')
+  if image_HxWx3.ndim != 3 or image_HxWx3.shape[2] != 3 or image_HxWx3.dtype != np.uint8:
+    raise ValueError(f'image must be HxWx3 uint8, got {image_HxWx3.shape} {image_HxWx3.dtype}')
+  height, width = image_HxWx3.shape[:2]
+  if height < 1 or width < 1:
+    raise ValueError(f'image must be at least 1x1, got {height}x{width}')
+  rows, cols = grid_shape(height, width, max_patches=max_patches)
+  size_HxW = (rows * patch_size, cols * patch_size)
+  if image_HxWx3.shape[:2] == size_HxW:
+    resized_HxWx3 = image_HxWx3
+  else:
+    from PIL import Image
+    resized = Image.fromarray(image_HxWx3, 'RGB').resize(
+        (size_HxW[1], size_HxW[0]), Image.Resampling.BILINEAR)
+    resized_HxWx3 = np.asarray(resized, dtype=np.uint8)
+  grid_RxPxCxPx3 = resized_HxWx3.reshape(rows, patch_size, cols, patch_size, 3)
+  patches_PxD = grid_RxPxCxPx3.transpose(0, 2, 1, 3, 4).reshape(
+      rows * cols, patch_size * patch_size * 3)
+  row_P, col_P = np.divmod(np.arange(rows * cols), cols)
+  positions_Px2 = np.stack([row_P, col_P], axis=1).astype(np.int16)
+  return np.ascontiguousarray(patches_PxD), positions_Px2
+
+
+def from_patches(patches_PxD: np.ndarray, positions_Px2: np.ndarray, *,
+                 patch_size: int) -> np.ndarray:
+  """The resized image (rows*ps x cols*ps x 3) that to_patches cut: its inverse, for checks."""
+  rows, cols = (int(v) + 1 for v in positions_Px2.max(axis=0))
+  image_HxWx3 = np.zeros((rows * patch_size, cols * patch_size, 3), patches_PxD.dtype)
+  for patch_D, (row, col) in zip(patches_PxD, positions_Px2, strict=True):
+    y, x = int(row) * patch_size, int(col) * patch_size
+    image_HxWx3[y:y + patch_size, x:x + patch_size] = patch_D.reshape(patch_size, patch_size, 3)
+  return image_HxWx3
+
+
+def decode_png(png: bytes) -> np.ndarray:
+  """HxWx3 uint8 RGB of an encoded image (PNG from the renderer); an alpha channel is dropped."""
+  from PIL import Image
+  try:
+    with Image.open(io.BytesIO(png)) as image:
+      return np.asarray(image.convert('RGB'), dtype=np.uint8)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'not a decodable image ({len(png)} bytes): {e}') from None

@@ -1,0 +1,114 @@
+"""prepare --render: pages rendered by Chromium become pixel records (patches, positions), the
+target is the visible markup, pages that differ only in what does not render give identical
+inputs, and a model trains on the result. Skipped where Playwright or Chromium is missing."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from phase1_jax import config as config_lib
+from phase1_jax import config_validation
+from phase1_jax.data import bpe, patches, prepare, records, render, synthetic_html
+from phase1_jax.training import loop
+
+pytest.importorskip('playwright.sync_api', reason='playwright not installed (optional: render)')
+try:
+  render.check_available(render.RenderSpec())
+except render.RenderUnavailable as e:
+  pytest.skip(f'no browser to render with: {e}', allow_module_level=True)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = render.RenderSpec(width=480, max_height=900, timeout_s=20)
+PATCH, MAX_PATCHES = 8, 96
+# Pages that differ only in what does not change the rendering: ids, class names without CSS,
+# aria-labels. Their inputs must be identical; their targets may differ.
+TWINS = ('<body style="margin:8px;font:16px serif"><header{0}><h1>Title</h1></header>'
+         '<nav{1}><a href="#">Home</a> <a href="#">Blog</a></nav>'
+         '<main><p{2}>Some words here.</p><button{3}>Go</button>'
+         '<p style="display:none">hidden text</p></main></body>')
+PLAIN = TWINS.format('', '', '', '')
+DRESSED = TWINS.format(' id="top" class="pricing-hero"', ' aria-label="Main menu"',
+                       ' class="product-card lead"', ' id="buy" aria-label="Buy it"')
+
+
+@pytest.fixture(scope='module')
+def rendered(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('pages'))
+  synthetic_html.write_pages(root, 10, seed=3, width=480)
+  for name, html in (('twin-plain.html', PLAIN), ('twin-dressed.html', DRESSED)):
+    with open(os.path.join(root, name), 'w') as f:
+      f.write(html)
+  with open(os.path.join(root, 'hidden.html'), 'w') as f:
+    f.write('<body><p style="display:none">nothing shows</p></body>')
+  out = str(tmp_path_factory.mktemp('prepared') / 'pixels')
+  meta = prepare.prepare(root, out, vocab_size=400, val_fraction=0.2, render_spec=SPEC,
+                         patch_size=PATCH, max_patches=MAX_PATCHES, workers=2, progress=False)
+  by_id = {}
+  for split in ('train', 'val'):
+    src = records.FilePages(out, split, max_seq_len=64, num_patches=MAX_PATCHES)
+    by_id.update({r['source_id']: r for r in map(src.record, range(len(src)))})
+  return root, out, meta, by_id
+
+
+def test_pixel_dataset_metadata_and_records(rendered):
+  root, out, meta, by_id = rendered
+  assert meta['input'] == 'pixels' and meta['patch_size'] == PATCH
+  assert meta['max_patches'] == MAX_PATCHES and meta['feature_dim'] == 2 + 3 * PATCH ** 2
+  assert meta['render'] == {'width': 480, 'max_height': 900, 'javascript': False}
+  s = meta['summary']
+  assert s['skipped'] == [{'path': 'hidden.html', 'reason': 'no visible content in <body>'}]
+  assert s['pages_written'] == 12 and s['pages_per_second'] > 0
+  for rel, rec in by_id.items():
+    n = len(rec['patches'])
+    assert rec['patches'].dtype == np.uint8 and rec['patches'].shape == (n, 3 * PATCH ** 2)
+    assert rec['patch_positions'].dtype == np.int16 and 0 < n <= MAX_PATCHES
+    rows, cols = rec['patch_positions'].max(0) + 1
+    assert rows * cols == n, rel          # a full grid, row-major
+    assert 'features' not in rec
+
+
+def test_target_is_the_visible_markup(rendered):
+  _, out, _, by_id = rendered
+  tok = bpe.load(os.path.join(out, records.TOKENIZER_FILE))
+  markup = bpe.decode(tok, by_id['twin-plain.html']['tokens'])
+  assert markup == ('<header ><h2 >Title</h2></header><nav ><a >Home</a> <a >Blog</a></nav>'
+                    '<main ><p >Some words here.</p><button >Go</button></main>')
+
+
+def test_invisible_differences_give_identical_inputs(rendered):
+  """Leakage: the model reads pixels only, so HTML that renders the same is the same input."""
+  root, _, _, by_id = rendered
+  plain, dressed = by_id['twin-plain.html'], by_id['twin-dressed.html']
+  np.testing.assert_array_equal(plain['patches'], dressed['patches'])
+  np.testing.assert_array_equal(plain['patch_positions'], dressed['patch_positions'])
+  assert not np.array_equal(plain['tokens'], dressed['tokens'])   # the targets do differ
+  # And the pixels are the page's: re-rendering one page gives the same patches.
+  with render.Renderer(root, SPEC) as r:
+    shot = r.render('twin-plain.html')
+  again, _ = patches.to_patches(patches.decode_png(shot.png), patch_size=PATCH,
+                                max_patches=MAX_PATCHES)
+  np.testing.assert_array_equal(again, plain['patches'])
+
+
+def test_trains_on_pixels(rendered, tmp_path):
+  """configs/pixels_small.py's shape, shrunk: a few steps and an evaluation from pixels."""
+  _, out, meta, _ = rendered
+  config = config_lib.load_file(os.path.join(REPO, 'configs', 'pixels_small.py'), out)
+  assert (config.data.patch_size, config.data.max_patches) == (PATCH, MAX_PATCHES)
+  c = config
+  c.model.d_model, c.model.num_heads, c.model.mlp_dim = 32, 2, 64
+  c.model.num_layers, c.model.num_unique_layers, c.model.encoder_layers = 2, 1, 1
+  c.data.max_seq_len = 64
+  c.train.batch_size, c.train.num_epochs, c.train.warmup_steps = 4, 1, 1
+  c.train.stop_when_targets_met = False
+  c.eval.batch_size, c.eval.bleu_samples = 4, 2
+  c.parallel.mode, c.checkpoint.async_save = 'jit', False
+  config_validation.validate(c)
+  report = loop.train_and_evaluate(c, str(tmp_path / 'run'))
+  history = json.load(open(tmp_path / 'run' / 'training_history.json'))
+  assert all(np.isfinite(r['loss']) for r in history if r['kind'] == 'train')
+  for k in ('val_loss', 'bleu', 'element_f1', 'semantic_accuracy'):
+    assert np.isfinite(report['metrics'][k]), k
