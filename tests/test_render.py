@@ -287,5 +287,19 @@ def test_render_pages_in_workers_keeps_order_and_cleans_up(site, renderer):
 
 def test_render_pages_in_process(site):
   results = list(render_pool.render_pages(str(site), ['tall.html', 'missing.html'],
-                                     render.RenderSpec(browser=BROWSER), workers=1))
+                                          render.RenderSpec(browser=BROWSER), workers=1))
   assert results[0][1].height == 2048 and 'no such file' in results[1][1]
+
+
+def test_browser_restarts_every_restart_every_pages(site, monkeypatch):
+  """Memory stays bounded over long runs: the browser process is replaced every RESTART_EVERY
+  pages, and the pixels do not change with it."""
+  monkeypatch.setattr(render, 'RESTART_EVERY', 2)
+  with render.Renderer(str(site), render.RenderSpec(browser=BROWSER)) as r:
+    first = r.render('styled.html')
+    browser = r._browser
+    r.render('styled.html')
+    assert r._browser is browser
+    third = r.render('styled.html')
+    assert r._browser is not browser
+  assert third.png == first.png and third.html == first.html

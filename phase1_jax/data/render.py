@@ -35,6 +35,7 @@ import urllib.parse
 ORIGIN = 'http://pages.invalid'
 VIEWPORT_HEIGHT = 768       # CSS px; the screenshot itself runs down the full page
 RECYCLE_EVERY = 100         # pages per browser context (bounds the browser's per-context memory)
+RESTART_EVERY = 400         # pages per browser process: what a browser accumulates is bounded too
 MAX_FILE_BYTES = 64 << 20   # larger files are not served (404)
 HUNG_EXTRA_S = 10.0         # a render still busy this long after its load timeout is killed
 INSTALL = ("pip install -e '.[render]' and apt-get install chromium (or playwright install "
@@ -167,7 +168,7 @@ class _Driver:
 
 class Renderer:
   """One browser, one context and one page, reused from page to page (the context is recycled
-  every RECYCLE_EVERY pages, the page after any failure)."""
+  every RECYCLE_EVERY pages, the browser every RESTART_EVERY, the page after any failure)."""
 
   def __init__(self, html_dir: str, spec: RenderSpec):
     self.root = os.path.realpath(html_dir)
@@ -177,7 +178,7 @@ class Renderer:
     self.browser_path = check_available(spec)
     self._pw = self._browser = self._context = self._page = self._cdp = None
     self._browser_pid = self._target = None
-    self._pages_in_context = self._blocked = self._navigations = 0
+    self._pages_in_context = self._pages_in_browser = self._blocked = self._navigations = 0
     self._hung = False
 
   def __enter__(self) -> Renderer:
@@ -191,6 +192,7 @@ class Renderer:
     """Launch the browser (render calls this when needed)."""
     self.close()
     self._pw = _Driver.acquire()
+    self._pages_in_browser = 0
     self._browser = self._pw.chromium.launch(
         executable_path=self.browser_path, headless=True, args=list(LAUNCH_ARGS), timeout=60_000)
     try:
@@ -214,7 +216,8 @@ class Renderer:
 
   def _open_page(self) -> None:
     """The page to render in: a new one after a failure, in a new context now and then."""
-    if self._browser is None or not self._browser.is_connected():
+    if self._browser is None or not self._browser.is_connected() or \
+        self._pages_in_browser >= RESTART_EVERY:
       self.start()
     if self._context is None or self._pages_in_context >= RECYCLE_EVERY:
       self._drop(self._page, self._context)
@@ -230,6 +233,7 @@ class Renderer:
       self._page.set_default_timeout(self.spec.timeout_s * 1000)
       self._cdp = self._context.new_cdp_session(self._page)
     self._pages_in_context += 1
+    self._pages_in_browser += 1
 
   def _block_web_socket(self, ws) -> None:
     self._blocked += 1

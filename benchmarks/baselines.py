@@ -1,0 +1,84 @@
+"""Trivial baselines of a prepared dataset's val split, scored as `evaluate` scores the model.
+
+    python benchmarks/baselines.py --data DIR [--max_seq_len 256] [--max_patches 256]
+
+- majority elements: each element type predicted present when it is on most train pages;
+- majority section: every token gets the most frequent train section class;
+- constant page: one train page's markup (the best of 40 candidates by BLEU on 200 train
+  pages) as every val page's answer;
+- nearest neighbour: the markup of the train page whose screenshot (each patch's mean colour, in
+  reading order) is nearest in L2; for a features dataset, the features.
+Prints one JSON object. BLEU over BPE token strings, as training's evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from phase1_jax import metrics
+from phase1_jax.data import records, vocab
+
+KEEP = ('targets', 'element_labels', 'semantic_labels', 'semantic_mask')
+
+
+def _pages(directory, split, max_seq_len, max_patches, pixels):
+  """A split's targets and labels, and each page's picture reduced to a vector: each real patch's
+  mean colour (pixels) or its features, patch by patch in reading order."""
+  src = records.FilePages(directory, split, max_seq_len=max_seq_len, num_patches=max_patches)
+  pages = []
+  for i in range(len(src)):
+    ex = src[i]
+    f = ex['features'] * ex['feature_mask'][:, None]
+    picture = f[:, 2:].reshape(len(f), -1, 3).mean(1) if pixels else f
+    pages.append({**{k: ex[k] for k in KEEP}, 'picture': picture.ravel()})
+  return pages
+
+
+def baselines(directory: str, max_seq_len: int, max_patches: int) -> dict:
+  meta = records.read_metadata(directory)
+  pixels = records.input_kind(meta) == 'pixels'
+  train, val = (_pages(directory, s, max_seq_len, max_patches, pixels) for s in ('train', 'val'))
+  strings = lambda ps: metrics.tokens_to_strings(
+      np.stack([p['targets'] for p in ps]), vocab.id_to_token(meta['vocab_size']),
+      eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
+  train_text, val_text = strings(train), strings(val)
+  labels = lambda ps: np.stack([p['element_labels'] for p in ps])
+  majority = (labels(train).mean(0) > 0.5).astype(np.float32)
+  out = {'val_pages': len(val), 'train_pages': len(train)}
+  scores = metrics.element_scores(np.tile(majority, (len(val), 1)), labels(val))
+  out['majority_elements'] = {k: scores[k] for k in ('element_f1', 'element_f1_macro')}
+  classes = np.concatenate([p['semantic_labels'][p['semantic_mask']] for p in train])
+  top = int(np.bincount(classes).argmax())
+  sem = lambda ps, key: np.stack([p[key] for p in ps])
+  out['majority_section'] = {
+      'class': meta['semantic_classes'][top],
+      'semantic_accuracy': metrics.semantic_accuracy(
+          np.full_like(sem(val, 'semantic_labels'), top), sem(val, 'semantic_labels'),
+          sem(val, 'semantic_mask'))}
+  rng = np.random.default_rng(0)
+  probe = rng.choice(len(train), min(200, len(train)), replace=False)
+  candidates = rng.choice(len(train), min(40, len(train)), replace=False)
+  best = max(candidates, key=lambda c: metrics.bleu([train_text[c]] * len(probe),
+                                                     [train_text[i] for i in probe]))
+  out['constant_page'] = {'bleu': metrics.bleu([train_text[best]] * len(val), val_text)}
+  train_x = np.stack([p['picture'] for p in train])
+  nearest = [int(np.argmin(((train_x - p['picture']) ** 2).sum(1))) for p in val]
+  out['nearest_neighbour'] = {'bleu': metrics.bleu([train_text[i] for i in nearest], val_text)}
+  nn_scores = metrics.element_scores(labels(train)[nearest], labels(val))
+  out['nearest_neighbour'].update({k: nn_scores[k] for k in ('element_f1', 'element_f1_macro')})
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--data', required=True)
+  parser.add_argument('--max_seq_len', type=int, default=256)
+  parser.add_argument('--max_patches', type=int, default=256)
+  args = parser.parse_args()
+  print(json.dumps(baselines(args.data, args.max_seq_len, args.max_patches), indent=1))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,55 @@
+"""How much a trained model reads its input: val metrics with each page's own input against the
+same pages given another page's input (page i reads page i + n/2's screenshot or features).
+
+    python benchmarks/input_ablation.py --workdir RUN [--checkpoint best]
+
+A model that ignores its input scores the same both ways; the gap is what the input is worth.
+Teacher-forced, as training's evaluation (no decoding). Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from phase1_jax.data import pipeline
+from phase1_jax.training import evaluation, generation
+
+SHOWN = ('val_loss', 'val_loss_detail', 'token_accuracy', 'element_f1', 'element_f1_macro',
+         'semantic_accuracy')
+
+
+class SwappedInputs:
+  """A source whose page i carries page (i + len/2)'s input, with its own targets."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    page = dict(self.source[index])
+    other = self.source[(index + len(self) // 2) % len(self)]
+    page['features'], page['feature_mask'] = other['features'], other['feature_mask']
+    return page
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--checkpoint', default='best', choices=('best', 'latest'))
+  args = parser.parse_args()
+  config = generation.load_config(args.workdir)
+  config.eval.bleu_samples = 0
+  graphdef, params, step, _ = evaluation.load_trained(config, args.workdir, which=args.checkpoint)
+  evaluate = evaluation.Evaluator(config, graphdef)
+  source = pipeline.make_source(config, 'val')
+  out = {'checkpoint_step': int(step), 'pages': len(source)}
+  for name, src in (('own_input', source), ('another_pages_input', SwappedInputs(source))):
+    result = evaluate(params, src)
+    out[name] = {k: result[k] for k in SHOWN}
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == '__main__':
+  main()
