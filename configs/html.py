@@ -7,17 +7,12 @@ The model is configs/small.py's; model.vocab_size (rounded up to a multiple of 1
 sizes (the dataset's section classes and element types) and data.feature_dim come from the
 directory's dataset.json, so the config always fits the data.
 """
-import json
-import os
-
-from phase1_jax.config import base_config
+from phase1_jax.config import base_config, fit_to_dataset
 
 
 def get_config(path: str = ''):
   config = base_config()
   config.exp_name = 'phase1_html'
-  config.data.name = 'files'
-  config.data.path = path
   # Real pages are longer than synthetic ones; longer pages are cut (the summary of prepare
   # prints the token percentiles to choose this from).
   config.data.max_seq_len = 512
@@ -33,12 +28,4 @@ def get_config(path: str = ''):
   config.train.warmup_steps = 200
   config.eval.batch_size = 32
   config.eval.bleu_samples = 32     # greedy decoding of 512 tokens is the slow part of eval
-  metadata = os.path.join(path, 'dataset.json')
-  if path and os.path.isfile(metadata):   # otherwise validate() names the problem
-    with open(metadata) as f:
-      meta = json.load(f)
-    config.model.vocab_size = -(-meta['vocab_size'] // 128) * 128
-    config.data.feature_dim = meta['feature_dim']
-    config.model.num_semantic_classes = len(meta['semantic_classes'])
-    config.model.num_element_types = len(meta['element_types'])
-  return config
+  return fit_to_dataset(config, path)

@@ -10,17 +10,12 @@ data.patch_size and data.max_patches (the patches per page it was prepared with)
 directory's dataset.json. bfloat16 compute and cuDNN's fused attention on a GPU (compute_dtype
 and attention kind auto).
 """
-import json
-import os
-
-from phase1_jax.config import base_config
+from phase1_jax.config import base_config, fit_to_dataset
 
 
 def get_config(path: str = ''):
   config = base_config()
   config.exp_name = 'phase1_pixels'
-  config.data.name = 'files'
-  config.data.path = path
   config.data.max_seq_len = 1024
   config.data.patch_size = 16
   config.data.max_patches = 1024
@@ -40,15 +35,4 @@ def get_config(path: str = ''):
   config.train.stop_when_targets_met = True
   config.eval.batch_size = 64
   config.eval.bleu_samples = 128
-  metadata = os.path.join(path, 'dataset.json')
-  if path and os.path.isfile(metadata):   # otherwise validate() names the problem
-    with open(metadata) as f:
-      meta = json.load(f)
-    config.model.vocab_size = -(-meta['vocab_size'] // 128) * 128
-    config.model.num_semantic_classes = len(meta['semantic_classes'])
-    config.model.num_element_types = len(meta['element_types'])
-    if meta.get('input') == 'pixels':   # a features dataset: validate() says so
-      config.data.feature_dim = meta['feature_dim']
-      config.data.patch_size = meta['patch_size']
-      config.data.max_patches = meta['max_patches']
-  return config
+  return fit_to_dataset(config, path)

@@ -540,6 +540,22 @@ def test_html_config_reads_the_prepared_directory(prepared):
     config_validation.validate(config_lib.load_file(os.path.join(REPO, 'configs', 'html.py')))
 
 
+@pytest.mark.parametrize('name', ['html.py', 'pixels_small.py', 'pixels.py'])
+def test_dataset_configs_name_an_unreadable_or_mismatched_dataset_in_one_line(prepared, tmp_path,
+                                                                               name):
+  garbage = tmp_path / 'garbage'
+  garbage.mkdir()
+  (garbage / 'dataset.json').write_text('{not json')
+  for path, words in ((str(garbage), 'dataset.json: unreadable'),
+                      (prepared[1], 'data.patch_size' if name != 'html.py' else None)):
+    config = config_lib.load_file(os.path.join(REPO, 'configs', name), path)   # never raises
+    if words is None:     # html.py on a features dataset: fits
+      continue
+    with pytest.raises(config_lib.ConfigError, match=words) as info:
+      config_validation.validate(config)
+    assert '\n' not in str(info.value)
+
+
 # ------------------------------------------------------------------------------------ training
 
 def test_trains_and_evaluates_on_prepared_pages(prepared, tmp_path):
