@@ -74,22 +74,19 @@ def _page_record(entry, enc, max_tokens: int, open_tag_ids: np.ndarray) -> dict:
 def _choose_splits(spill_paths, val_fraction):
   """{page id: split} by markup hash (at least one val page when there are two distinct ones),
   and the duplicate pages as [(page, the first page with that markup)]."""
-  first, splits, duplicates = {}, {}, []
+  first, digests, duplicates = {}, {}, []
   for entry in read_spill(spill_paths):
-    digest = entry['hash']
+    digest = digests[entry['id']] = entry['hash']
     if digest in first:
       duplicates.append((entry['id'], first[digest]))
     else:
       first[digest] = entry['id']
-    splits[entry['id']] = split_of(digest, val_fraction)
-  by_hash = {d: splits[p] for d, p in first.items()}
+  by_hash = {d: split_of(d, val_fraction) for d in first}
   if val_fraction > 0 and len(first) > 1 and 'val' not in by_hash.values():
     by_hash[max(first)] = 'val'
   if 'train' not in by_hash.values():
     by_hash[min(first)] = 'train'
-  for entry in read_spill(spill_paths):
-    splits[entry['id']] = by_hash[entry['hash']]
-  return splits, duplicates
+  return {page: by_hash[d] for page, d in digests.items()}, duplicates
 
 
 def assemble(out: str, spill_paths: list[str], *, scheme_lists: dict, vocab_size: int,

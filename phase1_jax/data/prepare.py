@@ -197,9 +197,9 @@ def prepare(html_dir: str, out: str, *, vocab_size: int = 8000, val_fraction: fl
               shard_index=shard_index)
   rels = [r for r in find_pages(html_dir) if zlib.crc32(r.encode()) % num_shards == shard_index]
   scheme = html_labels.LabelScheme(class_keywords=class_keywords)
-  # Auto: a spawned worker costs seconds to start (it imports the package), about as long as
-  # parsing a few hundred pages, so small corpora are parsed in this process. Rendering runs a
-  # browser per worker: one per core.
+  # Auto: a spawned worker takes a moment to start (a new interpreter importing the data
+  # modules), so small corpora are parsed in this process. Rendering runs a browser per worker:
+  # one per core.
   workers = workers or (min(4, os.cpu_count() or 1) if render_spec else
                         min(4, os.cpu_count() or 1, max(1, len(rels) // 200)))
   settings = dict(features_dir=features_dir, render_spec=render_spec, scheme=scheme,
@@ -216,10 +216,12 @@ def prepare(html_dir: str, out: str, *, vocab_size: int = 8000, val_fraction: fl
   if num_shards == 1:
     shutil.rmtree(work, ignore_errors=True)     # what a failed earlier run left
   try:
-    part = _write_part(os.path.join(work, PARTS_DIR), shard_index, num_shards, html_dir, rels,
-                       settings, progress)
+    # The settings first: merge takes a part as done once its part-*.json exists.
+    os.makedirs(os.path.join(work, PARTS_DIR), exist_ok=True)
     with open(os.path.join(work, PARTS_DIR, f'settings-{shard_index:05d}.json'), 'w') as f:
       json.dump(info, f)
+    part = _write_part(os.path.join(work, PARTS_DIR), shard_index, num_shards, html_dir, rels,
+                       settings, progress)
     if num_shards > 1:
       print(f'Part {shard_index} of {num_shards}: {part["pages_kept"]} pages converted, '
             f'{len(part["skipped"])} skipped; run --merge --out {out} when all parts are done')
