@@ -19,7 +19,7 @@ from phase1_jax.config import ConfigError, base_config
 from phase1_jax.config_validation import validate
 from phase1_jax.data import pipeline, records
 from phase1_jax.model import cpu_attention
-from phase1_jax.model.encoder import PatchEncoder, patch_feature_dim
+from phase1_jax.model.encoder import PatchEncoder, patch_feature_dim, standardize
 from phase1_jax.training import state as state_lib
 
 PS, ROWS, COLS = 2, 2, 4                 # patches of 2 x 2 px on a 2 x 4 grid
@@ -443,3 +443,18 @@ def test_pixel_configs_read_the_dataset_and_build(tmp_path, name, d_model, encod
   bare = config_lib.load_file(REPO / 'configs' / f'{name}.py')
   assert bare.data.patch_size == 16 and bare.data.feature_dim == patch_feature_dim(16)
   assert_config_error(bare, 'data.path')
+
+
+def test_standardize_centres_each_page_over_its_real_patches():
+  rng = np.random.default_rng()
+  pixels = rng.random((3, 7, 12)).astype(np.float32)
+  lengths = np.array([7, 4, 1])
+  out = np.asarray(standardize(jnp.asarray(pixels), jnp.asarray(lengths)))
+  for b, n in enumerate(lengths):
+    real = pixels[b, :n]
+    want = (real - real.mean()) / max(real.std(), 1 / np.sqrt(real.size))
+    np.testing.assert_allclose(out[b, :n], want, rtol=1e-5, atol=1e-5)
+    assert (out[b, n:] == 0).all()
+  # A blank (constant) page stays finite: zeros.
+  blank = standardize(jnp.ones((1, 5, 12)), jnp.array([5]))
+  np.testing.assert_array_equal(np.asarray(blank), 0)

@@ -51,10 +51,24 @@ class EncoderLayer(nnx.Module):
     return x_BxPxD + drop(h, keys[1])
 
 
+def standardize(pixels_BxPxF, lengths_B):
+  """Each page's pixels to zero mean and unit variance over its real patches, as Pix2Struct's
+  image processor does (std floored at 1/sqrt(count)). Without it a mostly white page embeds as
+  one large constant vector that the final LayerNorm keeps, and the patches differ by little.
+  Padded patches come out as zeros."""
+  real_BxPx1 = (jnp.arange(pixels_BxPxF.shape[1])[None] < lengths_B[:, None])[..., None]
+  count_B = jnp.maximum(lengths_B, 1).astype(jnp.float32) * pixels_BxPxF.shape[2]
+  mean_B = jnp.where(real_BxPx1, pixels_BxPxF, 0).sum((1, 2)) / count_B
+  centred_BxPxF = jnp.where(real_BxPx1, pixels_BxPxF - mean_B[:, None, None], 0)
+  std_B = jnp.sqrt((centred_BxPxF ** 2).sum((1, 2)) / count_B)
+  return centred_BxPxF / jnp.maximum(std_B, jax.lax.rsqrt(count_B))[:, None, None]
+
+
 class PatchEncoder(nnx.Module):
   """Flattened patches [B, P, 2 + 3 ps^2] -> memory [B, P, d_model] (final LayerNorm applied).
 
-  Linear patch embedding + row embedding + column embedding (tables of `max_patches` rows: a
+  Per-page standardized pixels (`standardize`) -> linear patch embedding + row embedding +
+  column embedding (tables of `max_patches` rows: a
   page of at most max_patches patches has every row and column index below it; larger indices
   are clipped to the last row rather than read out of bounds), then `num_layers` EncoderLayers
   (0: embedding + norm only). Self-attention runs the kind the decoder's cross-attention runs
@@ -89,10 +103,11 @@ class PatchEncoder(nnx.Module):
     # only up to 256).
     position_BxPx2 = jnp.clip(jnp.round(features_BxPxF[..., :2].astype(jnp.float32)), 0,
                               self.max_patches - 1).astype(jnp.int32)
-    x_BxPxD = (self.patch_embed(features_BxPxF[..., 2:].astype(self.dtype))
-               + self.row_embed(position_BxPx2[..., 0]) + self.col_embed(position_BxPx2[..., 1]))
     if lengths_B is None:
       lengths_B = jnp.full((b,), p, jnp.int32)
+    pixels_BxPxF = standardize(features_BxPxF[..., 2:].astype(jnp.float32), lengths_B)
+    x_BxPxD = (self.patch_embed(pixels_BxPxF.astype(self.dtype))
+               + self.row_embed(position_BxPx2[..., 0]) + self.col_embed(position_BxPx2[..., 1]))
     n = len(self.layers)
     keys = [None] * n if dropout_key is None or not n else list(jax.random.split(dropout_key, n))
     for layer, key in zip(self.layers, keys, strict=True):
