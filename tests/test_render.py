@@ -233,24 +233,15 @@ def test_check_available_names_the_fix():
 
 def _browsers_of(pid):
   """Chromium browser processes (not their helpers) that descend from pid."""
-  children = {}
-  for name in filter(str.isdigit, os.listdir('/proc')):
+  found = set()
+  for child in render._descendants(pid):
     try:
-      with open(f'/proc/{name}/stat') as f:
-        children.setdefault(int(f.read().rsplit(')', 1)[1].split()[1]), []).append(int(name))
-    except (OSError, IndexError, ValueError):
-      pass
-  found, todo = set(), [pid]
-  while todo:
-    for child in children.get(todo.pop(), []):
-      todo.append(child)
-      try:
-        with open(f'/proc/{child}/cmdline', 'rb') as f:
-          args = f.read().split(b'\0')
-      except OSError:
-        continue
-      if b'chrom' in args[0] and not any(a.startswith(b'--type=') for a in args):
-        found.add(child)
+      with open(f'/proc/{child}/cmdline', 'rb') as f:
+        args = f.read().split(b'\0')
+    except OSError:
+      continue
+    if b'chrom' in args[0] and not any(a.startswith(b'--type=') for a in args):
+      found.add(child)
   return found
 
 
