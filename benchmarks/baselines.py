@@ -8,17 +8,24 @@
   pages) as every val page's answer;
 - nearest neighbour: the markup of the train page whose screenshot (each patch's mean colour, in
   reading order) is nearest in L2; for a features dataset, the features.
+A ceiling rather than a baseline, on BPE datasets (a tokenizer.json):
+- layout oracle: each val page's own markup with every text node replaced by the train pages'
+  most frequent text node: the BLEU of a model that gets every tag and attribute right but
+  cannot read the page's words (their pixels are too small at the prepared resolution).
 Prints one JSON object. BLEU over BPE token strings, as training's evaluation.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
+import re
 
 import numpy as np
 
 from phase1_jax import metrics
-from phase1_jax.data import records, vocab
+from phase1_jax.data import bpe, records, vocab
 
 KEEP = ('targets', 'element_labels', 'semantic_labels', 'semantic_mask')
 
@@ -68,7 +75,29 @@ def baselines(directory: str, max_seq_len: int, max_patches: int) -> dict:
   out['nearest_neighbour'] = {'bleu': metrics.bleu([train_text[i] for i in nearest], val_text)}
   nn_scores = metrics.element_scores(labels(train)[nearest], labels(val))
   out['nearest_neighbour'].update({k: nn_scores[k] for k in ('element_f1', 'element_f1_macro')})
+  tokenizer_path = os.path.join(directory, records.TOKENIZER_FILE)
+  if os.path.exists(tokenizer_path):
+    out['layout_oracle'] = {'bleu': _layout_oracle_bleu(
+        bpe.load(tokenizer_path), train, val, val_text, max_seq_len, strings)}
   return out
+
+
+# A text node: the characters between a tag's '>' and the next '<' holding a non-space.
+_TEXT_NODE = re.compile(r'(?<=>)([^<]*[^<\s][^<]*)(?=<)')
+
+
+def _layout_oracle_bleu(tok, train, val, val_text, max_seq_len, strings) -> float:
+  """BLEU of the val pages' markup with each text node replaced by the most frequent train
+  text node, re-tokenized and cut to the scored length."""
+  counts = collections.Counter(
+      m.strip() for p in train for m in _TEXT_NODE.findall(bpe.decode(tok, p['targets'])))
+  word = counts.most_common(1)[0][0] if counts else ''
+  pages = []
+  for p in val:
+    ids = tok.encode(_TEXT_NODE.sub(word, bpe.decode(tok, p['targets']))).ids[:max_seq_len - 1]
+    ids = ids + [vocab.EOS_ID] + [vocab.PAD_ID] * (max_seq_len - 1 - len(ids))
+    pages.append({'targets': np.asarray(ids, np.int32)})
+  return metrics.bleu(strings(pages), val_text)
 
 
 def main():
