@@ -1,10 +1,14 @@
 """Tests for phase1_jax.training.checkpoint (tiny states, CPU only)."""
 
+import json
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
+import chex
 import flax.struct
 import grain
 import jax
@@ -12,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phase1_jax.training.checkpoint import Checkpointer, CheckpointError
+from phase1_jax.training.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,11 +48,11 @@ def abstract(state):
   return jax.eval_shape(lambda: state)
 
 
-def save_steps(directory, losses, **kwargs):
+def save_steps(directory, losses, d_model=4, **kwargs):
   """Saves steps 1..len(losses) with val_loss metrics; returns the last state."""
   with Checkpointer(directory, async_save=False, **kwargs) as ckpt:
     for step, loss in enumerate(losses, start=1):
-      state = make_state(step)
+      state = make_state(step, d_model)
       assert ckpt.save(step, state, metrics={'val_loss': loss}, extra={'epoch': step})
   return state
 
@@ -220,9 +224,11 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.getrlimit(resource.R
 ckpt = Checkpointer(directory, async_save=mode == 'async')
 try:
   ckpt.save(2, {'w': state['w'] + 1})
+  ckpt.save(3, {'w': state['w'] + 2})   # async: step 2's failure surfaces here
   ckpt.wait_until_finished()
 except CheckpointError as e:
   print(e)
+ckpt.close()   # the failure was reported: no second error
 np.save(sys.argv[1] + '.npy', state['w'][:2])
 '''
 
@@ -230,7 +236,8 @@ np.save(sys.argv[1] + '.npy', state['w'][:2])
 @pytest.mark.parametrize('mode', ['sync', 'async'])
 def test_disk_full_is_one_line_and_keeps_older_steps(tmp_path, mode):
   """A save that cannot be written (file size limit: EFBIG, as ENOSPC would) raises one line
-  naming the directory, step and cause; the step before stays restorable, the partial one is
+  naming the directory, the step that failed and the cause, and nothing else is printed (no
+  tracebacks from Orbax's writer threads); the step before stays restorable, the partial one is
   removed when the directory is opened again."""
   directory = str(tmp_path / 'ckpt')
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
@@ -238,6 +245,8 @@ def test_disk_full_is_one_line_and_keeps_older_steps(tmp_path, mode):
                         text=True, env=env, timeout=300)
   out = proc.stdout.strip().splitlines()
   assert proc.returncode == 0 and len(out) == 1, proc.stderr[-3000:]
+  for noise in ('Traceback', 'Event loop is closed', 'exception was never retrieved', 'ERROR'):
+    assert noise not in proc.stderr, proc.stderr[-3000:]
   assert re.fullmatch(rf'{directory}: cannot write checkpoint step 2 \(.*File too large.*\); '
                       'older checkpoints are intact', out[0]), out[0]
   expected = np.load(directory + '.npy')
@@ -261,3 +270,124 @@ def test_uncommitted_saves_removed_on_open(tmp_path):
     assert ckpt.all_steps() == [1]
     _, extra = ckpt.restore(1, abstract(make_state()))
   assert extra == {'epoch': 1}
+
+
+# ------------------------------------------------------------------------------- checksums
+def alter_state_data(step_dir, donor_dir):
+  """Gives `step_dir` the array data of `donor_dir` (a step of the same tree), a checkpoint that
+  reads without error but whose arrays are not the ones saved. (Overwriting bytes inside Orbax's
+  files gives either this or a decode error, depending on where they land: OCDBT checksums its
+  index nodes, where arrays under 100 bytes live, not the zstd-compressed data.)"""
+  shutil.rmtree(os.path.join(step_dir, 'state'))
+  shutil.copytree(os.path.join(donor_dir, 'state'), os.path.join(step_dir, 'state'))
+
+
+def test_altered_array_is_named_set_aside_and_skipped(tmp_path):
+  """Altered array data that still decodes: the checksum names the step and the first leaf in
+  one line, restore_latest_good moves the step aside and restores the one before."""
+  save_steps(tmp_path, [3.0, 2.0, 1.0])
+  alter_state_data(tmp_path / '3', tmp_path / '1')
+  target = abstract(make_state())
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointError) as info:
+      ckpt.restore(3, target)
+    assert not isinstance(info.value, CheckpointMismatchError)   # corruption, not a config error
+    assert str(info.value) == (f"{tmp_path / '3'}: step 3 fails its checksum: leaf "
+                               "'params/embed/table' differs from the saved data (corrupt or "
+                               "altered)")
+    step, state, _ = ckpt.restore_latest_good(target)
+    assert step == 2 and ckpt.all_steps() == [1, 2]
+  assert sorted(os.listdir(tmp_path)) == ['1', '2', '3.unreadable']
+  chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(make_state(2)))
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_overwritten_bytes_never_restore_altered_arrays(tmp_path):
+  """The issue's recipe: 16 bytes in the middle of the largest data file inverted. Whether they
+  land in compressed data, an index node or a file the merged index does not read, restore
+  either refuses the step (naming it) or returns exactly the arrays that were saved."""
+  save_steps(tmp_path, [1.0], d_model=64)
+  victim = largest_file(tmp_path / '1' / 'state' / 'ocdbt.process_0' / 'd')
+  middle = os.path.getsize(victim) // 2
+  with open(victim, 'r+b') as f:
+    f.seek(middle)
+    data = f.read(16)
+    f.seek(middle)
+    f.write(bytes(b ^ 0xff for b in data))
+  with Checkpointer(tmp_path) as ckpt:
+    try:
+      state, _ = ckpt.restore(1, abstract(make_state(d_model=64)))
+    except CheckpointError as e:
+      assert str(e).startswith(f"{tmp_path / '1'}: ") and '\n' not in str(e)
+    else:
+      chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(make_state(1, 64)))
+
+
+def test_altered_extra_is_named(tmp_path):
+  """The extra JSON (epoch, counters, the run's config) is checksummed too."""
+  save_steps(tmp_path, [1.0])
+  path = tmp_path / '1' / 'extra' / 'metadata'
+  path.write_text(json.dumps({**json.loads(path.read_text()), 'epoch': 7}))
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointError, match=r'/1: step 1 fails its checksum: the extra JSON'):
+      ckpt.restore(1, abstract(make_state()))
+
+
+def test_checksums_cover_typed_keys_bfloat16_and_numpy(tmp_path):
+  state = {'key': jax.random.key(3), 'w': jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3),
+           'n': np.arange(4, dtype=np.int32)}
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, state)
+    restored, _ = ckpt.restore(1, abstract(state))
+  np.testing.assert_array_equal(jax.random.key_data(restored['key']),
+                                jax.random.key_data(state['key']))
+  sums = json.loads((tmp_path / '1' / 'checksums' / 'metadata').read_text())
+  assert sorted(sums['state']) == ['key', 'n', 'w'] and all(sums['state'].values())
+
+
+def test_checkpoint_without_checksums_restores_with_one_warning(tmp_path, caplog):
+  """Steps written before checksums existed (no checksums item) restore unverified."""
+  with Checkpointer(tmp_path, async_save=False, checksums=False) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, make_state(step), extra={'epoch': step})
+  assert not os.path.exists(tmp_path / '1' / 'checksums')
+  with caplog.at_level(logging.WARNING), Checkpointer(tmp_path) as ckpt:
+    for step in (1, 2):
+      state, extra = ckpt.restore(step, abstract(make_state()))
+      assert extra == {'epoch': step}
+  np.testing.assert_array_equal(state.params['embed']['table'],
+                                make_state(2).params['embed']['table'])
+  warnings = [r.getMessage() for r in caplog.records if 'without checksums' in r.getMessage()]
+  assert warnings == [f"{tmp_path / '1'}: saved without checksums (an older version); its data "
+                      'is not verified']
+
+
+def test_evaluate_and_generate_refuse_an_altered_best_step(tmp_path):
+  """`python -m phase1_jax.evaluate` on a workdir whose best step was altered exits with one
+  line naming that step and writes no metrics; generate (in process) refuses it too."""
+  from phase1_jax import config as config_lib
+  from phase1_jax.training import generation
+  from phase1_jax.training import state as state_lib
+  config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
+  tx, _ = state_lib.make_optimizer(config, 8)
+  _, state = state_lib.create_train_state(config, tx)
+  workdir = tmp_path / 'run'
+  best = config.checkpoint.best_metric   # step 8 is the best, 16 the latest
+  good, bad = (1.0, 2.0) if config_lib.METRIC_MODES[best] == 'min' else (2.0, 1.0)
+  with Checkpointer(workdir / 'checkpoints', async_save=False) as ckpt:
+    ckpt.save(8, state, metrics={best: good}, extra={'epoch': 1})
+    ckpt.save(16, state.replace(params=jax.tree.map(lambda x: x + 1, state.params)),
+              metrics={best: bad}, extra={'epoch': 2})
+  alter_state_data(workdir / 'checkpoints' / '8', workdir / 'checkpoints' / '16')
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, '-m', 'phase1_jax.evaluate', '--config',
+                         'configs/tiny.py', '--workdir', str(workdir)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+  assert re.fullmatch(rf"error: {workdir}/checkpoints/8: step 8 fails its checksum: leaf '.*' "
+                      r'differs from the saved data \(corrupt or altered\)', lines[0]), lines
+  assert not os.path.exists(workdir / 'evaluation_results.json')
+  with pytest.raises(CheckpointError, match=rf'^{workdir}/checkpoints/8: step 8 fails'):
+    generation.generate_pages(config, str(workdir), num_samples=1)
+  assert not os.path.exists(workdir / 'generations.jsonl')

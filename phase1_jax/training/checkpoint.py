@@ -1,10 +1,14 @@
 """Checkpointing: the only module that talks to Orbax.
 
-One checkpoint step directory ``<directory>/<step>/`` holds up to three items:
+One checkpoint step directory ``<directory>/<step>/`` holds up to four items:
 
 * ``state``: any pytree of jax/numpy arrays (``ocp.args.StandardSave``).
 * ``extra``: a JSON-serialisable dict (epoch, early-stopping counters...).
 * ``data``:  a grain ``DatasetIterator`` position (only when one is given).
+* ``checksums``: JSON, a SHA-256 of every array of ``state`` (dtype, shape, bytes) and of
+  ``extra``, hashed from the host copies at save time. Orbax's array files carry no checksum, so
+  altered bytes would otherwise restore silently; restore re-hashes what it read and treats a
+  difference as corruption (CheckpointError: the step is skipped like an unreadable one).
 
 Retention keeps the newest ``max_to_keep`` steps AND the best step by
 ``metrics[best_metric]``. Orbax's own ``max_to_keep`` + ``best_fn`` can delete
@@ -19,7 +23,9 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
+import traceback
 from typing import Any
 
 import grain
@@ -31,7 +37,7 @@ from phase1_jax.training import checkpoint_compat as compat
 
 log = logging.getLogger(__name__)
 
-_STATE, _EXTRA, _DATA = 'state', 'extra', 'data'
+_STATE, _EXTRA, _DATA, _SUMS = 'state', 'extra', 'data', 'checksums'
 # An uncommitted step: '<step>.orbax-checkpoint-tmp', some Orbax paths add '-<timestamp>'.
 _TMP_STEP_DIR = re.compile(r'\d+\.orbax-checkpoint-tmp(-\d+)?')
 # The run's config is saved in `extra` under this key; restore(expect_config=) compares it.
@@ -55,6 +61,70 @@ def _one_line(e: Exception, limit: int = 300) -> str:
   return f'{type(e).__name__}: {text}'
 
 
+class _QuietBackgroundFailures(logging.Filter):
+  """Drops Orbax's ERROR logs (each with a traceback, one per background thread: ~500 lines for a
+  full disk) and asyncio's "Task exception was never retrieved" for Orbax's aborted writes. Every
+  such failure also reaches the main thread as an exception from an Orbax call, which the
+  Checkpointer raises as one CheckpointError line; `dropped` counts them so a Checkpointer that
+  raised none can still warn (one line) at close()."""
+
+  def __init__(self):
+    super().__init__()
+    self.dropped, self.first_lines = 0, []
+
+  @staticmethod
+  def _from_orbax(record: logging.LogRecord) -> bool:
+    """Logged by Orbax, or by asyncio about a task whose code or traceback is Orbax's."""
+    orbax = f'{os.sep}orbax{os.sep}'
+    if orbax in record.pathname:
+      return True
+    if record.name != 'asyncio':
+      return False
+    tb = record.exc_info[2] if record.exc_info else None
+    files = [frame.filename for frame in traceback.extract_tb(tb)] if tb else []
+    return any(orbax in text for text in [str(record.msg), *files])
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or not self._from_orbax(record):
+      return True
+    self.dropped += 1
+    if len(self.first_lines) < 100:
+      self.first_lines.append((str(record.getMessage()).splitlines() or [''])[0][:300])
+    return False
+
+
+_QUIET = _QuietBackgroundFailures()
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+  """tensorstore's callbacks for writes still in flight when Orbax closed the event loop of a
+  failed save: 'Event loop is closed' from asyncio's call_soon_threadsafe, reported as
+  unraisable (a bare traceback each)."""
+  tb = unraisable.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (unraisable.exc_type is RuntimeError
+          and str(unraisable.exc_value) == 'Event loop is closed'
+          and tb is not None and tb.tb_frame.f_code.co_name == '_check_closed')
+
+
+def _quiet_background_failures() -> None:
+  """Installs _QUIET on the loggers Orbax and asyncio use, and an unraisable hook that drops
+  closed-loop callbacks (everything else goes to the hook it wraps). Idempotent."""
+  for name in ('absl', 'asyncio'):
+    if _QUIET not in logging.getLogger(name).filters:
+      logging.getLogger(name).addFilter(_QUIET)
+  previous = sys.unraisablehook
+  if getattr(previous, 'quiets_closed_loops', False):
+    return
+
+  def hook(unraisable):
+    if not _is_closed_loop_callback(unraisable):
+      previous(unraisable)
+  hook.quiets_closed_loops = True
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """Saves/restores training state, an extra JSON dict and a grain iterator.
 
@@ -71,7 +141,9 @@ class Checkpointer:
                max_to_keep: int = 3,
                best_metric: str = 'val_loss',
                best_mode: str = 'min',
-               async_save: bool = True):
+               async_save: bool = True,
+               checksums: bool = True):
+    """`checksums=False` neither writes nor verifies checksums (for measuring their cost)."""
     if best_mode not in ('min', 'max'):
       raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     if max_to_keep < 1:
@@ -102,8 +174,15 @@ class Checkpointer:
         _STATE: ocp.StandardCheckpointHandler(),
         _EXTRA: ocp.JsonCheckpointHandler(),
         _DATA: grain.checkpoint.CheckpointHandler(),
+        _SUMS: ocp.JsonCheckpointHandler(),
     }
+    self.checksums = checksums
     self._last_saved = None
+    self._write_failed = False   # raised already: close() does not raise it again
+    self._raised_orbax_error = False   # Orbax's own (dropped) error logs were explained
+    self._warned_unverified = False
+    _quiet_background_failures()
+    self._quiet_dropped = _QUIET.dropped
     self._remove_partial_saves()
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -159,6 +238,9 @@ class Checkpointer:
     Returns False without writing when ``step`` already exists or is not
     newer than the latest step (e.g. re-saving the step just restored).
     """
+    # Orbax's save waits for the previous async save anyway; waiting here first names the step
+    # whose write failed, not this one.
+    self.wait_until_finished()
     latest = self.latest_step()
     if latest is not None and step <= latest:
       log.info('Checkpoint step %d not saved: %s already holds step %d.', step, self.directory,
@@ -167,6 +249,8 @@ class Checkpointer:
     items = {_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(dict(extra or {}))}
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    if self.checksums:
+      items[_SUMS] = ocp.args.JsonSave(self._checksums(state, extra))
     # {} rather than None: Orbax warns on every metric-less save once best_fn is set; an empty
     # dict ranks worst, like a missing metric.
     metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
@@ -175,11 +259,52 @@ class Checkpointer:
     except Exception as e:  # a full disk or a lost directory surfaces as assorted types
       raise self._write_error(step, e) from e
     if saved:
-      self._last_saved = step
+      self._last_saved, self._write_failed = step, False
       log.info('Saving checkpoint step %d to %s', step, self.directory)
     return saved
 
+  @staticmethod
+  def _checksums(state, extra: dict | None) -> dict:
+    """What the checksums item holds: digests of the state's arrays, as this process holds
+    them now (what the save will commit), and of the extra dict."""
+    return {'algorithm': compat.DIGEST_ALGORITHM, 'state': compat.tree_digests(state),
+            'extra': compat.json_digest(dict(extra or {}))}
+
   # ----------------------------------------------------------------- restore
+  def _read_json_items(self, step: int) -> tuple[dict, dict | None]:
+    """(extra, checksums) of a step; checksums is None for a step saved without them (before
+    checksummed checkpoints, or checksums=False), which restores unverified, with a warning."""
+    path = self.step_dir(step)
+    reads = {_EXTRA: ocp.args.JsonRestore()}
+    verify = self.checksums and os.path.isdir(os.path.join(path, _SUMS))
+    if verify:
+      reads[_SUMS] = ocp.args.JsonRestore()
+    got = self._mgr.restore(step, args=ocp.args.Composite(**reads))
+    if self.checksums and not verify and not self._warned_unverified:
+      self._warned_unverified = True
+      log.warning('%s: saved without checksums (an older version); its data is not verified',
+                  path)
+    sums = got[_SUMS] if verify else None
+    if verify and not (isinstance(sums, dict) and isinstance(sums.get('state'), dict)):
+      raise CheckpointError(f'{path}: step {step} has a malformed checksums record')
+    return dict(got[_EXTRA] or {}), sums
+
+  def _corrupt(self, step: int, problem: str) -> CheckpointError:
+    return CheckpointError(f'{self.step_dir(step)}: step {step} fails its checksum: {problem} '
+                           '(corrupt or altered)')
+
+  def _check_extra_digest(self, step: int, sums: dict | None, extra: dict) -> None:
+    want = (sums or {}).get('extra')
+    if want is not None and compat.json_digest(extra) != want:
+      raise self._corrupt(step, 'the extra JSON differs from the saved data')
+
+  def _check_state_digests(self, step: int, sums: dict | None, state) -> None:
+    """Raises CheckpointError naming the step and the first leaf whose restored data differs
+    from its checksum."""
+    problem = sums and compat.digest_mismatch(sums['state'], state)
+    if problem:
+      raise self._corrupt(step, problem)
+
   def _check_matches(self, step: int, abstract_state) -> None:
     """Raises CheckpointMismatchError naming the first leaf whose tree place, shape or dtype
     differs from the restore target."""
@@ -213,12 +338,13 @@ class Checkpointer:
     path = self.step_dir(step)
     try:
       # Three reads, cheapest first: a config mismatch is named before any array is touched.
-      extra = dict(self._mgr.restore(
-          step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))[_EXTRA] or {})
+      extra, sums = self._read_json_items(step)
+      self._check_extra_digest(step, sums, extra)   # before the config in it is trusted
       self._check_config(step, extra, expect_config)
       self._check_matches(step, abstract_state)
       state = self._mgr.restore(
           step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
+      self._check_state_digests(step, sums, state[_STATE])
       iterator = data_iterator(extra) if callable(data_iterator) else data_iterator
       if iterator is not None:
         if not os.path.isdir(os.path.join(path, _DATA)):
@@ -228,6 +354,7 @@ class Checkpointer:
     except CheckpointError:
       raise
     except Exception as e:  # Orbax raises assorted types for damaged files.
+      self._raised_orbax_error = True
       raise CheckpointError(f'{path}: cannot restore step {step} ({_one_line(e)})') from e
     return state[_STATE], extra
 
@@ -275,14 +402,18 @@ class Checkpointer:
 
   # --------------------------------------------------------------- lifecycle
   def _write_error(self, step, e: Exception) -> CheckpointError:
+    self._write_failed = self._raised_orbax_error = True
     return CheckpointError(f'{self.directory}: cannot write checkpoint step {step} '
                            f'({_one_line(e)}); older checkpoints are intact')
 
   def wait_until_finished(self) -> None:
-    """Blocks until async saves are committed; a failed one raises CheckpointError."""
+    """Blocks until async saves are committed; a failed one raises CheckpointError (once)."""
     try:
       self._mgr.wait_until_finished()
     except Exception as e:
+      if self._write_failed:   # the same failure again: already raised
+        log.debug('Checkpoint write failed again: %s', _one_line(e))
+        return
       raise self._write_error(self._last_saved, e) from e
 
   def reached_preemption(self, step: int) -> bool:
@@ -296,6 +427,12 @@ class Checkpointer:
       self.wait_until_finished()
     finally:
       self._mgr.close()
+    if _QUIET.dropped > self._quiet_dropped and not self._raised_orbax_error:
+      # Errors Orbax logged in the background that never reached this Checkpointer as an
+      # exception: one line rather than silence.
+      lines = _QUIET.first_lines[self._quiet_dropped:] or ['(not kept)']
+      log.warning('%s: Orbax reported %d background errors, first: %s', self.directory,
+                  _QUIET.dropped - self._quiet_dropped, lines[0])
 
   def __enter__(self) -> 'Checkpointer':
     return self

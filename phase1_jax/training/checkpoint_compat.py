@@ -1,8 +1,12 @@
-"""Is a saved checkpoint usable by this run? Pure comparisons of a saved state tree (Orbax
-metadata) and a saved config against what the run needs; checkpoint.py reads the metadata and
-raises. Each function returns a one-line description of the first difference, or None."""
+"""Is a saved checkpoint usable by this run, and is its data what was saved? Pure comparisons of
+a saved state tree (Orbax metadata), a saved config and saved checksums against what the run needs
+or what was restored; checkpoint.py reads them and raises. Each comparison returns a one-line
+description of the first difference, or None."""
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import json
 from typing import Any
 
 import jax
@@ -67,4 +71,66 @@ def config_mismatch(saved_config, expect: dict[str, Any]) -> str | None:
       node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
     if node is not _MISSING and node != want:
       return f'checkpoint was trained with {path}={node!r} but the config has {path}={want!r}'
+  return None
+
+
+# ------------------------------------------------------------------------------- checksums
+# SHA-256 runs at ~1.8 GB/s per core on CPUs with SHA extensions (faster here than blake2b);
+# hashlib releases the GIL on large buffers, so leaves are hashed on a few threads.
+DIGEST_ALGORITHM = 'sha256'
+_HASH_THREADS = 4
+
+
+def _host_array(leaf) -> np.ndarray | None:
+  """A leaf as the host array Orbax stores (typed PRNG keys as their key data); None for what is
+  not verified: non-array leaves (Python scalars may come back with another dtype) and arrays
+  spread over several processes (this process cannot read them whole)."""
+  if isinstance(leaf, jax.Array):
+    if not leaf.is_fully_addressable:
+      return None
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    return np.asarray(leaf)
+  return leaf if isinstance(leaf, np.ndarray) else None
+
+
+def _array_digest(leaf) -> str | None:
+  """Hex digest of a leaf's dtype, shape and bytes (None: not verified)."""
+  array = _host_array(leaf)
+  if array is None:
+    return None
+  h = hashlib.new(DIGEST_ALGORITHM, f'{array.dtype.name}{array.shape}'.encode())
+  h.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+  return h.hexdigest()
+
+
+def tree_digests(tree) -> dict[str, str | None]:
+  """{leaf path: digest} of a state pytree, in tree order. Device-to-host copies of all leaves
+  start first, so they overlap each other and the hashing."""
+  flat = _flat_by_path(tree)
+  for leaf in flat.values():
+    if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+      leaf.copy_to_host_async()
+  with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
+    return dict(zip(flat, pool.map(_array_digest, flat.values()), strict=True))
+
+
+def json_digest(value) -> str | None:
+  """Digest of a JSON-serialisable value as written (keys sorted); None if it is not JSON."""
+  try:
+    text = json.dumps(value, sort_keys=True)
+  except (TypeError, ValueError):
+    return None
+  return hashlib.new(DIGEST_ALGORITHM, text.encode()).hexdigest()
+
+
+def digest_mismatch(saved: dict[str, str | None], restored_tree) -> str | None:
+  """The first leaf of `restored_tree` whose digest differs from `saved` (tree_digests of the
+  state that was saved). Leaves either side could not hash are not compared."""
+  for name, digest in tree_digests(restored_tree).items():
+    want = saved.get(name, _MISSING)
+    if want is _MISSING:
+      return f'leaf {name!r} has no checksum'
+    if want is not None and digest is not None and want != digest:
+      return f'leaf {name!r} differs from the saved data'
   return None
