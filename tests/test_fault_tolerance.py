@@ -1,11 +1,13 @@
 """Fault tolerance of the training job: exact resume after signals and SIGKILLs, the NaN guard,
-corrupt and incompatible checkpoints, an unusable workdir or disk.
+corrupt and incompatible checkpoints, an unusable workdir or disk, log files that cannot be written.
 
 One uninterrupted reference run (in process, module fixture) is what every interrupted run must
 reproduce bit for bit: parameters, optimizer state, history records and TensorBoard scalars.
 """
+import hashlib
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -271,6 +273,35 @@ def test_unwritable_workdir_fails_before_anything(tmp_path):
     loop.train_and_evaluate(make_config(), str(tmp_path / 'file' / 'run'))
 
 
+def test_garbled_history_is_one_line_and_changes_nothing(tmp_path, reference):
+  """A finished run's history garbled: resume stops before compiling, with one line naming the
+  file; the file and the checkpoints stay as they were."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(os.path.join(reference[1], 'checkpoints'), workdir / 'checkpoints')
+  (workdir / 'training_history.json').write_text('[{"kind": "train", "step": 2,')
+  before = tree_digest(workdir)
+  with open(tmp_path / 'log.txt', 'w') as log:
+    started = time.monotonic()
+    rc = start_cli(str(workdir), log).wait(timeout=300)
+  lines = (tmp_path / 'log.txt').read_text().strip().splitlines()
+  assert rc == 1 and time.monotonic() - started < 30, lines
+  assert lines[-1].startswith(f'error: {workdir}/training_history.json: cannot read the training '
+                              'history (not valid JSON: '), lines
+  assert not [line for line in lines[:-1] if 'error' in line.lower()], lines
+  assert tree_digest(workdir) == before
+
+
+def tree_digest(directory):
+  """{relative path: sha256} of every file under `directory`."""
+  digests = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return digests
+
+
 def test_cli_unwritable_workdir_is_one_line(tmp_path):
   (tmp_path / 'file').write_text('not a directory')
   with open(tmp_path / 'log.txt', 'w') as log:
@@ -281,8 +312,9 @@ def test_cli_unwritable_workdir_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------ kills (subprocesses)
-def start_cli(workdir, log, **overrides):
-  """`python -m phase1_jax.train` on the reference config (+ overrides), output to `log`."""
+def start_cli(workdir, log, ulimit_kb=None, **overrides):
+  """`python -m phase1_jax.train` on the reference config (+ overrides), output to `log`; with
+  `ulimit_kb`, under `ulimit -f`: a file growing past it fails to write with EFBIG."""
   # One device, as the in-process reference run has (the CLI would split a CPU host per core).
   overrides = {'parallel.cpu_devices': 1, **overrides}
   flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **overrides}.items()]
@@ -290,9 +322,14 @@ def start_cli(workdir, log, **overrides):
          'JAX_COMPILATION_CACHE_DIR': str(REPO / '.jax_cache'),
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
-  return subprocess.Popen([sys.executable, '-m', 'phase1_jax.train', '--config', 'configs/tiny.py',
-                           '--workdir', workdir, *flags], cwd=REPO, env=env, stdout=log,
-                          stderr=subprocess.STDOUT)
+  command = [sys.executable, '-m', 'phase1_jax.train', '--config', 'configs/tiny.py',
+             '--workdir', workdir, *flags]
+  if ulimit_kb:
+    command = ['bash', '-c', f'trap "" XFSZ; ulimit -f {ulimit_kb}; exec "$@"', 'bash', *command]
+    # No compilation-cache writes: JAX writes entries in place, and one cut short by the limit
+    # would stay in the shared cache.
+    env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = str(2**62)
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def checkpoint_dirs(workdir):
@@ -381,4 +418,30 @@ def test_sigkills_sigterm_and_a_truncated_checkpoint_then_the_same_run(tmp_path,
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', f'{stopped_at}.unreadable'))
   print(f'SIGKILLs after committed steps {kills} (+save: an uncommitted save was left)')
   assert killed_during_save >= 1
+  assert_same_run(config, workdir, reference_dir)
+
+
+def test_cli_log_file_size_limit_is_one_line_and_resume_is_exact(tmp_path, reference):
+  """Under `ulimit -f 480` the TensorBoard event file hits the limit at the last epoch's
+  histograms (EFBIG; the checkpoints' files are smaller). tensorboardX's writer thread died there
+  and left the trainer blocked forever; now it stops at once with one line naming the file. The
+  committed checkpoints and the history stay, and the resumed run is the uninterrupted one."""
+  config, reference_dir = reference
+  workdir, log_path = str(tmp_path / 'run'), tmp_path / 'log.txt'
+  with open(log_path, 'w') as log:
+    rc = start_cli(workdir, log, ulimit_kb=480).wait(timeout=300)
+  ended = time.time()
+  out = log_path.read_text()
+  (events,) = os.listdir(os.path.join(workdir, 'tensorboard'))
+  events = os.path.join(workdir, 'tensorboard', events)
+  error = f'error: {events}: cannot write TensorBoard events (File too large)'
+  assert rc == 1 and out.strip().splitlines()[-1] == error, out[-3000:]
+  assert 'Traceback' not in out, out[-3000:]
+  assert [line for line in out.splitlines() if line.startswith('error:')] == [error]
+  assert ended - os.path.getmtime(events) < 10   # cut back to whole records when it failed
+  committed, partial = checkpoint_dirs(workdir)
+  assert committed[-1] == TOTAL_STEPS - 3 and not partial, (committed, partial)
+  steps = [r['step'] for r in history(workdir)]
+  assert steps[-1] == TOTAL_STEPS and sorted(steps) == steps   # written up to the failure
+  loop.train_and_evaluate(config, workdir)
   assert_same_run(config, workdir, reference_dir)

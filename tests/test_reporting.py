@@ -1,14 +1,21 @@
 """Tests for phase1_jax.training.reporting (no tensorboard dependency)."""
 
+import contextlib
 import json
 import os
+import resource
+import signal
 import struct
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboardX import SummaryWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.record_writer import masked_crc32c
 
+from phase1_jax.training import faults
 from phase1_jax.training.reporting import Reporter, epoch_summary, progress_bar, to_jsonable
 
 
@@ -18,14 +25,21 @@ def event_files(workdir):
 
 
 def read_events(path):
-  """Parses a TFRecord event file: [len u64][crc u32][data][crc u32]..."""
+  """Parses a TFRecord event file: [len u64][crc u32][data][crc u32]..., checking both CRCs and
+  that the file ends on a whole record."""
   with open(path, 'rb') as f:
     data = f.read()
   events, pos = [], 0
   while pos < len(data):
-    (length,) = struct.unpack('<Q', data[pos:pos + 8])
-    events.append(Event.FromString(data[pos + 12:pos + 12 + length]))
+    header = data[pos:pos + 8]
+    (length,) = struct.unpack('<Q', header)
+    body = data[pos + 12:pos + 12 + length]
+    assert struct.unpack('<I', data[pos + 8:pos + 12])[0] == masked_crc32c(header)
+    assert struct.unpack('<I', data[pos + 12 + length:pos + 16 + length])[0] == (
+        masked_crc32c(body))
+    events.append(Event.FromString(body))
     pos += 12 + length + 4
+  assert pos == len(data), f'{path} ends in a partial record'
   return events
 
 
@@ -35,6 +49,20 @@ def scalar_points(paths):
           for e in read_events(p)
           for v in e.summary.value
           if v.HasField('simple_value')]
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes):
+  """Files of this process may not grow past `nbytes`: writes fail with EFBIG (SIGXFSZ ignored),
+  as `ulimit -f` makes them, and like a full disk. Keep jax (its compilation cache) out of it."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
 
 
 def test_scalars_and_histograms_on_disk(tmp_path):
@@ -50,19 +78,89 @@ def test_scalars_and_histograms_on_disk(tmp_path):
       'rng': np.zeros(2, np.uint32)
   }
   rep.histograms(1, params)
-  rep.flush()  # durable: file closed, everything on disk
   (first,) = event_files(tmp_path)
-  with open(first, 'rb') as f:
+  with open(first, 'rb') as f:   # each call's events reach the file at once (fsync at flush)
     raw = f.read()
   assert raw and b'train/loss' in raw and b'params/layers/0/kernel' in raw
-  rep.scalars(2, {'loss': 1.5}, prefix='train/')  # same second: new, unique file
+  rep.flush()
+  rep.scalars(2, {'loss': 1.5}, prefix='train/')  # the same file goes on
   rep.close()
-  files = event_files(tmp_path)
-  assert len(files) == 2 and os.path.getsize(first) == len(raw)
-  assert scalar_points(files) == [('train/loss', 1, 2.5), ('train/acc', 1, 0.25),
-                                  ('train/loss', 2, 1.5)]
+  assert event_files(tmp_path) == [first] and os.path.getsize(first) > len(raw)
+  assert scalar_points([first]) == [('train/loss', 1, 2.5), ('train/acc', 1, 0.25),
+                                    ('train/loss', 2, 1.5)]
   hist_tags = {v.tag for e in read_events(first) for v in e.summary.value if v.HasField('histo')}
   assert hist_tags == {'params/layers/0/kernel', 'params/layers/0/bias', 'params/rng'}
+  rep.scalars(3, {'loss': 1.0})   # after close: a new, unique file
+  rep.close()
+  assert len(event_files(tmp_path)) == 2
+
+
+def test_events_are_those_summary_writer_writes(tmp_path):
+  """The synchronous writer's events equal tensorboardX's SummaryWriter's (wall times aside):
+  the file version, the purge marker, scalars and default-bin histograms."""
+  values = np.random.default_rng(0).standard_normal(300)
+  with Reporter(tmp_path / 'ours', start_step=4) as rep:
+    rep.scalars(5, {'loss': 1.25, 'lr': np.float32(3e-4)}, prefix='train/')
+    rep.histograms(6, {'w': values})
+  with SummaryWriter(str(tmp_path / 'theirs'), purge_step=5) as writer:
+    writer.add_scalar('train/loss', 1.25, 5)
+    writer.add_scalar('train/lr', float(np.float32(3e-4)), 5)
+    writer.add_histogram('params/w', values, 6)
+
+  def events(directory):
+    (path,) = [os.path.join(directory, f) for f in os.listdir(directory)]
+    return [e.SerializeToString() for e in read_events(path) if not e.ClearField('wall_time')]
+  ours = events(tmp_path / 'ours' / 'tensorboard')
+  assert ours == events(tmp_path / 'theirs') and len(ours) == 6
+
+
+def test_event_write_error_is_one_line_and_keeps_whole_calls(tmp_path):
+  """A write that fails (EFBIG here, as with ENOSPC) raises WriterError naming the file at once;
+  the file is cut back to its last whole call and reads to its end; the next call opens a new
+  file. No thread is involved, so nothing can hang."""
+  rep = Reporter(tmp_path)
+  rep.scalars(1, {'loss': 2.0})
+  (path,) = event_files(tmp_path)
+  size = os.path.getsize(path)
+  big = {'w': np.random.default_rng(0).standard_normal(100_000)}   # ~30 kB of histogram
+  start = time.monotonic()
+  with file_size_limit(size + 2_000), pytest.raises(faults.WriterError) as e:
+    rep.histograms(2, big)
+  assert time.monotonic() - start < 5
+  assert str(e.value) == f'{path}: cannot write TensorBoard events (File too large)'
+  assert isinstance(e.value, OSError)   # train.py's one-line handler catches it
+  assert os.path.getsize(path) == size and scalar_points([path]) == [('loss', 1, 2.0)]
+  rep.scalars(2, {'loss': 1.0})   # the limit is gone: a new file
+  rep.close()
+  assert len(event_files(tmp_path)) == 2
+
+
+def test_flush_error_raises_and_close_after_error_is_quiet(tmp_path, monkeypatch):
+  rep = Reporter(tmp_path)
+  rep.scalars(1, {'loss': 2.0})
+
+  def no_space(fd):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(os, 'fsync', no_space)
+  with pytest.raises(faults.WriterError, match=r'tfevents.*: cannot write TensorBoard events '
+                     r'\(No space left on device\)$'):
+    rep.flush()
+  rep.close()   # nothing left to close
+
+
+def test_history_write_error_names_the_file_and_keeps_it(tmp_path):
+  rep = Reporter(tmp_path)
+  rep.history({'step': 1, 'note': 'x' * 100})
+  path = tmp_path / 'training_history.json'
+  before = path.read_text()
+  with file_size_limit(len(before) + 500), pytest.raises(faults.WriterError) as e:
+    rep.history({'step': 2, 'note': 'x' * 2_000})
+  assert str(e.value) == f'{path}: cannot write (File too large)'
+  assert path.read_text() == before
+  assert sorted(os.listdir(tmp_path)) == ['tensorboard', 'training_history.json']
+  rep.history({'step': 2})   # the failed record is not in the file either
+  assert [r['step'] for r in json.loads(path.read_text())] == [1, 2]
+  rep.close()
 
 
 def test_resume_marks_purge_step(tmp_path):
@@ -111,10 +209,23 @@ def test_history_append_and_resume_truncation(tmp_path):
   assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]
 
 
-def test_history_unreadable_names_path(tmp_path):
-  (tmp_path / 'training_history.json').write_text('{"not": "a list"}')
-  with pytest.raises(ValueError, match='training_history.json: expected a JSON list'):
-    Reporter(tmp_path)
+@pytest.mark.parametrize('content,problem', [
+    (b'{"not": "a list"}', 'expected a JSON list of record objects'),
+    (b'[{"step": 2},', 'not valid JSON: Expecting value'),
+    (b'\xff\xfe junk', "not valid JSON: 'utf-8' codec can't decode"),
+])
+def test_history_unreadable_is_one_line_and_left_untouched(tmp_path, content, problem):
+  """A garbled history stops a resume with one line naming it and what to do; the file stays
+  as it was (the user decides), and nothing else is written."""
+  path = tmp_path / 'training_history.json'
+  path.write_bytes(content)
+  with pytest.raises(faults.WorkdirError) as e:
+    Reporter(tmp_path, start_step=8)
+  message = str(e.value)
+  assert message.startswith(f'{path}: cannot read the training history ({problem}')
+  assert message.endswith('move it aside (e.g. to training_history.json.corrupt) to resume '
+                          'without its records') and '\n' not in message
+  assert path.read_bytes() == content and os.listdir(tmp_path) == ['training_history.json']
 
 
 def test_write_json_atomic_and_numpy_safe(tmp_path):

@@ -1,5 +1,6 @@
 """What the training loop does when something goes wrong: stop signals, non-finite steps, an
-unusable workdir. The loop (loop.py) decides when to check; this module holds the mechanisms."""
+unusable workdir, a log file that cannot be written. The loop (loop.py) decides when to check;
+this module holds the mechanisms."""
 from __future__ import annotations
 
 import os
@@ -27,7 +28,14 @@ class NonFiniteError(RuntimeError):
 
 
 class WorkdirError(OSError):
-  """The workdir cannot be created or written."""
+  """The workdir cannot be used: it cannot be created or written, or a file the run resumes from
+  (training_history.json) is unreadable. The message names the path."""
+
+
+class WriterError(OSError):
+  """A log or results file (TensorBoard events, training_history.json, ...) could not be written:
+  a full disk, a file size limit. Raised by the call that wrote, never left in a background
+  thread; the message names the file and the reason."""
 
 
 class StopSignals:

@@ -40,13 +40,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   Ends by evaluating the best checkpoint into evaluation_results.json, whose content it returns.
 
   Raises faults.Preempted after SIGTERM/SIGINT (checkpoint of the current step committed),
-  faults.NonFiniteError after train.max_consecutive_nonfinite skipped steps in a row.
+  faults.NonFiniteError after train.max_consecutive_nonfinite skipped steps in a row,
+  faults.WriterError when a log file cannot be written (the checkpoints committed before stay).
   """
   config_validation.validate(config)
   parallel.initialize_distributed(config)
   par = parallel.DataParallel(config)   # checks the layout against the devices: before compiling
   workdir = workdir or default_workdir(config)
   faults.prepare_workdir(workdir)
+  if jax.process_index() == 0:   # a garbled history fails now, not after restore and compile
+    reporting.read_history(os.path.join(workdir, reporting.HISTORY_FILE))
   train_source = pipeline.make_source(config, 'train')
   val_source = pipeline.make_source(config, 'val')
   t = config.train
@@ -152,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       ckpt.close()
     except CheckpointError as e:
       logging.error('%s', e)
-    reporter.close()
+    reporter.abandon()
     raise
   ckpt.close()
   reporter.close()

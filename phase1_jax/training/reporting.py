@@ -1,15 +1,16 @@
 """Run reporting: the only module that writes logs.
 
-* TensorBoard events (tensorboardX) under ``<workdir>/tensorboard``.
+* TensorBoard events under ``<workdir>/tensorboard`` (tensorboardX's protos and summaries).
 * ``<workdir>/training_history.json``: a JSON list of per-epoch/eval records.
 * Other JSON files under ``<workdir>`` (``write_json``), written atomically.
 * The console: ``epoch_summary`` lines and ``progress_bar``.
 
-tensorboardX pitfalls handled here (jax-stack-notes.md, section 6): event file
-names have 1-second resolution, so every writer gets a unique
-``filename_suffix``; a resumed run passes ``purge_step`` so TensorBoard drops the
-stale events past the restart; ``SummaryWriter.flush()`` does not wait for
-queued events, so ``Reporter.flush()`` closes the current event file instead.
+Every write happens in the calling thread and a failed one (full disk, file size limit) raises
+faults.WriterError naming the file: tensorboardX's SummaryWriter writes from a background thread
+through a bounded queue, and when that thread dies on a write error the error is only printed
+and the next put blocks the trainer forever. Its other pitfalls (jax-stack-notes.md, section 6):
+event file names have 1-second resolution, so every file gets a unique suffix; a resumed run
+marks ``purge_step`` so TensorBoard drops the stale events past the restart.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ import json
 import logging
 import math
 import os
+import socket
+import struct
 import time
 from typing import Any
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.record_writer import masked_crc32c
+from tensorboardX.summary import histogram, scalar
 from tqdm import tqdm
+
+from phase1_jax.training import faults
 
 log = logging.getLogger(__name__)
 
@@ -64,25 +71,140 @@ def to_jsonable(obj: Any) -> Any:
   raise TypeError(f'cannot convert {type(obj).__name__} to JSON')
 
 
+def cannot_write(path: str, error: OSError, what: str = '') -> faults.WriterError:
+  """The one-line error for a failed write: the file and the reason ('File too large')."""
+  return faults.WriterError(f'{path}: cannot write{what} ({error.strerror or error})')
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
   """Writes ``obj`` as JSON to a temp file, then renames it over ``path``."""
   atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + '\n')
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes ``text`` to a temp file, then renames it over ``path``: readers never see half."""
+  """Writes ``text`` to a temp file, then renames it over ``path``: readers never see half. A
+  failure (full disk...) raises faults.WriterError naming ``path`` and leaves the old file."""
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   tmp = f'{path}.tmp.{os.getpid()}'
   try:
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     with open(tmp, 'w', encoding='utf-8') as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    raise cannot_write(path, e) from None
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    _remove_quietly(tmp)
+
+
+def _remove_quietly(path: str) -> None:
+  try:
+    os.remove(path)
+  except OSError:
+    pass
+
+
+def read_history(path: str) -> list[dict]:
+  """The records of a training_history.json ([] if there is none). An unreadable file raises
+  faults.WorkdirError (one line naming it) and is left untouched: its records are not silently
+  dropped, the user decides (repair it, or move it aside to resume without them)."""
+  if not os.path.exists(path):
+    return []
+  problem = None
+  try:
+    with open(path, encoding='utf-8') as f:
+      records = json.load(f)
+  except OSError as e:
+    problem = e.strerror or str(e)
+  except ValueError as e:   # bad JSON, bad UTF-8
+    problem = f'not valid JSON: {e}'
+  else:
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+      problem = 'expected a JSON list of record objects'
+  if problem:
+    raise faults.WorkdirError(
+        f'{path}: cannot read the training history ({problem}); the checkpoints are intact: '
+        f'repair the file, or move it aside (e.g. to {os.path.basename(path)}.corrupt) to resume '
+        'without its records') from None
+  return records
+
+
+def _histogram_bins() -> list[float]:
+  """SummaryWriter's default ('tensorflow') histogram bucket limits: +-1e-12 * 1.1**k to 1e20."""
+  v, buckets = 1e-12, []
+  while v < 1e20:
+    buckets.append(v)
+    v *= 1.1
+  return [-b for b in reversed(buckets)] + [0] + buckets
+
+
+_HISTOGRAM_BINS = _histogram_bins()
+
+
+def _record(data: bytes) -> bytes:
+  """One TFRecord: [length u64][masked crc of length][data][masked crc of data], little-endian."""
+  header = struct.pack('<Q', len(data))
+  return (header + struct.pack('<I', masked_crc32c(header)) + data +
+          struct.pack('<I', masked_crc32c(data)))
+
+
+class EventFile:
+  """One TensorBoard event file, written synchronously: a write error raises WriterError at the
+  call that made it (no writer thread to die unseen). The file keeps whole calls only: after a
+  failure it is cut back to the end of the last successful ``write``, so TensorBoard reads it to
+  its end. A file is named like tensorboardX's, plus '.<pid>.<ns>' so names never collide.
+  """
+
+  def __init__(self, directory: str, *, purge_step: int | None = None):
+    self.path = os.path.join(directory, f'events.out.tfevents.{int(time.time())}.'
+                             f'{socket.gethostname()}.{os.getpid()}.{time.time_ns()}')
+    self._size = 0   # bytes of the whole records written so far
+    try:
+      self._file = open(self.path, 'wb')
+    except OSError as e:
+      raise cannot_write(self.path, e, ' TensorBoard events') from None
+    events = [Event(wall_time=time.time(), file_version='brain.Event:2')]
+    if purge_step is not None:   # what SummaryWriter(purge_step=...) writes
+      events += [Event(wall_time=time.time(), step=purge_step, file_version='brain.Event:2'),
+                 Event(wall_time=time.time(), step=purge_step,
+                       session_log=SessionLog(status=SessionLog.START))]
+    self.write(events)
+
+  def write(self, events: list[Event]) -> None:
+    """Appends ``events`` and hands them to the OS (no fsync: see flush)."""
+    data = b''.join(_record(e.SerializeToString()) for e in events)
+    try:
+      self._file.write(data)
+      self._file.flush()
+    except OSError as e:
+      self._fail(e)
+    self._size += len(data)
+
+  def flush(self) -> None:
+    """Puts everything written on disk (fsync) before returning."""
+    try:
+      self._file.flush()
+      os.fsync(self._file.fileno())
+    except OSError as e:
+      self._fail(e)
+
+  def close(self) -> None:
+    self.flush()
+    self._file.close()
+
+  def _fail(self, error: OSError):
+    """Closes the file, cuts off a partly written call, raises WriterError naming the file."""
+    try:
+      self._file.close()   # may retry the buffered bytes; the truncation removes them
+    except OSError:
+      pass
+    try:
+      os.truncate(self.path, self._size)
+    except OSError:
+      pass
+    raise cannot_write(self.path, error, ' TensorBoard events') from None
 
 
 def _leaf_tag(path) -> str:
@@ -94,13 +216,17 @@ def _leaf_tag(path) -> str:
 
 
 class Reporter:
-  """Writes everything a run logs: TensorBoard (tensorboardX) under
-  <workdir>/tensorboard, <workdir>/training_history.json, JSON files.
+  """Writes everything a run logs: TensorBoard events under <workdir>/tensorboard,
+  <workdir>/training_history.json, JSON files.
   Only the main process writes (is_main_process=False makes every method a no-op).
 
   ``start_step`` is the step training resumes from (0 for a fresh run): history
   records with a larger ``step`` and TensorBoard events after it are dropped,
   so a resumed run never logs a step twice.
+
+  A write that fails raises faults.WriterError (an OSError: one line naming the file) from the
+  call that made it; what was written before stays. An unreadable training_history.json raises
+  faults.WorkdirError and is left untouched (read_history).
   """
 
   def __init__(self,
@@ -113,27 +239,24 @@ class Reporter:
     self.enabled = bool(is_main_process)
     self.history_path = os.path.join(self.workdir, HISTORY_FILE)
     self.tensorboard_dir = os.path.join(self.workdir, TENSORBOARD_DIR)
-    self._writer: SummaryWriter | None = None
+    self._events: EventFile | None = None
     # Also from step 0: a run killed before its first checkpoint left events that the new run
     # repeats.
     self._purge_pending = self.enabled and (self.start_step > 0 or (
         os.path.isdir(self.tensorboard_dir) and bool(os.listdir(self.tensorboard_dir))))
     self._history: list[dict] = []
     if self.enabled:
-      os.makedirs(self.tensorboard_dir, exist_ok=True)
       self._history = self._load_history()
+      try:
+        os.makedirs(self.tensorboard_dir, exist_ok=True)
+      except OSError as e:
+        raise cannot_write(self.tensorboard_dir, e) from None
 
   # -------------------------------------------------------------- history
   def _load_history(self) -> list[dict]:
-    if not os.path.exists(self.history_path):
-      return []
-    try:
-      with open(self.history_path, encoding='utf-8') as f:
-        records = json.load(f)
-    except (OSError, ValueError) as e:
-      raise ValueError(f'{self.history_path}: cannot read training history ({e})') from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-      raise ValueError(f'{self.history_path}: expected a JSON list of record objects')
+    """The records up to start_step; later ones (logged after the checkpoint resumed from) are
+    dropped from the file too."""
+    records = read_history(self.history_path)
     kept = [
         r for r in records
         if not isinstance(r.get('step'), (int, float)) or r['step'] <= self.start_step
@@ -145,11 +268,13 @@ class Reporter:
     return kept
 
   def history(self, record: dict) -> None:
-    """Appends ``record`` to training_history.json (whole file rewritten atomically)."""
+    """Appends ``record`` to training_history.json (whole file rewritten atomically; a record
+    whose write failed is not kept)."""
     if not self.enabled:
       return
-    self._history.append(to_jsonable(record))
-    atomic_write_json(self.history_path, self._history)
+    records = [*self._history, to_jsonable(record)]
+    atomic_write_json(self.history_path, records)
+    self._history = records
 
   def write_json(self, name: str, obj: Any) -> None:
     """Atomically writes ``obj`` to ``<workdir>/<name>`` (numpy/jax values converted)."""
@@ -160,59 +285,76 @@ class Reporter:
     atomic_write_json(os.path.join(self.workdir, name), obj)
 
   # ---------------------------------------------------------- tensorboard
-  def _tb(self) -> SummaryWriter:
-    """The current event writer, opened on first use (each with a unique file)."""
-    if self._writer is None:
-      # TensorBoard drops events at steps >= purge_step; the restored step's own events were
-      # written (and flushed) before its checkpoint, so only later ones are stale.
-      purge = self.start_step + 1 if self._purge_pending else None
-      self._purge_pending = False
-      self._writer = SummaryWriter(self.tensorboard_dir,
-                                   purge_step=purge,
-                                   filename_suffix=f'.{os.getpid()}.{time.time_ns()}')
-    return self._writer
+  def _write_events(self, step: int, summaries: list) -> None:
+    """One event per summary at ``step``, in the current event file (opened on first use).
+    After a failure the file is dropped: the next call starts a new one."""
+    try:
+      if self._events is None:
+        # TensorBoard drops events at steps >= purge_step; the restored step's own events were
+        # written (and flushed) before its checkpoint, so only later ones are stale.
+        purge = self.start_step + 1 if self._purge_pending else None
+        self._events = EventFile(self.tensorboard_dir, purge_step=purge)
+        self._purge_pending = False
+      now = time.time()
+      self._events.write([Event(wall_time=now, step=int(step), summary=s) for s in summaries])
+    except faults.WriterError:
+      self._events = None
+      raise
 
   def scalars(self, step: int, values: dict[str, float], prefix: str = '') -> None:
     """One scalar per key, tagged ``prefix + key`` (e.g. prefix 'train/' -> 'train/loss')."""
     if not self.enabled:
       return
-    writer = self._tb()
-    for name, value in values.items():
-      writer.add_scalar(f'{prefix}{name}', float(value), int(step))
+    self._write_events(step, [scalar(f'{prefix}{name}', float(value))
+                              for name, value in values.items()])
 
   def histograms(self, step: int, params, prefix: str = 'params/') -> None:
     """One histogram per array leaf of ``params``, tagged by its pytree path."""
     if not self.enabled:
       return
-    writer = self._tb()
     host_params = jax.device_get(params)
+    summaries = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(host_params)[0]:
       if not hasattr(leaf, 'dtype') or not np.issubdtype(leaf.dtype, np.number):
         continue  # PRNG keys, strings...
       values = np.asarray(leaf, np.float64).ravel()
       values = values[np.isfinite(values)]
       if values.size:
-        writer.add_histogram(f'{prefix}{_leaf_tag(path)}', values, int(step))
+        summaries.append(histogram(f'{prefix}{_leaf_tag(path)}', values, _HISTOGRAM_BINS))
+    self._write_events(step, summaries)
 
   def flush(self) -> None:
-    """Puts every logged event on disk before returning.
-
-    tensorboardX's flush() does not wait for its queue, so the current event
-    file is closed; the next write opens a new file (unique name, no purge).
-    Call it before saving a checkpoint so a crash cannot lose older events.
-    """
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
+    """Puts every logged event on disk (fsync) before returning. Call it before saving a
+    checkpoint so a crash cannot lose events of steps the checkpoint counts as done."""
+    if self._events is not None:
+      try:
+        self._events.flush()
+      except faults.WriterError:
+        self._events = None
+        raise
 
   def close(self) -> None:
-    self.flush()
+    """Flushes and closes the event file (a later call opens a new one)."""
+    events, self._events = self._events, None
+    if events is not None:
+      events.close()
+
+  def abandon(self) -> None:
+    """close() on an error path: a failure here is logged, not raised, so the error that
+    stopped the run is the one reported."""
+    try:
+      self.close()
+    except OSError as e:
+      log.warning('%s', e)
 
   def __enter__(self) -> 'Reporter':
     return self
 
   def __exit__(self, *exc) -> None:
-    self.close()
+    if exc[0] is None:
+      self.close()
+    else:
+      self.abandon()
 
 
 def epoch_summary(epoch: int, num_epochs: int, metrics: dict) -> str:
