@@ -3,7 +3,7 @@
   python -m phase1_jax.train --config configs/small.py [--config.train.batch_size=8] [--workdir DIR]
 
 Exit status: 0 done, 1 error (one line on stderr), 75 stopped by SIGTERM/SIGINT after saving a
-checkpoint (run the same command to resume).
+checkpoint (run the same command to resume), 130 stopped by a second SIGINT without saving.
 """
 import sys
 
@@ -38,6 +38,10 @@ def main(argv):
   except (ConfigError, CheckpointError, DataError, faults.NonFiniteError,
           OSError) as e:  # user errors and run faults (full disk, lost workdir...): one line
     sys.exit(f'error: {e}')
+  except KeyboardInterrupt:  # a second Ctrl-C outside a save: no new checkpoint
+    print('interrupted: stopped without saving; the last committed checkpoint is kept. Run the '
+          'same command again to resume from it.', file=sys.stderr)
+    sys.exit(faults.INTERRUPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

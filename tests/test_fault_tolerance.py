@@ -252,6 +252,73 @@ def test_sigterm_saves_current_step_and_resume_is_exact(tmp_path, hook_batches, 
   assert_same_run(config, workdir, reference[1])
 
 
+def test_second_sigint_during_the_save_does_not_lose_it(tmp_path, hook_batches, reference,
+                                                        monkeypatch):
+  """SIGINT at step 11, and again while that step's checkpoint is written (inside Orbax's save,
+  as it takes the data position): the save completes and the run stops as for one SIGINT; the
+  resumed run is the uninterrupted one."""
+  def hook(step, batch):
+    if step == 11:
+      signal.raise_signal(signal.SIGINT)
+    return batch
+  hook_batches(hook)
+  taken = []
+  real_get_state = HookedBatches.get_state
+
+  def get_state(self):   # called by the checkpoint save only
+    if not taken:
+      taken.append(True)
+      signal.raise_signal(signal.SIGINT)
+    return real_get_state(self)
+  monkeypatch.setattr(HookedBatches, 'get_state', get_state)
+  config = make_config(**{'checkpoint.every_steps': 0})  # only the signal saves mid-epoch
+  workdir = str(tmp_path)
+  try:
+    with pytest.raises(faults.Preempted, match=r'^SIGINT: stopped after step 11;'):
+      loop.train_and_evaluate(config, workdir)
+  except KeyboardInterrupt:   # would end the whole pytest session
+    pytest.fail('the second SIGINT interrupted the save')
+  assert taken and checkpoint_dirs(workdir) == ([8, 11], [])
+  hook_batches(lambda step, batch: batch)
+  loop.train_and_evaluate(config, workdir)
+  assert_same_run(config, workdir, reference[1])
+
+
+def test_third_sigint_abandons_the_save():
+  with faults.StopSignals() as stop:
+    signal.raise_signal(signal.SIGINT)
+    with stop.saving():
+      signal.raise_signal(signal.SIGINT)   # waits for the save
+      with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    assert stop.requested == 'SIGINT'
+
+
+INTERRUPTED = """
+import signal, sys
+from absl import app
+from phase1_jax import config_validation, train
+from phase1_jax.training import faults
+
+def interrupted_twice(config, workdir):   # Ctrl-C twice while training, outside a save
+  with faults.StopSignals():
+    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal(signal.SIGINT)
+train.train_and_evaluate = interrupted_twice
+sys.argv = ['train', '--config', 'configs/tiny.py']
+app.run(train.main, flags_parser=config_validation.parse_flags)
+"""
+
+
+def test_cli_second_sigint_outside_a_save_is_one_line():
+  proc = subprocess.run([sys.executable, '-c', INTERRUPTED], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == faults.INTERRUPTED_EXIT_CODE == 130, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      'interrupted: stopped without saving; the last committed checkpoint is kept. Run the same '
+      'command again to resume from it.']
+
+
 # ------------------------------------------------------------------ incompatible or bad input
 @pytest.mark.parametrize('field,value', [('model.num_layers', 3), ('model.d_model', 64),
                                          ('model.vocab_size', 400)])

@@ -3,6 +3,7 @@ unusable workdir, a log file that cannot be written. The loop (loop.py) decides 
 this module holds the mechanisms."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -11,6 +12,8 @@ import threading
 # ("temporary failure, try again"), so a scheduler can tell "resubmit me" from success (0),
 # errors (1) and an outright kill (128 + signal number, e.g. 137 for SIGKILL).
 PREEMPTED_EXIT_CODE = 75
+# A second SIGINT stops without saving: 128 + SIGINT, as a shell reports a process Ctrl-C ended.
+INTERRUPTED_EXIT_CODE = 130
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -41,20 +44,36 @@ class WriterError(OSError):
 class StopSignals:
   """While active, SIGTERM and SIGINT set `requested` (the signal's name) instead of killing the
   process, so the loop can finish its step and save. A second SIGINT raises KeyboardInterrupt at
-  once (a user pressing Ctrl-C twice means it). Only the main thread can own signal handlers;
-  elsewhere (a thread running training) this is inert.
+  once (a user pressing Ctrl-C twice means it), except inside `saving()`: a checkpoint being
+  written is finished first (the loop then stops as for the first signal), and only a third SIGINT
+  abandons it. Only the main thread can own signal handlers; elsewhere (a thread running
+  training) this is inert.
   """
 
   def __init__(self, signals=STOP_SIGNALS):
     self.signals = tuple(signals)
     self.requested: str | None = None
     self._previous = {}
+    self._saving = 0          # depth of saving() blocks
+    self._deferred = False    # a second SIGINT arrived during a save
 
   def _handle(self, signum, frame):
     del frame
     if self.requested and signum == signal.SIGINT:
+      if self._saving and not self._deferred:
+        self._deferred = True
+        return
       raise KeyboardInterrupt
     self.requested = signal.Signals(signum).name
+
+  @contextlib.contextmanager
+  def saving(self):
+    """Marks a checkpoint save (until its commit): a second SIGINT here does not interrupt it."""
+    self._saving += 1
+    try:
+      yield
+    finally:
+      self._saving -= 1
 
   def __enter__(self) -> 'StopSignals':
     if threading.current_thread() is threading.main_thread():

@@ -41,7 +41,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   Raises faults.Preempted after SIGTERM/SIGINT (checkpoint of the current step committed),
   faults.NonFiniteError after train.max_consecutive_nonfinite skipped steps in a row,
-  faults.WriterError when a log file cannot be written (the checkpoints committed before stay).
+  faults.WriterError when a log file cannot be written (the checkpoints committed before stay),
+  KeyboardInterrupt on a second SIGINT outside a save.
   """
   config_validation.validate(config)
   parallel.initialize_distributed(config)

@@ -71,15 +71,17 @@ class Run:
   def save(self, state, epoch, epoch_step, *, metrics=None, stopped=None, data_iterator=None,
            seconds=0.0):
     """Checkpoints `state` with everything needed to continue from it; logs are made durable
-    first, so a kill after the commit cannot lose a step the checkpoint counts as done."""
-    self.reporter.flush()
+    first, so a kill after the commit cannot lose a step the checkpoint counts as done. A second
+    SIGINT meanwhile waits for the save (StopSignals.saving)."""
     extra = {'epoch': epoch, 'epoch_step': epoch_step, 'loss_sum': self.loss_sum,
              'loss_count': self.loss_count, 'early_stopping': self.stopper.state(),
              'nonfinite': self.nonfinite.state(), 'train_seconds': self.train_seconds + seconds,
              'stopped': stopped, CONFIG_KEY: self.config.to_dict()}
-    # The unreplicated state: a checkpoint restores in any parallel mode or mesh.
-    self.ckpt.save(host_step(self.par, state), self.par.unreplicate(state), metrics=metrics,
-                   data_iterator=data_iterator, extra=extra)
+    with self.signals.saving():
+      self.reporter.flush()
+      # The unreplicated state: a checkpoint restores in any parallel mode or mesh.
+      self.ckpt.save(host_step(self.par, state), self.par.unreplicate(state), metrics=metrics,
+                     data_iterator=data_iterator, extra=extra)
 
   def should_stop(self, step: int) -> str | None:
     """Why to stop after `step` (a signal's name), or None; called after every step. On several
@@ -97,7 +99,8 @@ class Run:
     if jax.process_count() == 1 and self.signals.requested:
       self.stop_reason = self.signals.requested
     if self.stop_reason:
-      self.ckpt.wait_until_finished()
+      with self.signals.saving():
+        self.ckpt.wait_until_finished()
       raise faults.Preempted(self.stop_reason, host_step(self.par, state), self.ckpt.directory)
 
   def train_epoch(self, state, train_step, source, epoch):
@@ -156,9 +159,12 @@ class Run:
         pending = None
         self.save(state, epoch, self.epoch_step, data_iterator=batches,
                   seconds=time.perf_counter() - start)
-        if signalled:
-          bar.close()
+        # Also a signal that came during a periodic save: the checkpoint is this step's.
+        try:
           self.stop_if_signalled(state)
+        except faults.Preempted:
+          bar.close()
+          raise
     if pending is not None:
       pull(*pending)
     bar.close()
