@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 from phase1_jax.config import ConfigError
 from phase1_jax.config_validation import parse_flags
+from phase1_jax.data.pipeline import DataError
 from phase1_jax.training.checkpoint import CheckpointError
 from phase1_jax.training.generation import InputError, generate_pages, load_config
 
@@ -51,7 +52,7 @@ def main(argv):
     path, pages = generate_pages(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value,
                                  output=_OUTPUT.value, features_path=_FEATURES.value,
                                  which=_CHECKPOINT.value)
-  except (ConfigError, CheckpointError, FileNotFoundError, InputError) as e:  # one line
+  except (ConfigError, CheckpointError, DataError, FileNotFoundError, InputError) as e:  # one line
     sys.exit(f'error: {e}')
   print(f'Wrote {pages} pages to {path}')
 

@@ -27,8 +27,10 @@ def page_spec(config: ml_collections.ConfigDict) -> synthetic.PageSpec:
       max_words_per_element=d.max_words_per_element)
 
 
-class DataError(ValueError):
-  """A record does not have the documented keys, shapes or dtypes; names the source and index."""
+# One error type for unusable data, whether a prepared directory's files (records.py: dataset.json,
+# a shard, a record) or a source's records (CheckedSource: keys, shapes, dtypes): the CLIs catch
+# it and print its one line, which names the file or the source and the record.
+DataError = records.DatasetError
 
 
 def num_patches(config: ml_collections.ConfigDict) -> int:
@@ -94,7 +96,11 @@ def element_open_tag_ids(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   """The detail token id of each element type's open tag (the consistency loss reads them): the
   fixed vocabulary's, or the prepared dataset's BPE ids (dataset.json)."""
   if config.data.name == 'files':
-    return tuple(records.read_metadata(config.data.path)['element_open_tag_ids'])
+    ids = records.read_metadata(config.data.path).get('element_open_tag_ids')
+    if ids is None:
+      raise DataError(f'{config.data.path}/{records.METADATA_FILE}: no element_open_tag_ids (the '
+                      'consistency loss reads them; prepare writes them)')
+    return tuple(ids)
   return vocab.ELEMENT_OPEN_TAG_IDS
 
 
