@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import traceback
 
 import ml_collections
 from ml_collections import config_dict
@@ -214,16 +215,45 @@ def fit_to_dataset(config: ml_collections.ConfigDict, path: str) -> ml_collectio
       if pixel_config:
         config.data.patch_size = meta['patch_size']
         config.data.max_patches = meta['max_patches']
-  except (OSError, ValueError, KeyError, TypeError, AttributeError):
-    pass    # an unreadable dataset.json: validate() names it
+  except (OSError, ValueError, LookupError, TypeError, AttributeError, ArithmeticError):
+    pass    # an unreadable or damaged dataset.json: validate() names it
   return config
 
 
 def load_file(path: str | os.PathLike, *args) -> ml_collections.ConfigDict:
-  """`get_config(*args)` of a config file, as `--config path[:arg]` would give (no flags needed)."""
+  """`get_config(*args)` of a config file, as `--config path[:arg]` would give (no flags needed).
+  A file that is missing, does not compile, has no get_config, or whose get_config raises or
+  returns something else than a ConfigDict: ConfigError, one line naming the file (and line)."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ConfigError(f'{path}: no such config file')
   spec = importlib.util.spec_from_file_location(f'_config_{os.path.basename(path)}', path)
   if spec is None:
-    raise FileNotFoundError(f'{path}: no such config file')
+    raise ConfigError(f'{path}: not a Python config file (configs/*.py)')
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'{path}:{e.lineno}: {type(e).__name__}: {e.msg}') from None
+  except Exception as e:  # noqa: BLE001 - any error of the user's file: named in one line
+    raise _file_error(path, e) from None
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(f'{path}: defines no get_config() (a config file returns its ConfigDict '
+                      'from get_config)')
+  try:
+    config = module.get_config(*args)
+  except Exception as e:  # noqa: BLE001
+    raise _file_error(path, e) from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'{path}: get_config() returned {type(config).__name__}, not a ConfigDict')
+  return config
+
+
+def _file_error(path: str, error: Exception) -> ConfigError:
+  """A config file's error as one line: `path:line: Type: message`, the line being the file's
+  last frame in the traceback (the error's own message joined onto one line)."""
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(path)]
+  where = f'{path}:{frames[-1].lineno}' if frames else path
+  message = ' '.join(str(error).split())
+  return ConfigError(f'{where}: {type(error).__name__}: {message}')

@@ -5,6 +5,8 @@ one-line error for a `--config.a.b` override of a field that does not exist.
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import re
 
 import ml_collections
@@ -23,6 +25,7 @@ from phase1_jax.config import (
   ConfigError,
   base_config,
   flatten,
+  load_file,
 )
 from phase1_jax.data import vocab
 
@@ -41,18 +44,51 @@ def unknown_field(path: str) -> ConfigError:
 
 
 def parse_flags(argv):
-  """absl's flag parsing for the CLIs (app.run(main, flags_parser=parse_flags)): a --config.a.b
-  override of a field the config lacks exits with one line naming it, not a traceback."""
-  from absl import app
+  """absl's flag parsing for the CLIs (app.run(main, flags_parser=parse_flags)): a bad flag exits
+  with one line (`error: ...`) naming the culprit, not a traceback or absl's two-line usage note:
+  a config file that cannot load (config.load_file's line), an override of a field the config
+  lacks, a value of the wrong type, an unknown flag."""
+  from absl import flags
+  spec = _config_file_arg(argv)
+  if spec is not None and not os.path.isfile(spec.split(':', 1)[0]):
+    # ml_collections defers a missing file's error to the config's first use, in 4 lines.
+    raise SystemExit(f'error: --config {spec}: no such config file')
   try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    missing = re.search(r"'(\w+)", str(e)).group(1)   # ml_collections: "'name'\nDid you mean..."
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - named in one line below, or raised as it is
+    line = _flag_error(argv, spec, e)
+    if line is None:
+      raise
+    raise SystemExit(f'error: {line}') from None
+
+
+def _config_file_arg(argv) -> str | None:
+  """The value of --config (path[:argument]) in argv, or None."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith('--config='):
+      return arg.removeprefix('--config=')
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _flag_error(argv, spec: str | None, error: Exception) -> str | None:
+  """One line for a failed flag parse, or None for an error it does not know (raised as is)."""
+  from absl import flags
+  if spec is not None:     # the file itself first: load it again outside ml_collections' wrapper
+    try:
+      load_file(*spec.split(':', 1))
+    except ConfigError as e:
+      return str(e)
+  if isinstance(error, (AttributeError, KeyError)):
+    found = re.search(r"'(\w+)", str(error))   # ml_collections: "'name'\nDid you mean..."
     for arg in argv[1:]:
       path = arg.removeprefix('--config.').split('=')[0]
-      if arg.startswith('--config.') and missing in path.split('.'):
-        raise SystemExit(f'error: {unknown_field(path)}') from None
-    raise
+      if found and arg.startswith('--config.') and found.group(1) in path.split('.'):
+        return str(unknown_field(path))
+  if isinstance(error, flags.Error):
+    return ' '.join(str(error).split())
+  return None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -73,12 +109,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise _fail(p, f'must be a {kind} integer', v)
 
   def in_range(path, lo, hi, lo_open=False, hi_open=False):
+    """A finite number in the interval (inf and NaN never pass: inf noise or weights train on
+    nothing but non-finite losses)."""
     v = get(path)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
-      interval = f'{"(" if lo_open else "["}{lo}, {hi}{")" if hi_open else "]"}'
-      raise _fail(path, f'must be in {interval}', v)
+      interval = f'{"(" if lo_open else "["}{lo}, {hi}{")" if hi_open or hi == math.inf else "]"}'
+      raise _fail(path, f'must be a finite number in {interval}', v)
 
   def one_of(path, allowed):
     if get(path) not in allowed:
@@ -241,7 +279,7 @@ def _validate_files(config: ml_collections.ConfigDict) -> None:
   if not d.path:
     raise _fail('data.path', "must name a prepared dataset directory (data.name='files')", d.path)
   try:
-    meta = records.read_metadata(d.path)
+    meta = records.read_metadata(d.path, complete=True)
   except records.DatasetError as e:
     raise _fail('data.path', str(e), d.path) from None
   where = f'{d.path}/{records.METADATA_FILE}'
