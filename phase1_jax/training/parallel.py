@@ -59,6 +59,15 @@ def fsdp_spec(shape, fsdp: int) -> P:
   return P()
 
 
+def _fitting_fsdp(devices: int, data: int, batch: int) -> str:
+  """The parallel.fsdp values a mesh over `devices` takes, as 'fsdp 1 or 2 fits'."""
+  fits = [f for f in range(1, devices + 1) if devices % f == 0 and
+          (data or devices // f) * f <= devices and batch % ((data or devices // f) * f) == 0]
+  if not fits:
+    return f'no fsdp fits parallel.data={data} and train.batch_size={batch}'
+  return f'fsdp {" or ".join(map(str, fits))} fits'
+
+
 class DataParallel:
   """Devices, mesh and shardings of a run, and its compiled train step. Validates the layout
   against the devices before anything compiles (one-line ConfigError)."""
@@ -82,6 +91,11 @@ class DataParallel:
       self.mesh = None
       return
     devices = jax.device_count()
+    if p.fsdp > devices:     # else data = 0 below, and a modulo by zero
+      raise ConfigError(f'config.parallel.fsdp={p.fsdp}: the mesh needs {p.fsdp} devices, '
+                        f'{devices} present ({_fitting_fsdp(devices, p.data, batch)}; on a CPU '
+                        f'host, --config.parallel.cpu_devices={p.fsdp} splits it into '
+                        f'{p.fsdp})')
     data = p.data or devices // p.fsdp
     if data * p.fsdp > devices:
       raise ConfigError(f'config.parallel.data={data}: mesh data x fsdp = {data} x {p.fsdp} '
