@@ -35,16 +35,24 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no config.json (is {workdir} a training workdir?)')
-  with open(path) as f:
-    saved = json.load(f)
-  for field in config_lib.RETIRED_FIELDS:
-    *sections, name = field.split('.')
-    node = saved
-    for section in sections:
-      node = node.get(section, {})
-    node.pop(name, None)
-  config = config_lib.base_config()
-  config.update(ml_collections.ConfigDict(saved))
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise InputError(f'{path}: unreadable ({e})') from None
+  if not isinstance(saved, dict):
+    raise InputError(f'{path}: holds a JSON {type(saved).__name__}, expected the config object')
+  try:
+    for field in config_lib.RETIRED_FIELDS:
+      *sections, name = field.split('.')
+      node = saved
+      for section in sections:
+        node = node.get(section, {})
+      node.pop(name, None)
+    config = config_lib.base_config()
+    config.update(ml_collections.ConfigDict(saved))
+  except (AttributeError, TypeError, KeyError, ValueError) as e:   # a section or value mangled
+    raise InputError(f'{path}: not a training config ({" ".join(str(e).split())})') from None
   return config
 
 
@@ -131,6 +139,8 @@ def generate_pages(config: ml_collections.ConfigDict, workdir: str, *, num_sampl
   """Decodes `num_samples` pages (all if None) of the validation split, or of `features_path`,
   with the checkpoint `which` of `workdir` and `config.decode`; writes JSON Lines to `output`
   (default `<workdir>/generations.jsonl`). Returns (output path, pages written)."""
+  if num_samples is not None and num_samples < 1:
+    raise InputError(f'--num_samples={num_samples}: must be >= 1 (leave it out for all pages)')
   config_validation.validate(config)
   if features_path is not None:
     source = FeatureFile(features_path, config.data.feature_dim)
