@@ -25,6 +25,7 @@ from phase1_jax.data import bpe, records, vocab
 
 ENCODE_BATCH = 256
 PARTS_DIR = 'parts'
+STAGING_DIR = 'assembling.incomplete'   # merge writes here, then moves the files up
 
 
 class PrepareError(ValueError):
@@ -226,13 +227,25 @@ def merge(out: str, *, vocab_size: int = 8000, val_fraction: float = 0.1, max_to
              'convert_seconds': seconds}
   spills = [os.path.join(out, PARTS_DIR, f'part-{p["index"]:05d}-of-{p["count"]:05d}.spill')
             for p in sorted(parts, key=lambda p: p['index'])]
-  metadata = assemble(
-      out, spills, scheme_lists={k: info[k] for k in ('semantic_classes', 'element_types')},
-      vocab_size=vocab_size, val_fraction=val_fraction, max_tokens=max_tokens,
-      records_per_shard=records_per_shard, input_info=input_info, summary=summary,
-      progress=progress)
-  if not metadata['splits']['train']['num_records']:
-    raise PrepareError(f'--html_dir {html_dir or out}: no page left for the train split')
+  # Written aside and moved in at the end, dataset.json last: a failed merge leaves the parts
+  # as they were and no half-written dataset in `out`.
+  staging = os.path.join(out, STAGING_DIR)
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  try:
+    metadata = assemble(
+        staging, spills, scheme_lists={k: info[k] for k in ('semantic_classes', 'element_types')},
+        vocab_size=vocab_size, val_fraction=val_fraction, max_tokens=max_tokens,
+        records_per_shard=records_per_shard, input_info=input_info, summary=summary,
+        progress=progress)
+    if not metadata['splits']['train']['num_records']:
+      raise PrepareError(f'--html_dir {html_dir or out}: no page left for the train split')
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  for name in (records.TOKENIZER_FILE, 'train', 'val', records.METADATA_FILE):
+    os.replace(os.path.join(staging, name), os.path.join(out, name))
+  os.rmdir(staging)
   shutil.rmtree(os.path.join(out, PARTS_DIR))
   if not quiet:
     print(summary_text(metadata))

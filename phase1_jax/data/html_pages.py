@@ -43,6 +43,11 @@ INLINE = {'a', 'abbr', 'b', 'bdi', 'bdo', 'cite', 'code', 'data', 'dfn', 'em', '
           'img', 'input', 'button', 'select', 'textarea', 'svg', 'del', 'ins', 'tt', 'big',
           'font', 'output', 'meter', 'progress', 'picture'}
 WHITESPACE = re.compile(r'\s+')
+# Control characters that text never holds (tab, newlines and form feed excepted), and in a
+# browser's DOM the replacement character that stands for undecodable bytes.
+_CONTROL_BYTES = bytes([*range(0, 9), *range(14, 32), 127])
+_CONTROL_CHARS = (*map(chr, _CONTROL_BYTES), '\ufffd')
+_UNICODE_BOMS = (b'\xff\xfe', b'\xfe\xff', b'\x00\x00\xfe\xff')
 # The default scheme; prepare passes its own.
 SEMANTIC = LabelScheme()
 
@@ -174,6 +179,24 @@ def _redirect_target(root) -> str | None:
   return None
 
 
+def binary_reason(data: bytes | str) -> str | None:
+  """Why `data` (a file's bytes, or the DOM a browser made of them) is no text page, or None.
+  Binary junk named .html would otherwise parse into a 'page' of millions of junk tokens: its
+  bytes hold NULs, and about 12% control characters, where text in any encoding holds next to
+  none (UTF-16/32 pages, NULs and all, announce themselves with a byte-order mark)."""
+  if isinstance(data, bytes):
+    if data.startswith(_UNICODE_BOMS):
+      return None
+    if b'\0' in data:
+      return 'not text: binary content (NUL bytes)'
+    controls = len(data) - len(data.translate(None, _CONTROL_BYTES))
+  else:
+    controls = sum(map(data.count, _CONTROL_CHARS))
+  if controls > max(8, 0.01 * len(data)):
+    return f'not text: binary content ({controls / len(data):.0%} control characters)'
+  return None
+
+
 def parse_page(data: bytes | str, *, scheme: LabelScheme = SEMANTIC, rendered: bool = False,
                max_height: int | None = None, max_chars: int | None = None) -> ParsedPage:
   """Parses one page (broken markup is repaired by lxml). Raises PageError when nothing is left,
@@ -182,6 +205,9 @@ def parse_page(data: bytes | str, *, scheme: LabelScheme = SEMANTIC, rendered: b
   huge page takes): the walk stops there and the page is marked truncated."""
   if not data.strip():
     raise PageError('empty file')
+  reason = binary_reason(data)
+  if reason is not None:
+    raise PageError(reason)
   parser = lxml.html.HTMLParser(remove_comments=True, remove_pis=True, recover=True)
   try:
     root = lxml.html.document_fromstring(data, parser=parser)

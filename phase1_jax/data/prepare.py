@@ -156,8 +156,19 @@ def _write_part(out_parts, index, count, html_dir, rels, settings, progress) -> 
   return part
 
 
+def _remove_part(parts_dir: str, index: int, count: int) -> None:
+  """Deletes what a failed run of part `index` wrote (its settings, its spill, temporaries), so
+  --merge never sees half of it."""
+  name = os.path.join(parts_dir, f'part-{index:05d}-of-{count:05d}')
+  for path in (os.path.join(parts_dir, f'settings-{index:05d}.json'), name + '.spill',
+               name + '.spill.tmp', name + '.json', name + '.json.tmp'):
+    if os.path.exists(path):
+      os.remove(path)
+
+
 def _check_args(html_dir, out, *, vocab_size, val_fraction, features_dir, render_spec, patch_size,
-                max_patches, max_tokens, num_shards, shard_index):
+                max_patches, max_tokens, records_per_shard, workers, num_shards, shard_index):
+  """Raises PrepareError naming the first bad flag, before anything is written."""
   if not 0 <= val_fraction < 1:
     raise PrepareError(f'--val_fraction {val_fraction}: must be in [0, 1)')
   if not bpe.MIN_VOCAB_SIZE <= vocab_size <= bpe.MAX_VOCAB_SIZE:
@@ -175,8 +186,11 @@ def _check_args(html_dir, out, *, vocab_size, val_fraction, features_dir, render
       render.check_available(render_spec)
     except render.RenderUnavailable as e:
       raise PrepareError(f'--render: {e}') from None
-  if max_tokens < 1:
-    raise PrepareError(f'--max_tokens {max_tokens}: must be >= 1')
+  for flag, value, least in (('--max_tokens', max_tokens, 1),
+                            ('--records_per_shard', records_per_shard, 1),
+                            ('--workers', workers, 0)):
+    if value < least:
+      raise PrepareError(f'{flag} {value}: must be >= {least}')
   if not 0 <= shard_index < num_shards:
     raise PrepareError(f'--shard_index {shard_index}: must be in [0, --num_shards {num_shards})')
   if num_shards == 1 and os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -193,7 +207,8 @@ def prepare(html_dir: str, out: str, *, vocab_size: int = 8000, val_fraction: fl
   shard of several (then `merge(out)` once every shard is written)."""
   _check_args(html_dir, out, vocab_size=vocab_size, val_fraction=val_fraction,
               features_dir=features_dir, render_spec=render_spec, patch_size=patch_size,
-              max_patches=max_patches, max_tokens=max_tokens, num_shards=num_shards,
+              max_patches=max_patches, max_tokens=max_tokens,
+              records_per_shard=records_per_shard, workers=workers, num_shards=num_shards,
               shard_index=shard_index)
   rels = [r for r in find_pages(html_dir) if zlib.crc32(r.encode()) % num_shards == shard_index]
   scheme = html_labels.LabelScheme(class_keywords=class_keywords)
@@ -235,6 +250,8 @@ def prepare(html_dir: str, out: str, *, vocab_size: int = 8000, val_fraction: fl
   except BaseException:
     if num_shards == 1:
       shutil.rmtree(work, ignore_errors=True)
+    else:                   # the other parts in OUT stay
+      _remove_part(os.path.join(work, PARTS_DIR), shard_index, num_shards)
     raise
   print(assemble.summary_text(metadata))
   return metadata
@@ -276,9 +293,12 @@ def main(argv):
       return
     if not _HTML_DIR.value:
       raise PrepareError('--html_dir: required (unless --merge)')
-    spec = render.RenderSpec(width=_WIDTH.value, max_height=_MAX_HEIGHT.value,
-                             timeout_s=_TIMEOUT.value, javascript=_JAVASCRIPT.value,
-                             browser=_BROWSER.value) if _RENDER.value else None
+    try:
+      spec = render.RenderSpec(width=_WIDTH.value, max_height=_MAX_HEIGHT.value,
+                               timeout_s=_TIMEOUT.value, javascript=_JAVASCRIPT.value,
+                               browser=_BROWSER.value) if _RENDER.value else None
+    except ValueError as e:       # a bad --width, --max_height or --timeout
+      raise PrepareError(f'--render: {e}') from None
     prepare(_HTML_DIR.value, _OUT.value, vocab_size=_VOCAB.value, val_fraction=_VAL.value,
             features_dir=_FEATURES.value, render_spec=spec, patch_size=_PATCH.value,
             max_patches=_MAX_PATCHES.value, class_keywords=_KEYWORDS.value,
@@ -290,5 +310,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from phase1_jax.config_validation import parse_flags  # not in the workers: they never parse
   flags.mark_flags_as_required(['out'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)     # a bad or unknown flag: one line
