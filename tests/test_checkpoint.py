@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from phase1_jax.training import checkpoint_compat as compat
 from phase1_jax.training.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -341,8 +342,24 @@ def test_checksums_cover_typed_keys_bfloat16_and_numpy(tmp_path):
     restored, _ = ckpt.restore(1, abstract(state))
   np.testing.assert_array_equal(jax.random.key_data(restored['key']),
                                 jax.random.key_data(state['key']))
-  sums = json.loads((tmp_path / '1' / 'checksums' / 'metadata').read_text())
+  sums = json.loads((tmp_path / '1' / 'extra' / 'metadata').read_text())['checksums']
   assert sorted(sums['state']) == ['key', 'n', 'w'] and all(sums['state'].values())
+  assert sums['algorithm'] == 'crc32' and sums['extra']
+
+
+def test_checksums_of_another_algorithm_verify(tmp_path, monkeypatch):
+  """A step records its checksum algorithm; restore verifies with that one."""
+  monkeypatch.setattr(compat, 'DIGEST_ALGORITHM', 'sha256')
+  save_steps(tmp_path, [2.0, 1.0])
+  monkeypatch.undo()
+  alter_state_data(tmp_path / '2', tmp_path / '1')
+  with Checkpointer(tmp_path) as ckpt:
+    _, extra = ckpt.restore(1, abstract(make_state()))
+    assert extra == {'epoch': 1}
+    with pytest.raises(CheckpointError, match="step 2 fails its checksum: leaf 'params/embed"):
+      ckpt.restore(2, abstract(make_state()))
+  assert len(json.loads((tmp_path / '1' / 'extra' / 'metadata').read_text())['checksums']['extra']
+             ) == 64
 
 
 def test_checkpoint_without_checksums_restores_with_one_warning(tmp_path, caplog):
@@ -350,7 +367,7 @@ def test_checkpoint_without_checksums_restores_with_one_warning(tmp_path, caplog
   with Checkpointer(tmp_path, async_save=False, checksums=False) as ckpt:
     for step in (1, 2):
       ckpt.save(step, make_state(step), extra={'epoch': step})
-  assert not os.path.exists(tmp_path / '1' / 'checksums')
+  assert 'checksums' not in (tmp_path / '1' / 'extra' / 'metadata').read_text()
   with caplog.at_level(logging.WARNING), Checkpointer(tmp_path) as ckpt:
     for step in (1, 2):
       state, extra = ckpt.restore(step, abstract(make_state()))

@@ -1,14 +1,15 @@
 """Checkpointing: the only module that talks to Orbax.
 
-One checkpoint step directory ``<directory>/<step>/`` holds up to four items:
+One checkpoint step directory ``<directory>/<step>/`` holds up to three items:
 
 * ``state``: any pytree of jax/numpy arrays (``ocp.args.StandardSave``).
-* ``extra``: a JSON-serialisable dict (epoch, early-stopping counters...).
-* ``data``:  a grain ``DatasetIterator`` position (only when one is given).
-* ``checksums``: JSON, a SHA-256 of every array of ``state`` (dtype, shape, bytes) and of
-  ``extra``, hashed from the host copies at save time. Orbax's array files carry no checksum, so
+* ``extra``: a JSON-serialisable dict (epoch, early-stopping counters...), and under
+  ``checksums`` a CRC-32 of every array of ``state`` (dtype, shape, bytes) and of the rest of
+  ``extra``, computed from the host copies at save time. Orbax's array files carry no checksum, so
   altered bytes would otherwise restore silently; restore re-hashes what it read and treats a
-  difference as corruption (CheckpointError: the step is skipped like an unreadable one).
+  difference as corruption (CheckpointError: the step is skipped like an unreadable one). Kept
+  in ``extra``, which is read first anyway, rather than in an item of their own.
+* ``data``:  a grain ``DatasetIterator`` position (only when one is given).
 
 Retention keeps the newest ``max_to_keep`` steps AND the best step by
 ``metrics[best_metric]``. Orbax's own ``max_to_keep`` + ``best_fn`` can delete
@@ -37,11 +38,13 @@ from phase1_jax.training import checkpoint_compat as compat
 
 log = logging.getLogger(__name__)
 
-_STATE, _EXTRA, _DATA, _SUMS = 'state', 'extra', 'data', 'checksums'
+_STATE, _EXTRA, _DATA = 'state', 'extra', 'data'
 # An uncommitted step: '<step>.orbax-checkpoint-tmp', some Orbax paths add '-<timestamp>'.
 _TMP_STEP_DIR = re.compile(r'\d+\.orbax-checkpoint-tmp(-\d+)?')
 # The run's config is saved in `extra` under this key; restore(expect_config=) compares it.
 CONFIG_KEY = 'config'
+# The checksums are saved in `extra` under this key (restore removes it).
+CHECKSUMS_KEY = 'checksums'
 
 
 class CheckpointError(RuntimeError):
@@ -174,7 +177,6 @@ class Checkpointer:
         _STATE: ocp.StandardCheckpointHandler(),
         _EXTRA: ocp.JsonCheckpointHandler(),
         _DATA: grain.checkpoint.CheckpointHandler(),
-        _SUMS: ocp.JsonCheckpointHandler(),
     }
     self.checksums = checksums
     self._last_saved = None
@@ -246,11 +248,14 @@ class Checkpointer:
       log.info('Checkpoint step %d not saved: %s already holds step %d.', step, self.directory,
                latest)
       return False
-    items = {_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(dict(extra or {}))}
+    extra = dict(extra or {})
+    if CHECKSUMS_KEY in extra:
+      raise ValueError(f'extra[{CHECKSUMS_KEY!r}] is reserved for the checkpoint\'s checksums')
+    if self.checksums:
+      extra[CHECKSUMS_KEY] = self._checksums(state, extra)
+    items = {_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(extra)}
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    if self.checksums:
-      items[_SUMS] = ocp.args.JsonSave(self._checksums(state, extra))
     # {} rather than None: Orbax warns on every metric-less save once best_fn is set; an empty
     # dict ranks worst, like a missing metric.
     metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
@@ -264,30 +269,31 @@ class Checkpointer:
     return saved
 
   @staticmethod
-  def _checksums(state, extra: dict | None) -> dict:
-    """What the checksums item holds: digests of the state's arrays, as this process holds
-    them now (what the save will commit), and of the extra dict."""
-    return {'algorithm': compat.DIGEST_ALGORITHM, 'state': compat.tree_digests(state),
-            'extra': compat.json_digest(dict(extra or {}))}
+  def _checksums(state, extra: dict) -> dict:
+    """extra[CHECKSUMS_KEY]: digests of the state's arrays, as this process holds them now (what
+    the save will commit), and of the rest of extra."""
+    algorithm = compat.DIGEST_ALGORITHM
+    return {'algorithm': algorithm, 'state': compat.tree_digests(state, algorithm),
+            'extra': compat.json_digest(extra, algorithm)}
 
   # ----------------------------------------------------------------- restore
-  def _read_json_items(self, step: int) -> tuple[dict, dict | None]:
+  def _read_extra(self, step: int) -> tuple[dict, dict | None]:
     """(extra, checksums) of a step; checksums is None for a step saved without them (before
     checksummed checkpoints, or checksums=False), which restores unverified, with a warning."""
     path = self.step_dir(step)
-    reads = {_EXTRA: ocp.args.JsonRestore()}
-    verify = self.checksums and os.path.isdir(os.path.join(path, _SUMS))
-    if verify:
-      reads[_SUMS] = ocp.args.JsonRestore()
-    got = self._mgr.restore(step, args=ocp.args.Composite(**reads))
-    if self.checksums and not verify and not self._warned_unverified:
+    extra = dict(self._mgr.restore(
+        step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))[_EXTRA] or {})
+    sums = extra.pop(CHECKSUMS_KEY, None)
+    if not self.checksums:
+      return extra, None
+    if sums is None and not self._warned_unverified:
       self._warned_unverified = True
       log.warning('%s: saved without checksums (an older version); its data is not verified',
                   path)
-    sums = got[_SUMS] if verify else None
-    if verify and not (isinstance(sums, dict) and isinstance(sums.get('state'), dict)):
+    if sums is not None and not (isinstance(sums, dict) and isinstance(sums.get('state'), dict)
+                                 and compat.known_algorithm(sums.get('algorithm'))):
       raise CheckpointError(f'{path}: step {step} has a malformed checksums record')
-    return dict(got[_EXTRA] or {}), sums
+    return extra, sums
 
   def _corrupt(self, step: int, problem: str) -> CheckpointError:
     return CheckpointError(f'{self.step_dir(step)}: step {step} fails its checksum: {problem} '
@@ -295,13 +301,13 @@ class Checkpointer:
 
   def _check_extra_digest(self, step: int, sums: dict | None, extra: dict) -> None:
     want = (sums or {}).get('extra')
-    if want is not None and compat.json_digest(extra) != want:
+    if want is not None and compat.json_digest(extra, sums['algorithm']) != want:
       raise self._corrupt(step, 'the extra JSON differs from the saved data')
 
   def _check_state_digests(self, step: int, sums: dict | None, state) -> None:
     """Raises CheckpointError naming the step and the first leaf whose restored data differs
     from its checksum."""
-    problem = sums and compat.digest_mismatch(sums['state'], state)
+    problem = sums and compat.digest_mismatch(sums['state'], state, sums['algorithm'])
     if problem:
       raise self._corrupt(step, problem)
 
@@ -338,7 +344,7 @@ class Checkpointer:
     path = self.step_dir(step)
     try:
       # Three reads, cheapest first: a config mismatch is named before any array is touched.
-      extra, sums = self._read_json_items(step)
+      extra, sums = self._read_extra(step)
       self._check_extra_digest(step, sums, extra)   # before the config in it is trusted
       self._check_config(step, extra, expect_config)
       self._check_matches(step, abstract_state)
