@@ -286,10 +286,11 @@ _MERGE = flags.DEFINE_boolean('merge', False, 'Assemble the dataset from the --n
 
 def main(argv):
   del argv
+  progress = sys.stderr.isatty()    # bars only for a person watching: a log keeps the summary
   try:
     if _MERGE.value:
       merge(_OUT.value, vocab_size=_VOCAB.value, val_fraction=_VAL.value,
-            max_tokens=_MAX_TOKENS.value, records_per_shard=_SHARD.value)
+            max_tokens=_MAX_TOKENS.value, records_per_shard=_SHARD.value, progress=progress)
       return
     if not _HTML_DIR.value:
       raise PrepareError('--html_dir: required (unless --merge)')
@@ -304,8 +305,8 @@ def main(argv):
             max_patches=_MAX_PATCHES.value, class_keywords=_KEYWORDS.value,
             max_tokens=_MAX_TOKENS.value, workers=_WORKERS.value,
             records_per_shard=_SHARD.value, num_shards=_NUM_SHARDS.value,
-            shard_index=_SHARD_INDEX.value)
-  except PrepareError as e:
+            shard_index=_SHARD_INDEX.value, progress=progress)
+  except (PrepareError, OSError) as e:   # a bad flag or folder, an unwritable --out: one line
     sys.exit(f'prepare: {e}')
 
 
