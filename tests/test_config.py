@@ -219,3 +219,39 @@ def test_fault_tolerance_fields(path, value):
   node[leaf] = value
   with pytest.raises(ConfigError, match=rf'^config\.{path}='):
     validate(ml_collections.ConfigDict(tree))
+
+
+FLOAT_FIELDS = sorted(p for p, v in config_lib.flatten(base_config().to_dict()).items()
+                      if isinstance(v, float))
+
+
+@pytest.mark.parametrize('value', [float('inf'), float('-inf'), float('nan')])
+@pytest.mark.parametrize('path', FLOAT_FIELDS)
+def test_non_finite_floats_are_refused(path, value):
+  """inf passed the [0, inf] rules (data.feature_noise=inf then trained on NaN losses)."""
+  config = base_config()
+  set_field(config, path, value)
+  with pytest.raises(ConfigError, match=rf'^config\.{path}={value}: must be a finite number'):
+    validate(config)
+
+
+@pytest.mark.parametrize('text,args,message', [
+    ('def get_config(:\n  pass\n', (), r'bad\.py:1: SyntaxError: invalid syntax$'),
+    ('import nope_no_such_module\n', (), r"bad\.py:1: ModuleNotFoundError: No module named"),
+    ('X = 1\n', (), r'bad\.py: defines no get_config\(\)'),
+    ('def get_config():\n  return {}\n', (), r'bad\.py: get_config\(\) returned dict, not a '),
+    ('from phase1_jax.config import base_config\ndef get_config():\n  c = base_config()\n'
+     "  c.train.num_epochs = '3'\n  return c\n", (), r"bad\.py:4: TypeError: .*'num_epochs'"),
+    ('def get_config():\n  return 1\n', ('x',), r'bad\.py: TypeError: get_config\(\) takes 0 '),
+    ('import json\ndef get_config():\n  return json.loads("{")\n', (),
+     r'bad\.py:3: JSONDecodeError: Expecting property name')])
+def test_config_file_errors_are_one_line_naming_the_file(tmp_path, text, args, message):
+  (tmp_path / 'bad.py').write_text(text)
+  with pytest.raises(ConfigError, match=message) as info:
+    config_lib.load_file(tmp_path / 'bad.py', *args)
+  assert str(info.value).startswith(str(tmp_path / 'bad.py')) and '\n' not in str(info.value)
+
+
+def test_missing_config_file_is_named():
+  with pytest.raises(ConfigError, match=r'nope\.py: no such config file'):
+    config_lib.load_file(REPO / 'configs' / 'nope.py')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jsonschema
 import numpy as np
@@ -361,6 +362,122 @@ def test_prepare_errors_are_one_line_and_leave_no_output(tmp_path):
   with pytest.raises(prepare.PrepareError, match='--shard_index 2'):
     prepare.prepare(str(tmp_path / 'bad'), str(tmp_path / 'o5'), num_shards=2, shard_index=2,
                     **feats)
+
+
+def test_binary_files_are_skipped_with_their_reason(tmp_path):
+  """Random bytes named .html: skipped as 'not text', not parsed into pages of junk tokens."""
+  root, feats = tmp_path / 'html', tmp_path / 'feats'
+  pages = write_corpus(str(root), n_pages=4, features=str(feats))
+  rng = np.random.default_rng(0)
+  (root / 'junk.html').write_bytes(rng.bytes(100_000))
+  write_features(str(feats), {'junk.html': None}, rng)
+  meta = prepare.prepare(str(root), str(tmp_path / 'out'), vocab_size=300, workers=1,
+                         features_dir=str(feats), progress=False)
+  skipped = {s['path']: s['reason'] for s in meta['summary']['skipped']}
+  assert skipped == {'junk.html': 'not text: binary content (NUL bytes)',
+                     'sub/empty.html': 'empty file'}
+  assert meta['summary']['pages_written'] == len(pages) - 1
+
+
+@pytest.mark.parametrize('data,binary', [
+    (bytes(np.random.default_rng(0).integers(1, 256, 5000, dtype=np.uint8)), True),   # no NUL
+    (b'<p>a\x00b</p>', True), ('<p>' + '\ufffd' * 50 + '</p>', True),    # a DOM of junk bytes
+    ('<p>caf\xe9</p>'.encode('latin-1'), False), ('<p>\x0ctab\there</p>'.encode(), False),
+    ('<p>x</p>'.encode('utf-16'), False), ('<p>\u4e2d\u6587</p>', False)])
+def test_binary_content_is_told_from_text_in_any_encoding(data, binary):
+  assert (html_pages.binary_reason(data) is not None) == binary
+
+
+def test_failed_merge_leaves_the_parts_and_no_dataset(prepared, tmp_path, monkeypatch):
+  """A merge that fails leaves OUT as it was (the parts, no dataset.json, no staging folder), and
+  a failed part of a sharded run deletes what it wrote."""
+  root, _, _, _, feats = prepared
+  shared = str(tmp_path / 'sharded')
+  for i in (0, 1):
+    prepare.prepare(root, shared, vocab_size=320, features_dir=feats, progress=False,
+                    num_shards=2, shard_index=i)
+  parts = sorted(os.listdir(os.path.join(shared, prepare.PARTS_DIR)))
+
+  def fail(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(records.ShardWriter, 'write', fail)
+  with pytest.raises(OSError):
+    prepare.merge(shared, vocab_size=320, progress=False)
+  assert sorted(os.listdir(shared)) == [prepare.PARTS_DIR]
+  assert sorted(os.listdir(os.path.join(shared, prepare.PARTS_DIR))) == parts
+  monkeypatch.setattr(prepare, '_converted', fail)
+  with pytest.raises(OSError):
+    prepare.prepare(root, shared, vocab_size=320, features_dir=feats, progress=False,
+                    num_shards=2, shard_index=1)
+  assert sorted(os.listdir(os.path.join(shared, prepare.PARTS_DIR))) == [
+      p for p in parts if '00001' not in p]
+
+
+def copy_dataset(prepared, tmp_path):
+  """A private copy of the prepared directory and the path of its second train shard."""
+  out = str(tmp_path / 'data')
+  shutil.copytree(prepared[1], out)
+  return out, os.path.join(out, records.read_metadata(out)['splits']['train']['shards'][1])
+
+
+@pytest.mark.parametrize('damage,words', [
+    (lambda f, n: f.truncate(n // 2), 'not a readable ArrayRecord shard'),
+    (lambda f, n: (f.seek(n // 2), f.write(b'\xa5' * 64)), 'not a readable ArrayRecord shard'),
+    (lambda f, n: (f.seek(f.read().index(b'\0' * 64) // 2), f.write(b'\xa5' * 16)),
+     r'record \d+ is corrupt \(Corrupted Riegeli')])
+def test_damaged_shard_is_named_when_the_split_opens(prepared, tmp_path, damage, words):
+  """Truncated, its footer overwritten, or a record garbled (the records fill the file's start):
+  FilePages names the shard (and the record) when it is opened, before anything would compile."""
+  out, shard = copy_dataset(prepared, tmp_path)
+  with open(shard, 'r+b') as f:
+    damage(f, os.path.getsize(shard))
+  with pytest.raises(records.DatasetError, match=words) as info:
+    records.FilePages(out, 'train', max_seq_len=48, num_patches=16)
+  assert str(info.value).startswith(f'{shard}: ') and '\n' not in str(info.value)
+
+
+def test_garbled_record_of_a_large_split_is_named_when_read(prepared, tmp_path, monkeypatch):
+  """A split too large to read whole when opened checks each shard's first and last records; a
+  garbled record between them is a DataError naming its shard and index when the loader reads
+  it, in the main thread."""
+  out, shard = copy_dataset(prepared, tmp_path)
+  data = open(shard, 'rb').read()
+  with open(shard, 'r+b') as f:
+    f.seek(data.index(b'\0' * 64) // 2)      # inside the records (the footer is at the end)
+    f.write(b'\xa5' * 16)
+  with pytest.raises(records.DatasetError, match='corrupt'):
+    records.check_shard(shard, every_record=True)
+  monkeypatch.setattr(records, 'VERIFY_ALL_BYTES', 0)
+  source = records.FilePages(out, 'train', max_seq_len=48, num_patches=16)
+  with pytest.raises(pipeline.DataError, match=rf'^{shard}: record \d+ is corrupt \(Corrupted'):
+    for _ in pipeline.train_iterator(source, batch_size=2, seed=0, epoch=0):
+      pass
+
+
+@pytest.mark.parametrize('edit,words', [
+    (lambda m: [1, 2], 'holds a JSON list'), (lambda m: {**m, 'splits': None}, "no 'splits'"),
+    (lambda m: {k: v for k, v in m.items() if k != 'splits'}, "no 'splits'"),
+    (lambda m: {**m, 'splits': {'train': m['splits']['train']}}, 'splits.val'),
+    (lambda m: {**m, 'vocab_size': 'many'}, "vocab_size 'many' is not a positive integer"),
+    (lambda m: {k: v for k, v in m.items() if k != 'semantic_classes'}, "no 'semantic_classes'")])
+def test_damaged_dataset_json_is_named_in_one_line(prepared, tmp_path, edit, words):
+  out, _ = copy_dataset(prepared, tmp_path)
+  with open(os.path.join(out, records.METADATA_FILE)) as f:
+    meta = json.load(f)
+  with open(os.path.join(out, records.METADATA_FILE), 'w') as f:
+    json.dump(edit(meta), f)
+  with pytest.raises(records.DatasetError, match=words) as info:
+    records.read_metadata(out, complete=True)
+  assert '\n' not in str(info.value)
+  with pytest.raises(config_lib.ConfigError, match=words):
+    config_validation.validate(files_config_unchecked(out))
+
+
+def files_config_unchecked(out):
+  """files_config without reading dataset.json (it may be damaged)."""
+  config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
+  config.data.name, config.data.path = 'files', out
+  return config
 
 
 def without_timing(meta):

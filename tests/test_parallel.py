@@ -80,6 +80,17 @@ def test_mesh_larger_than_devices_in_process():
     parallel.DataParallel(config)
 
 
+def test_fsdp_larger_than_the_devices_says_what_fits():
+  """fsdp > devices made the data axis 0 (ZeroDivisionError); now one line before compiling."""
+  config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
+  config.parallel.fsdp = 8
+  n = parallel.jax.device_count()
+  with pytest.raises(config_lib.ConfigError, match=rf'^config\.parallel\.fsdp=8: the mesh needs 8 '
+                     rf'devices, {n} present \(fsdp 1 (or .*)?fits; on a CPU host, '
+                     r'--config\.parallel\.cpu_devices=8'):
+    parallel.DataParallel(config)
+
+
 def test_fsdp_spec_picks_the_largest_divisible_axis():
   assert parallel.fsdp_spec((64, 128), 2) == parallel.P(None, 'fsdp')
   assert parallel.fsdp_spec((6, 5), 4) == parallel.P()             # nothing divisible: replicate
