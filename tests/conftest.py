@@ -116,3 +116,16 @@ def tiny_batch():
   inputs[np.arange(SEQ)[None] >= lengths[:, None]] = 0
   return {'features': jnp.asarray(features), 'feature_mask': jnp.asarray(feature_mask),
           'inputs': jnp.asarray(inputs), 'lengths': lengths}
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory) -> str:
+  """The workdir of a finished run: one epoch of configs/tiny.py (checkpoint, history, config.json,
+  evaluation). Shared by the session's tests, which only read it: copy it to change anything."""
+  from phase1_jax import config as config_lib
+  from phase1_jax.training import loop
+  path = str(tmp_path_factory.mktemp('tiny_run'))
+  config = config_lib.load_file(REPO / 'configs' / 'tiny.py')
+  config.train.num_epochs = 1
+  loop.train_and_evaluate(config, path)
+  return path

@@ -12,20 +12,16 @@ import pytest
 from phase1_jax import config as config_lib
 from phase1_jax import config_validation
 from phase1_jax.data import pipeline, vocab
-from phase1_jax.training import generation, loop
+from phase1_jax.training import generation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = json.load(open(generation.SCHEMA_PATH))
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  """One epoch of configs/tiny.py."""
-  path = str(tmp_path_factory.mktemp('run'))
-  config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
-  config.train.num_epochs = 1
-  loop.train_and_evaluate(config, path)
-  return path
+def workdir(tiny_run):
+  """One epoch of configs/tiny.py (conftest's session run, shared with the bad-input table)."""
+  return tiny_run
 
 
 def run_generate(*args):
@@ -141,3 +137,19 @@ def test_config_of_an_older_run_drops_retired_fields(tmp_path):
   config = generation.load_config(str(tmp_path))
   assert 'vocab_chunk_size' not in config.loss and config.loss.logits_chunk_pages == 0
   config_validation.validate(config)
+
+
+@pytest.mark.parametrize('text,words', [('{"model": {', 'unreadable'), ('[1]', 'JSON list'),
+                                        ('{"model": 3}', 'not a training config')])
+def test_damaged_config_json_is_one_line(tmp_path, text, words):
+  (tmp_path / 'config.json').write_text(text)
+  with pytest.raises(generation.InputError, match=words) as info:
+    generation.load_config(str(tmp_path))
+  assert str(info.value).startswith(str(tmp_path / 'config.json')) and '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('n', [0, -1])
+def test_num_samples_below_one_is_refused_before_anything_loads(tmp_path, n):
+  config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
+  with pytest.raises(generation.InputError, match=rf'^--num_samples={n}: must be >= 1'):
+    generation.generate_pages(config, str(tmp_path / 'nothing_here'), num_samples=n)
