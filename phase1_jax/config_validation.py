@@ -193,6 +193,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   one_of('loss.weighting', LOSS_WEIGHTINGS)
   positive('loss.logits_chunk_pages', allow_zero=True)
+  in_range('loss.patch_weight', 0, float('inf'))
+  if config.loss.patch_weight and not config.data.patch_size:
+    raise _fail('loss.patch_weight', 'must be 0 unless data.patch_size > 0 (patch labels come '
+                'with screenshots)', config.loss.patch_weight)
   for name in ('detail', 'semantic', 'element', 'consistency'):
     in_range(f'loss.{name}_weight', 0, float('inf'))
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from phase1_jax.detail_loss import detail_terms, fused_head_loss, head_sums
+from phase1_jax.model.phase1 import valid_patches_first
 
 TASKS = ('detail', 'semantic', 'element', 'consistency')
 
@@ -37,8 +38,13 @@ def _counts(target_mask_BxT, page_mask_B, axis_name=None):
   return jnp.maximum(counts_2, 1.0)
 
 
+def page_mask(batch):
+  """[B] bool: False for the padding pages of a short eval batch (they count nowhere)."""
+  return batch.get('page_mask', jnp.ones(batch['targets'].shape[:1], bool))
+
+
 def _masks(batch):
-  page_mask_B = batch.get('page_mask', jnp.ones(batch['targets'].shape[:1], bool))
+  page_mask_B = page_mask(batch)
   return batch['target_mask'] & page_mask_B[:, None], page_mask_B
 
 
@@ -70,6 +76,28 @@ def task_losses(outputs, batch, element_token_ids_E, axis_name=None):
       / _counts(target_mask_BxT, page_mask_B, axis_name))
   return {'detail': detail, 'consistency': consistency,
           **_semantic_and_element_losses(outputs, batch, page_mask_B, axis_name)}
+
+
+def patch_label_loss(patch_logits_BxPxK, patch_labels_BxPx2, feature_mask_BxP, page_mask_B,
+                     num_semantic_classes: int, axis_name=None):
+  """Mean cross-entropy of each patch's section class and element type (the model's patch head,
+  an auxiliary signal that teaches the encoder the page's layout).
+
+  patch_logits_BxPxK: K = (C + 1) + (E + 1), class 0 of each part meaning 'none', in the model's
+  memory order (valid patches first). patch_labels_BxPx2: (section, element type) per patch in
+  the batch's order, -1 for none, -2 for no label (padding, a page without boxes): not scored,
+  nor are the patches of padding pages (page_mask_B False).
+  """
+  labels_BxPx2, lengths_B = valid_patches_first(patch_labels_BxPx2, feature_mask_BxP)
+  real_BxP = (jnp.arange(labels_BxPx2.shape[1])[None] < lengths_B[:, None]) & page_mask_B[:, None]
+  split = num_semantic_classes + 1
+  terms = []
+  for logits, labels_BxP in ((patch_logits_BxPxK[..., :split], labels_BxPx2[..., 0]),
+                             (patch_logits_BxPxK[..., split:], labels_BxPx2[..., 1])):
+    nll_BxP = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), jnp.maximum(labels_BxP + 1, 0))
+    terms.append(masked_mean(nll_BxP, real_BxP & (labels_BxP >= -1), axis_name))
+  return 0.5 * (terms[0] + terms[1])
 
 
 def task_weights(*, weighting: str, weights: dict, log_vars_4=None, axis_name=None):

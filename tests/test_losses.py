@@ -462,3 +462,31 @@ def test_detail_terms_from_states_match_log_softmax_with_gradients():
   got, want = jax.jit(lambda: pull(ours))(), pull(reference)
   chex.assert_shape(got[0], ((b, t), (b, t, 4)))
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_label_loss_matches_a_numpy_reference():
+  """Per part (section, element type): cross-entropy with class 0 = none (label -1), patches
+  unlabelled (-2), masked or on padding pages not counted; the logits are in the model's order
+  (valid patches first), the labels in the batch's."""
+  rng = np.random.default_rng()
+  b, p, c, e = 3, 7, 4, 5
+  logits = rng.standard_normal((b, p, c + e + 2)).astype(np.float32)
+  labels = np.stack([rng.integers(-2, c, (b, p)), rng.integers(-2, e, (b, p))], -1)
+  mask = rng.random((b, p)) < 0.7
+  mask[:, 0] = True
+  page_mask = np.array([True, True, False])
+  got = losses.patch_label_loss(jnp.asarray(logits), jnp.asarray(labels, jnp.int32),
+                                jnp.asarray(mask), jnp.asarray(page_mask), c)
+  parts = []
+  for lo, hi, k in ((0, c + 1, 0), (c + 1, c + e + 2, 1)):
+    nll = []
+    for i in range(b):
+      order = np.argsort(~mask[i], kind='stable')   # valid patches first
+      for j in range(p):
+        label = labels[i, order[j], k]
+        if not (page_mask[i] and j < mask[i].sum() and label >= -1):
+          continue
+        z = logits[i, j, lo:hi].astype(np.float64)
+        nll.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[label + 1])
+    parts.append(np.mean(nll))
+  np.testing.assert_allclose(float(got), 0.5 * sum(parts), rtol=1e-5)

@@ -122,3 +122,26 @@ def test_decode_png_drops_alpha():
   assert (image_HxWx3 == [10, 20, 30]).all()
   with pytest.raises(ValueError, match='not a decodable image'):
     patches.decode_png(b'not a png')
+
+
+def test_patch_labels_take_the_smallest_box_covering_the_patch():
+  """A 4 x 4 grid of 10 px patches over a 40 x 40 px screenshot: a section over the top half, a
+  nested section, an element filling one patch, a small icon inside one patch, a thin bar
+  covering a third of a row; -1 where no box counts."""
+  positions = np.stack(np.divmod(np.arange(16), 4), axis=1).astype(np.int16)
+  boxes = np.array([[0, 0, 40, 20, 0, -1],     # section 0: rows 0-1
+                    [20, 0, 20, 20, 3, -1],    # section 3 inside it: columns 2-3
+                    [20, 10, 10, 10, -1, 5],   # element type 5: row 1, column 2
+                    [2, 12, 3, 3, -1, 7],      # a 3 x 3 icon, all inside row 1, column 0
+                    [0, 33, 40, 4, 1, -1],     # a 4 px bar in row 3 (40% of each patch)
+                    [0, 22, 40, 1, 2, -1]],    # a 1 px line in row 2: 10% of each patch
+                   np.float32)
+  labels = patches.patch_labels(boxes, positions, height=40, width=40).reshape(4, 4, 2)
+  assert labels.dtype == np.int8
+  np.testing.assert_array_equal(labels[..., 0], [[0, 0, 3, 3], [0, 0, 3, 3], [-1] * 4, [1] * 4])
+  np.testing.assert_array_equal(labels[..., 1], [[-1] * 4, [7, -1, 5, -1], [-1] * 4, [-1] * 4])
+  # The same boxes on a screenshot half as tall: each patch row spans 5 px.
+  short = patches.patch_labels(boxes, positions, height=20, width=40).reshape(4, 4, 2)
+  np.testing.assert_array_equal(short[..., 0], [[0, 0, 3, 3]] * 4)
+  assert (patches.patch_labels(np.zeros((0, 6), np.float32), positions, height=40,
+                               width=40) == -1).all()

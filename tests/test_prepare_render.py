@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from phase1_jax import config as config_lib
 from phase1_jax import config_validation
-from phase1_jax.data import bpe, patches, prepare, records, render, synthetic_html
+from phase1_jax.data import bpe, patches, pipeline, prepare, records, render, synthetic_html
 from phase1_jax.training import loop
 
 pytest.importorskip('playwright.sync_api', reason='playwright not installed (optional: render)')
@@ -93,6 +94,42 @@ def test_invisible_differences_give_identical_inputs(rendered):
   np.testing.assert_array_equal(again, plain['patches'])
 
 
+def test_patch_labels_show_where_the_sections_and_elements_are(rendered):
+  """Each patch carries the section class and element type whose rendered box holds it, so the
+  twins (same rendering) have the same patch labels, and the header sits above the main."""
+  _, _, meta, by_id = rendered
+  assert meta['patch_labels'] is True and 'patch_labels' in meta['fields']
+  plain, dressed = by_id['twin-plain.html'], by_id['twin-dressed.html']
+  np.testing.assert_array_equal(plain['patch_labels'], dressed['patch_labels'])
+  classes, types = meta['semantic_classes'], meta['element_types']
+  rows_of = lambda part, index: plain['patch_positions'][plain['patch_labels'][:, part] == index, 0]
+  header, nav, main = (rows_of(0, classes.index(n)) for n in ('header', 'nav', 'main'))
+  assert len(header) and len(nav) and len(main)
+  assert header.max() <= nav.min() and nav.max() <= main.min()
+  assert len(rows_of(1, types.index('button'))) and len(rows_of(1, types.index('heading')))
+  example = records.to_example(plain, max_seq_len=64, num_patches=MAX_PATCHES)
+  n = len(plain['patches'])
+  np.testing.assert_array_equal(example['patch_labels'][:n], plain['patch_labels'])
+  assert (example['patch_labels'][n:] == -2).all()
+  unlabelled = {k: v for k, v in plain.items() if k != 'patch_labels'}
+  assert (records.to_example(unlabelled, max_seq_len=64, num_patches=MAX_PATCHES)
+          ['patch_labels'] == -2).all()
+
+
+def test_patch_weight_needs_patch_labels(rendered, tmp_path):
+  """loss.patch_weight > 0 on a pixel dataset without patch labels: one line naming its
+  dataset.json, before anything compiles."""
+  _, out, _, _ = rendered
+  copy = str(tmp_path / 'unlabelled')
+  shutil.copytree(out, copy)
+  meta = records.read_metadata(copy)
+  records.write_metadata(copy, {**meta, 'patch_labels': False})
+  config = config_lib.load_file(os.path.join(REPO, 'configs', 'pixels_small.py'), copy)
+  config.loss.patch_weight = 1.0
+  with pytest.raises(pipeline.DataError, match='dataset.json: its records hold no patch labels'):
+    pipeline.make_source(config, 'train')
+
+
 def test_trains_on_pixels(rendered, tmp_path):
   """configs/pixels_small.py's shape, shrunk: a few steps and an evaluation from pixels."""
   _, out, meta, _ = rendered
@@ -104,11 +141,13 @@ def test_trains_on_pixels(rendered, tmp_path):
   c.data.max_seq_len = 64
   c.train.batch_size, c.train.num_epochs, c.train.warmup_steps = 4, 1, 1
   c.train.stop_when_targets_met = False
+  c.loss.patch_weight = 1.0
   c.eval.batch_size, c.eval.bleu_samples = 4, 2
   c.parallel.mode, c.checkpoint.async_save = 'jit', False
   config_validation.validate(c)
   report = loop.train_and_evaluate(c, str(tmp_path / 'run'))
   history = json.load(open(tmp_path / 'run' / 'training_history.json'))
   assert all(np.isfinite(r['loss']) for r in history if r['kind'] == 'train')
-  for k in ('val_loss', 'bleu', 'element_f1', 'semantic_accuracy'):
+  assert all(np.isfinite(r['loss_patch']) for r in history if r['kind'] == 'train')
+  for k in ('val_loss', 'val_loss_patch', 'bleu', 'element_f1', 'semantic_accuracy'):
     assert np.isfinite(report['metrics'][k]), k

@@ -55,8 +55,11 @@ def split_of(digest: str, val_fraction: float) -> str:
 def _input_arrays(entry: dict) -> dict:
   if 'patches' in entry:
     n = entry['num_patches']
-    return {'patches': np.frombuffer(entry['patches'], np.uint8).reshape(n, -1),
-            'patch_positions': np.frombuffer(entry['positions'], np.int16).reshape(n, 2)}
+    pixels = {'patches': np.frombuffer(entry['patches'], np.uint8).reshape(n, -1),
+              'patch_positions': np.frombuffer(entry['positions'], np.int16).reshape(n, 2)}
+    if 'patch_labels' in entry:
+      pixels['patch_labels'] = np.frombuffer(entry['patch_labels'], np.int8).reshape(n, 2)
+    return pixels
   return {'features': np.frombuffer(entry['features'], np.float16).reshape(
       entry['num_patches'], -1)}
 
@@ -99,7 +102,8 @@ def assemble(out: str, spill_paths: list[str], *, scheme_lists: dict, vocab_size
   tok.save(os.path.join(out, records.TOKENIZER_FILE))
   open_tag_ids = np.array([tok.token_to_id(t) for t in open_tags(scheme_lists['element_types'])])
   writers = {s: records.ShardWriter(out, s, records_per_shard) for s in ('train', 'val')}
-  stats = {'lengths': [], 'stored': [], 'classes': Counter(), 'types': Counter()}
+  stats = {'lengths': [], 'stored': [], 'classes': Counter(), 'types': Counter(),
+           'without_patch_labels': 0}
   bar = tqdm.tqdm(total=len(splits), desc='Writing', disable=not progress, unit='page')
   batch = []
   for entry in (*read_spill(spill_paths), None):
@@ -114,6 +118,7 @@ def assemble(out: str, spill_paths: list[str], *, scheme_lists: dict, vocab_size
         stats['stored'].append(len(page['tokens']))
         stats['types'].update(np.flatnonzero(page['element_labels']).tolist())
         stats['classes'].update(page['semantic_labels'].tolist())
+        stats['without_patch_labels'] += 'patch_labels' not in page
       bar.update(len(batch))
       batch = []
   bar.close()
@@ -131,7 +136,10 @@ def _metadata(tok, writers, stats, lists, open_tag_ids, input_info, summary, max
   lengths, stored = np.array(stats['lengths']), np.array(stats['stored'])
   classes, types = stats['classes'], stats['types']
   names_c, names_t = lists['semantic_classes'], lists['element_types']
-  array_fields = records.array_fields(input_info['input'])
+  kind = input_info['input']
+  patch_labels = kind == 'pixels' and not stats['without_patch_labels']
+  array_fields = records.array_fields(kind) | (records.OPTIONAL_FIELDS[kind] if patch_labels
+                                               else {})
   return {
       'format': records.FORMAT, 'version': records.VERSION,
       'record_encoding': 'msgpack map per ArrayRecord record; arrays as {dtype, shape, data}',
@@ -139,6 +147,7 @@ def _metadata(tok, writers, stats, lists, open_tag_ids, input_info, summary, max
                  for name, dtype in array_fields.items()} | {
                      'source_id': {'dtype': 'str', 'shape': []}},
       **input_info,
+      'patch_labels': patch_labels,   # every record has them: loss.patch_weight can train
       'tokenizer': records.TOKENIZER_FILE, 'vocab_size': tok.get_vocab_size(),
       'max_tokens': max_tokens,
       'special_ids': {'pad': vocab.PAD_ID, 'bos': vocab.BOS_ID, 'eos': vocab.EOS_ID,

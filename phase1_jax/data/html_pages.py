@@ -60,11 +60,16 @@ class PageError(ValueError):
 class ParsedPage:
   """markup: normalised markup. char_classes_N: int8 section class of each character (an index
   into the scheme's semantic_classes; -1 outside every section). element_types: sorted indices
-  into the scheme's element_types. truncated: the markup was cut at `max_chars`."""
+  into the scheme's element_types. truncated: the markup was cut at `max_chars`.
+  boxes_Nx6 (rendered pages): float32 rows (x, y, width, height, section class, element type),
+  CSS px, of every written element that opens a section or is of an element type (-1 for the
+  other label): where the screenshot shows each label (patches.patch_labels)."""
   markup: str
   char_classes_N: np.ndarray
   element_types: list[int]
   truncated: bool = False
+  boxes_Nx6: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros((0, 6), np.float32))
 
 
 class _Full(Exception):
@@ -83,7 +88,7 @@ class _Writer:
     self.scheme, self.max_chars = scheme, max_chars
     self.class_index = {n: i for i, n in enumerate(scheme.semantic_classes)}
     self.type_index = {n: i for i, n in enumerate(scheme.element_types)}
-    self.pieces, self.classes, self.types = [], [], set()
+    self.pieces, self.classes, self.types, self.boxes = [], [], set(), []
     self.sections = []     # the open sections' class indices, innermost last
     self.chars, self.at_block = 0, True   # at_block: the last piece was a block-level tag
 
@@ -116,12 +121,15 @@ class _Writer:
     self.at_block = not inline
 
 
-def _box_top(el) -> int | None:
+def _box(el) -> list[float] | None:
+  """The element's rendered box [x, y, width, height] (render.py's attribute), None if it has
+  none (invisible) or an unreadable one."""
   box = el.get(BOX_ATTRIBUTE)
   try:
-    return int(float(box.split()[1])) if box else None
-  except (IndexError, ValueError):
+    values = [float(v) for v in box.split()] if box else []
+  except ValueError:
     return None
+  return values if len(values) == 4 else None
 
 
 def _walk(el, out: _Writer, rendered: bool, max_height: int | None) -> bool:
@@ -132,12 +140,12 @@ def _walk(el, out: _Writer, rendered: bool, max_height: int | None) -> bool:
                                         == 'hidden'):
     out.text(el.tail)
     return True
+  box = _box(el) if rendered else None
   if rendered:
-    top = _box_top(el)
-    if top is None:            # invisible: dropped with its content, its tail still shows
+    if box is None:            # invisible: dropped with its content, its tail still shows
       out.text(el.tail)
       return True
-    if max_height is not None and top >= max_height:
+    if max_height is not None and int(box[1]) >= max_height:
       return False
   if not TAG_NAME.fullmatch(tag):   # lxml's repair of broken markup can make names like 'div<<p'
     return _children(el, out, rendered, max_height) and (out.text(el.tail) or True)
@@ -148,6 +156,9 @@ def _walk(el, out: _Writer, rendered: bool, max_height: int | None) -> bool:
       if etype is not None else tag
   if cls is not None:
     out.sections.append(out.class_index[cls])
+  if box is not None and (cls is not None or etype is not None):
+    out.boxes.append(box + [out.class_index[cls] if cls is not None else -1,
+                            -1 if etype is None else etype])
   attrs = ''.join(f' {a}="{_escape(" ".join(el.get(a).split())[:MAX_ATTRIBUTE_CHARS], True)}"'
                   for a in KEPT_ATTRIBUTES if el.get(a))
   inline = tag in INLINE
@@ -232,4 +243,5 @@ def parse_page(data: bytes | str, *, scheme: LabelScheme = SEMANTIC, rendered: b
     raise PageError('no visible content in <body>' if rendered else 'no content in <body>')
   lengths = [len(p) for p in out.pieces]
   char_classes = np.repeat(np.array(out.classes, np.int8), lengths)
-  return ParsedPage(''.join(out.pieces), char_classes, sorted(out.types), truncated)
+  boxes_Nx6 = np.array(out.boxes, np.float32).reshape(-1, 6)
+  return ParsedPage(''.join(out.pieces), char_classes, sorted(out.types), truncated, boxes_Nx6)

@@ -60,6 +60,34 @@ def to_patches(image_HxWx3: np.ndarray, *, patch_size: int,
   return np.ascontiguousarray(patches_PxD), positions_Px2
 
 
+def patch_labels(boxes_Nx6: np.ndarray, positions_Px2: np.ndarray, *, height: int,
+                 width: int) -> np.ndarray:
+  """Each patch's (section class, element type), int8 [P, 2], -1 for none: the label of the
+  smallest box (html_pages.ParsedPage.boxes_Nx6, CSS px) that covers a quarter of the patch or has
+  half of itself inside it (so a thin nav bar or a small icon still marks the coarse patch it
+  lies in), the patch grid mapped back onto the height x width screenshot it was cut from."""
+  out_Px2 = np.full((len(positions_Px2), 2), -1, np.int8)
+  if not len(boxes_Nx6):
+    return out_Px2
+  rows, cols = (int(v) + 1 for v in positions_Px2.max(axis=0))
+  patch_h, patch_w = height / rows, width / cols
+  top_P, left_P = positions_Px2[:, 0] * patch_h, positions_Px2[:, 1] * patch_w
+  x, y, w, h = boxes_Nx6[:, :4].T
+  span = lambda lo_P, size, start, length: np.clip(
+      np.minimum(lo_P[:, None] + size, start + length) - np.maximum(lo_P[:, None], start), 0, None)
+  overlap_PxN = span(left_P, patch_w, x, w) * span(top_P, patch_h, y, h)
+  area_N = w * h
+  covers_PxN = ((overlap_PxN >= 0.25 * patch_h * patch_w) | (overlap_PxN >= 0.5 * area_N)) & (
+      overlap_PxN > 0)
+  for part in (0, 1):
+    label_N = boxes_Nx6[:, 4 + part]
+    area_PxN = np.where(covers_PxN & (label_N >= 0), area_N, np.inf)
+    smallest_P = area_PxN.argmin(axis=1)
+    found_P = np.isfinite(area_PxN[np.arange(len(area_PxN)), smallest_P])
+    out_Px2[found_P, part] = label_N[smallest_P[found_P]]
+  return out_Px2
+
+
 def from_patches(patches_PxD: np.ndarray, positions_Px2: np.ndarray, *,
                  patch_size: int) -> np.ndarray:
   """The resized image (rows*ps x cols*ps x 3) that to_patches cut: its inverse, for checks."""

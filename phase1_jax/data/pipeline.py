@@ -83,6 +83,10 @@ def make_source(config: ml_collections.ConfigDict, split: str):
   """The random-access page source of a split ('train' or 'val'), record-checked."""
   d = config.data
   if d.name == 'files':
+    if config.loss.patch_weight and not records.read_metadata(d.path).get('patch_labels'):
+      raise DataError(f'{d.path}/{records.METADATA_FILE}: its records hold no patch labels, which '
+                      'loss.patch_weight > 0 trains on (prepare --render writes them; or set '
+                      'loss.patch_weight=0)')
     return records.FilePages(d.path, split, max_seq_len=d.max_seq_len,
                              num_patches=num_patches(config))
   n = {'train': config.data.train_samples, 'val': config.data.val_samples}[split]

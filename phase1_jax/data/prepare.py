@@ -98,10 +98,14 @@ def _rendered_entry(rel, shot, *, scheme, max_chars, patch_size, max_patches) ->
   except Exception as e:  # noqa: BLE001 - a parser bug on one odd page must not end the run
     return {'id': rel, 'skipped': f'parse failed ({type(e).__name__}: {e})',
             'blocked': shot.blocked}
-  patches_PxD, positions_Px2 = patches.to_patches(patches.decode_png(shot.png),
-                                                  patch_size=patch_size, max_patches=max_patches)
+  image_HxWx3 = patches.decode_png(shot.png)
+  patches_PxD, positions_Px2 = patches.to_patches(image_HxWx3, patch_size=patch_size,
+                                                  max_patches=max_patches)
+  labels_Px2 = patches.patch_labels(page.boxes_Nx6, positions_Px2, height=image_HxWx3.shape[0],
+                                    width=image_HxWx3.shape[1])
   return {**_entry(rel, page, {'patches': patches_PxD.tobytes(),
                                'positions': positions_Px2.astype(np.int16).tobytes(),
+                               'patch_labels': labels_Px2.tobytes(),
                                'num_patches': len(patches_PxD)}), 'blocked': shot.blocked}
 
 

@@ -13,6 +13,10 @@ hold features only):
 or, input 'pixels' (dataset.json also gives `patch_size` and `max_patches`):
   patches         uint8   [num_patches, patch_size * patch_size * 3]  RGB, (y, x, channel) order
   patch_positions int16   [num_patches, 2]   each patch's (row, column) in the screenshot
+  patch_labels    int8    [num_patches, 2]   each patch's (section class, element type) from the
+                                             rendered boxes, -1 for none (optional: datasets
+                                             prepared before it lack it; dataset.json says
+                                             `patch_labels: true` when every record has it)
 and always:
   tokens          int32   [num_tokens]   detail token ids of the normalised markup (no BOS/EOS)
   semantic_labels int8    [num_tokens]   section class of each token, -1 outside every section
@@ -42,6 +46,8 @@ INPUT_KINDS = ('features', 'pixels')
 INPUT_FIELDS = {'features': {'features': 'float16'},
                 'pixels': {'patches': 'uint8', 'patch_positions': 'int16'}}
 LABEL_FIELDS = {'tokens': 'int32', 'semantic_labels': 'int8', 'element_labels': 'uint8'}
+# Fields a record of an input kind may hold besides array_fields(kind).
+OPTIONAL_FIELDS = {'features': {}, 'pixels': {'patch_labels': 'int8'}}
 
 
 def array_fields(kind: str = 'features') -> dict[str, str]:
@@ -51,9 +57,10 @@ def array_fields(kind: str = 'features') -> dict[str, str]:
 
 ARRAY_FIELDS = array_fields('features')        # a features record (what version 1 holds)
 PIXEL_ARRAY_FIELDS = array_fields('pixels')    # a pixel record
-KNOWN_FIELDS = ARRAY_FIELDS | PIXEL_ARRAY_FIELDS
+KNOWN_FIELDS = ARRAY_FIELDS | PIXEL_ARRAY_FIELDS | OPTIONAL_FIELDS['pixels']
 FIELD_SHAPES = {'features': ['num_patches', 'feature_dim'],
                 'patches': ['num_patches', 'patch_pixels'], 'patch_positions': ['num_patches', 2],
+                'patch_labels': ['num_patches', 2],
                 'tokens': ['num_tokens'], 'semantic_labels': ['num_tokens'],
                 'element_labels': ['num_element_types']}
 
@@ -75,7 +82,9 @@ def record_kind(page: dict) -> str:
 def encode_record(page: dict) -> bytes:
   """One page dict (array_fields(kind) arrays + 'source_id') -> record bytes."""
   out = {'source_id': str(page['source_id'])}
-  for name, dtype in array_fields(record_kind(page)).items():
+  kind = record_kind(page)
+  fields = array_fields(kind) | {k: v for k, v in OPTIONAL_FIELDS[kind].items() if k in page}
+  for name, dtype in fields.items():
     a = np.ascontiguousarray(page[name], dtype=dtype)
     out[name] = {'dtype': dtype, 'shape': list(a.shape), 'data': a.tobytes()}
   return msgpack.packb(out, use_bin_type=True)
@@ -217,7 +226,8 @@ def to_example(page: dict, *, max_seq_len: int, num_patches: int,
                element_open_tag_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """A record as SyntheticPages' example dict: tokens cut to max_seq_len - 1 (room for EOS),
   features (page_features) cut or zero-padded to num_patches (feature_mask marks the real
-  ones), float32. With `element_open_tag_ids` (the dataset's, one per element type), an element
+  ones), float32; a pixel page adds patch_labels int32 [num_patches, 2] (-2 where it has none).
+  With `element_open_tag_ids` (the dataset's, one per element type), an element
   label holds only when its open tag is among the tokens kept: labels and target describe the
   same window of a long page."""
   t = max_seq_len
@@ -236,7 +246,12 @@ def to_example(page: dict, *, max_seq_len: int, num_patches: int,
   p = len(real)
   features = np.zeros((num_patches, real.shape[-1]), np.float32)
   features[:p] = real
-  return {
+  extra = {}
+  if 'patches' in page:   # -2: no label (padding, or a record without patch labels)
+    extra['patch_labels'] = np.full((num_patches, 2), -2, np.int32)
+    if 'patch_labels' in page:
+      extra['patch_labels'][:p] = page['patch_labels'][:num_patches]
+  return {**extra,
       'features': features,
       'feature_mask': np.arange(num_patches) < p,
       'inputs': inputs,

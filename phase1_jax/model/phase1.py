@@ -31,7 +31,9 @@ class Phase1Decoder(nnx.Module):
   patch_size > 0: the input is a screenshot's patches in the flattened-patches layout of
   encoder.py (F = 2 + 3 * patch_size**2), read by a PatchEncoder (`encoder_layers` layers,
   position tables of `max_patches`) in place of the feature projection; its self-attention sees
-  the valid patches only, in training and in decoding alike. patch_size = 0: fused features
+  the valid patches only, in training and in decoding alike. With `patch_labels`, a linear
+  patch head on the memory adds patch_logits_BxPx(C+E+2) (valid patches first: see
+  valid_patches_first), which losses.patch_label_loss scores. patch_size = 0: fused features
   through one Dense (`feature_proj`), as before (same parameters, same numerics).
   """
 
@@ -43,7 +45,8 @@ class Phase1Decoder(nnx.Module):
                scan_layers: bool = True, remat: bool = False,
                remat_policy: str = 'nothing_saveable', pad_id: int = 0,
                patch_size: int = 0, max_patches: int = 0, encoder_layers: int = 0,
-               token_dropout: float = 0.0, unk_id: int = 3, rngs: nnx.Rngs):
+               token_dropout: float = 0.0, unk_id: int = 3, patch_labels: bool = False,
+               rngs: nnx.Rngs):
     self.pad_id, self.dtype = pad_id, dtype
     self.token_dropout, self.unk_id = token_dropout, unk_id
     embed = lambda n: Embed(n, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -76,6 +79,11 @@ class Phase1Decoder(nnx.Module):
                                      tied=tie_detail_head, dtype=dtype, rngs=rngs)
     self.element_classifier = ElementTypeClassifier(d_model, num_element_types, dtype=dtype,
                                                     rngs=rngs)
+    # Training signal for the encoder: each patch's section class and element type (+ 'none'),
+    # from the rendered boxes (losses.patch_label_loss).
+    self.patch_head = (Dense(d_model, num_semantic_classes + num_element_types + 2, dtype=dtype,
+                             param_dtype=jnp.float32, rngs=rngs)
+                       if patch_labels and self.patch_encoder is not None else None)
 
   def encode_memory(self, features_BxPxF, lengths_B=None, dropout_key=None):
     """The decoder's memory [batch, patches, d_model]: projected, normalized features, or the
@@ -113,6 +121,8 @@ class Phase1Decoder(nnx.Module):
     h_BxTxD = self.backbone(x_BxTxD, token_lengths_B, memory_BxPxD, memory_lengths_B, keys[1])
     h_BxTxD = self.final_norm(h_BxTxD)
     outputs = {'element_logits': self.element_classifier(h_BxTxD, token_mask_BxT)}
+    if self.patch_head is not None:   # in memory order: valid patches first
+      outputs['patch_logits'] = self.patch_head(memory_BxPxD).astype(jnp.float32)
     if detail_logits:
       outputs['detail_logits'], outputs['semantic_logits'] = self.heads(
           h_BxTxD, self.token_embed.embedding[...])
@@ -166,11 +176,13 @@ def prefix_lengths(mask_BxT):
   return jnp.cumprod(mask_BxT, axis=-1, dtype=jnp.int32).sum(axis=-1, dtype=jnp.int32)
 
 
-def valid_patches_first(features_BxPxF, feature_mask_BxP):
-  """(features with each row's valid patches first, in their order; number valid [batch])."""
+def valid_patches_first(features_BxPx_, feature_mask_BxP):
+  """(features, or any per-patch array, with each row's valid patches first, in their order;
+  number valid [batch])."""
   order_BxP = jnp.argsort(~feature_mask_BxP, axis=-1, stable=True)
-  features_BxPxF = jnp.take_along_axis(features_BxPxF, order_BxP[..., None], axis=1)
-  return features_BxPxF, feature_mask_BxP.sum(axis=-1, dtype=jnp.int32)
+  order = order_BxP.reshape(order_BxP.shape + (1,) * (features_BxPx_.ndim - 2))
+  features_BxPx_ = jnp.take_along_axis(features_BxPx_, order, axis=1)
+  return features_BxPx_, feature_mask_BxP.sum(axis=-1, dtype=jnp.int32)
 
 
 def count_params(model: nnx.Module) -> int:

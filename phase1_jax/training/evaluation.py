@@ -18,6 +18,7 @@ from phase1_jax.training.checkpoint import Checkpointer
 from phase1_jax.training.step import LossSpec
 
 SCALAR_KEYS = ('loss', 'loss_detail', 'loss_semantic', 'loss_element', 'loss_consistency')
+OPTIONAL_SCALAR_KEYS = ('loss_patch',)   # with loss.patch_weight > 0
 
 
 def targets(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -48,8 +49,8 @@ class Evaluator:
     token_correct = token_total = pages = 0
     for batch, real in pipeline.eval_batches(source, batch_size=c.batch_size):
       out = jax.device_get(self.eval_step(params, batch))
-      for k in SCALAR_KEYS:   # batch means over real pages: weight by page count
-        sums[k] += float(out[k]) * real
+      for k in SCALAR_KEYS + tuple(k for k in OPTIONAL_SCALAR_KEYS if k in out):
+        sums[k] = sums.get(k, 0.0) + float(out[k]) * real   # batch means: weight by page count
       pages += real
       acc.add_elements(out['element_probs'][:real], batch['element_labels'][:real])
       acc.add_semantic(out['semantic_pred'][:real], batch['semantic_labels'][:real],

@@ -75,7 +75,8 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Phase1D
       scan_layers=scan_layers(m.scan_layers, m.num_layers), remat=m.remat,
       remat_policy=m.remat_policy, patch_size=d.patch_size,
       max_patches=d.max_patches if d.patch_size else 0, encoder_layers=m.encoder_layers,
-      token_dropout=m.token_dropout, unk_id=vocab.UNK_ID, rngs=rngs)
+      token_dropout=m.token_dropout, unk_id=vocab.UNK_ID,
+      patch_labels=config.loss.patch_weight > 0, rngs=rngs)
 
 
 def _decay_mask(params):

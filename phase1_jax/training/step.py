@@ -22,18 +22,27 @@ class LossSpec:
   weights: tuple[tuple[str, float], ...]   # ((task, weight), ...)
   element_token_ids: tuple[int, ...]
   logits_chunk_pages: int = 0   # > 0: detail logits that many pages at a time (fused_head_loss)
+  patch_weight: float = 0.0     # > 0: + this times the patch-label loss (pixel input)
+  num_semantic_classes: int = 0
 
   @classmethod
   def from_config(cls, config) -> 'LossSpec':
     weights = tuple((task, config.loss[f'{task}_weight']) for task in losses.TASKS)
     return cls(config.loss.weighting, weights, pipeline.element_open_tag_ids(config),
-               config.loss.logits_chunk_pages)
+               config.loss.logits_chunk_pages, config.loss.patch_weight,
+               config.model.num_semantic_classes)
 
   def __call__(self, outputs, batch, log_vars_4, axis_name=None):
-    return losses.multitask_loss(
+    total, aux = losses.multitask_loss(
         outputs, batch, element_token_ids_E=jnp.asarray(self.element_token_ids),
         weighting=self.weighting, weights=dict(self.weights), log_vars_4=log_vars_4,
         logits_chunk_pages=self.logits_chunk_pages, axis_name=axis_name)
+    if self.patch_weight and 'patch_logits' in outputs:
+      aux['loss_patch'] = losses.patch_label_loss(
+          outputs['patch_logits'], batch['patch_labels'], batch['feature_mask'],
+          losses.page_mask(batch), self.num_semantic_classes, axis_name)
+      total = aux['loss'] = total + self.patch_weight * aux['loss_patch']
+    return total, aux
 
 
 def forward(graphdef, model_params, batch, dropout_key=None, *, detail_logits: bool = True):
