@@ -6,6 +6,7 @@ import os
 import resource
 import signal
 import struct
+import sys
 import time
 
 import jax.numpy as jnp
@@ -285,7 +286,8 @@ def test_non_main_process_writes_nothing(tmp_path):
   assert not workdir.exists()
 
 
-def test_progress_bar_postfix(capsys):
+def test_progress_bar_postfix(capsys, monkeypatch):
+  monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
   with progress_bar(3, desc='Epoch 1') as bar:
     for i in range(3):
       bar.set_postfix(loss=f'{1.0 / (i + 1):.4f}', refresh=False)
@@ -293,5 +295,14 @@ def test_progress_bar_postfix(capsys):
   assert bar.n == 3 and 'loss=0.3333' in str(bar)
   assert 'Epoch 1' in capsys.readouterr().err
   with progress_bar(3, desc='quiet', disable=True) as bar:
+    bar.update(1)
+  assert capsys.readouterr().err == ''
+
+
+def test_progress_bar_only_on_a_terminal(capsys, monkeypatch):
+  """stderr to a file or a pipe: no bar, whose carriage returns would glue the next line (an
+  `error: ...`) onto its residue."""
+  monkeypatch.setattr(sys.stderr, 'isatty', lambda: False)
+  with progress_bar(3, desc='Epoch 1') as bar:
     bar.update(1)
   assert capsys.readouterr().err == ''

@@ -367,7 +367,9 @@ def epoch_summary(epoch: int, num_epochs: int, metrics: dict) -> str:
 
 
 def progress_bar(total: int, *, desc: str, disable: bool = False) -> tqdm:
-  """A tqdm bar for one epoch; pass disable=not is_main_process.
+  """A tqdm bar for one epoch on stderr; pass disable=not is_main_process. Shown only when stderr
+  is a terminal (tqdm's disable=None): in a log or a pipe its carriage-return redraws would glue
+  the next line (an `error: ...`) onto the bar's residue; the epoch summary lines are on stdout.
 
   Update it with a dynamic postfix (refresh=False avoids one redraw per call)::
 
@@ -379,7 +381,7 @@ def progress_bar(total: int, *, desc: str, disable: bool = False) -> tqdm:
   """
   return tqdm(total=total,
               desc=desc,
-              disable=disable,
+              disable=True if disable else None,
               dynamic_ncols=True,
               leave=False,
               mininterval=0.5)
