@@ -14,9 +14,6 @@ from ml_collections import config_flags
 
 from phase1_jax.config import ConfigError
 from phase1_jax.config_validation import parse_flags
-from phase1_jax.data.pipeline import DataError
-from phase1_jax.training.checkpoint import CheckpointError
-from phase1_jax.training.generation import InputError, generate_pages, load_config
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Experiment directory (checkpoints/, config.json).')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file; default: the workdir\'s '
@@ -41,7 +38,11 @@ flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
+  """Imports the stack (JAX, Orbax: seconds) only once the flags parsed: a bad one fails fast."""
   del argv
+  from phase1_jax.data.pipeline import DataError
+  from phase1_jax.training.checkpoint import CheckpointError
+  from phase1_jax.training.generation import InputError, generate_pages, load_config
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every file operation at INFO
     logging.set_verbosity(logging.WARNING)
   try:
@@ -52,7 +53,8 @@ def main(argv):
     path, pages = generate_pages(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value,
                                  output=_OUTPUT.value, features_path=_FEATURES.value,
                                  which=_CHECKPOINT.value)
-  except (ConfigError, CheckpointError, DataError, FileNotFoundError, InputError) as e:  # one line
+  except (ConfigError, CheckpointError, DataError, InputError,
+          OSError) as e:  # user errors, a missing file, a full disk (faults.WriterError): one line
     sys.exit(f'error: {e}')
   print(f'Wrote {pages} pages to {path}')
 

@@ -12,10 +12,7 @@ from ml_collections import config_flags
 
 from phase1_jax import config_validation
 from phase1_jax.config import ConfigError
-from phase1_jax.data.pipeline import DataError
-from phase1_jax.training import faults, host
-from phase1_jax.training.checkpoint import CheckpointError
-from phase1_jax.training.loop import train_and_evaluate
+from phase1_jax.training import faults
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
@@ -30,8 +27,21 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     config_validation.validate(_CONFIG.value)
-    host.prepare(_CONFIG.value)   # before anything starts JAX's backends
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+def train(config, workdir):
+  """Trains a validated config. The training stack (JAX, Orbax, grain: seconds to import) is
+  imported only now, so a bad flag or config fails in a fraction of a second."""
+  from phase1_jax.data.pipeline import DataError
+  from phase1_jax.training import host
+  from phase1_jax.training.checkpoint import CheckpointError
+  from phase1_jax.training.loop import train_and_evaluate
+  try:
+    host.prepare(config)   # before anything starts JAX's backends
+    train_and_evaluate(config, workdir)
   except faults.Preempted as e:  # checkpoint committed; a distinct status says "resubmit me"
     print(f'preempted: {e}', file=sys.stderr)
     sys.exit(faults.PREEMPTED_EXIT_CODE)
