@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from phase1_jax.training import checkpoint as checkpoint_lib
 from phase1_jax.training import checkpoint_compat as compat
 from phase1_jax.training.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 
@@ -257,6 +258,30 @@ def test_disk_full_is_one_line_and_keeps_older_steps(tmp_path, mode):
     restored, _ = ckpt.restore(1, state)
   np.testing.assert_array_equal(np.asarray(restored['w'])[:2], expected)
   assert os.listdir(directory) == ['1']
+
+
+def test_tensorstore_errors_are_one_short_line_and_never_logged():
+  """A full disk while tensorstore opens an array (many small arrays, as a training state has):
+  its error carries the array's spec (~1 kB of JSON) after the cause, which the error line
+  leaves out; the "Future exception was never retrieved" asyncio logs for such errors (no
+  Python frames, racy) are dropped like Orbax's own."""
+  path = '/w/checkpoints/9.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/'
+  spec = '{\\"context\\":{\\"cache_pool\\":{}},' + '\\"x\\":1,' * 200 + '}'
+  error = ValueError(f'RESOURCE_EXHAUSTED: Error opening "zarr" driver: Error writing "b/.zarray" '
+                     f'in OCDBT database at local file "{path}": Failed to write 217 bytes to '
+                     f"file 4: No space left on device [tensorstore_spec='{spec}'] "
+                     "[os_error_code='28']")
+  line = checkpoint_lib._one_line(error)
+  assert 'tensorstore_spec' not in line and len(line) < 330, line
+  assert line.endswith("No space left on device [os_error_code='28']"), line
+  record = logging.LogRecord('asyncio', logging.ERROR, 'base_events.py', 1, 'Future exception was '
+                             f'never retrieved\nfuture: <Future finished exception={error!r}>',
+                             None, None)
+  assert not checkpoint_lib._QUIET.filter(record)
+  other = logging.LogRecord('asyncio', logging.ERROR, 'base_events.py', 1, 'Future exception was '
+                            "never retrieved\nfuture: <Future exception=ValueError('x')>", None,
+                            None)
+  assert checkpoint_lib._QUIET.filter(other)
 
 
 def test_uncommitted_saves_removed_on_open(tmp_path):

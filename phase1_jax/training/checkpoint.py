@@ -55,10 +55,15 @@ class CheckpointMismatchError(CheckpointError):
   """The saved state's tree, shapes or dtypes differ from the restore target."""
 
 
+# tensorstore appends the spec of the array it failed to open (~1 kB of JSON) after the cause.
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='[^']*'\]")
+
+
 def _one_line(e: Exception, limit: int = 300) -> str:
-  """'Type: first line' of an error, its middle elided past `limit` chars: tensorstore puts the
-  cause (e.g. 'No space left on device') at the end of long messages."""
-  text = (str(e).strip().splitlines() or [''])[0]
+  """'Type: first line' of an error, less tensorstore's spec, its middle elided past `limit`
+  chars: tensorstore puts the cause (e.g. 'No space left on device') at the end of long
+  messages."""
+  text = _TENSORSTORE_SPEC.sub('', (str(e).strip().splitlines() or [''])[0])
   if len(text) > limit:
     text = f'{text[:limit // 2]} ... {text[-limit // 2:]}'
   return f'{type(e).__name__}: {text}'
@@ -77,7 +82,9 @@ class _QuietBackgroundFailures(logging.Filter):
 
   @staticmethod
   def _from_orbax(record: logging.LogRecord) -> bool:
-    """Logged by Orbax, or by asyncio about a task whose code or traceback is Orbax's."""
+    """Logged by Orbax, or by asyncio about a task whose code or traceback is Orbax's, or a
+    future whose error names an uncommitted Orbax step (tensorstore's write errors: "Future
+    exception was never retrieved", no Python frames)."""
     orbax = f'{os.sep}orbax{os.sep}'
     if orbax in record.pathname:
       return True
@@ -85,7 +92,8 @@ class _QuietBackgroundFailures(logging.Filter):
       return False
     tb = record.exc_info[2] if record.exc_info else None
     files = [frame.filename for frame in traceback.extract_tb(tb)] if tb else []
-    return any(orbax in text for text in [str(record.msg), *files])
+    return any(orbax in text for text in [str(record.msg), *files]) or bool(
+        _TMP_STEP_DIR.search(str(record.msg)))
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR or not self._from_orbax(record):
@@ -370,13 +378,14 @@ class Checkpointer:
 
     Returns ``(step, state, extra)``, or None when there are no checkpoints.
     A tree/shape/config mismatch is raised at once (older steps would mismatch too);
-    if every step is corrupt, the newest step's CheckpointError is raised.
+    if every step is corrupt, one CheckpointError names the steps and the newest one's error
+    (the skipped steps are logged only when an older one restores).
     The unreadable steps newer than the restored one are renamed ``<step>.unreadable`` (kept
     for inspection): the resumed run saves those steps again, and Orbax refuses a step that
     exists, or could pick a corrupt one as "best".
     """
     steps = sorted(self._mgr.all_steps(), reverse=True)
-    first_error = None
+    errors = []   # logged once a step restores; otherwise the one error raised says it all
     for index, step in enumerate(steps):
       try:
         state, extra = self.restore(step, abstract_state, data_iterator=data_iterator,
@@ -384,16 +393,17 @@ class Checkpointer:
       except CheckpointMismatchError:
         raise
       except CheckpointError as e:
-        log.warning('Skipping unreadable checkpoint: %s', e)
-        first_error = first_error or e
+        errors.append(e)
         continue
+      for error in errors:
+        log.warning('Skipping unreadable checkpoint: %s', error)
       if step != steps[0]:
         log.warning('Restored older checkpoint step %d (newest %d was unreadable).', step, steps[0])
         self._set_aside(steps[:index])
       return step, state, extra
-    if first_error is not None:
+    if errors:
       raise CheckpointError(f'{self.directory}: no readable checkpoint among steps '
-                            f'{sorted(steps)}; newest error: {first_error}')
+                            f'{sorted(steps)}; newest error: {errors[0]}')
     return None
 
   def _set_aside(self, steps) -> None:
