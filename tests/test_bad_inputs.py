@@ -24,11 +24,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO
 
+from phase1_jax import config as config_lib
 from phase1_jax.data import prepare
+from phase1_jax.training import state as state_lib
+from phase1_jax.training.checkpoint import Checkpointer
 
 SECONDS = 10.0
 CONFIGS = REPO / 'configs'
@@ -43,6 +47,7 @@ class Bench:
   tmp: Path
   clean_dataset: Path
   corpus: Path
+  cleanups: list = dataclasses.field(default_factory=list)   # run after the case, pass or fail
 
   def dataset(self) -> Path:
     """A private copy of the prepared dataset, to damage."""
@@ -58,6 +63,7 @@ class Case:
   after: Callable[[Bench], None] | None = None   # more checks once the command has failed
   seconds: float = SECONDS                  # it must fail within this
   run_unchanged: bool = True                # the run's checkpoints and history stay as they were
+  ulimit_kb: int | None = None              # run under `ulimit -f`: files past it fail (EFBIG)
 
 
 # ------------------------------------------------------------------------------------- setups
@@ -149,6 +155,87 @@ def no_output(b: Bench):
   assert not os.path.exists(b.tmp / 'out') and not os.path.exists(b.tmp / 'out.incomplete')
 
 
+TINY_STEP = 8   # tiny_run's one checkpoint: one epoch of configs/tiny.py, 8 steps
+
+
+def add_altered_step(workdir: Path, *, none_good: bool = False):
+  """Adds step 16 to the run, the best and newest: step 8's state with every parameter + 1 and a
+  better best_metric. Then gives it step 8's array data: a step that reads without error but
+  whose arrays are not the ones saved (test_checkpoint.alter_state_data says why bytes
+  overwritten in place are not a reliable way). `none_good`: step 8 gets step 16's, too."""
+  config = config_lib.load_file(CONFIGS / 'tiny.py')
+  best = config.checkpoint.best_metric
+  tx, _ = state_lib.make_optimizer(config, TINY_STEP)
+  directory = workdir / 'checkpoints'
+  with Checkpointer(directory, async_save=False, best_metric=best,
+                    best_mode=config_lib.METRIC_MODES[best]) as ckpt:
+    state, extra = ckpt.restore(TINY_STEP, state_lib.abstract_train_state(config, tx))
+    value = json.loads((directory / str(TINY_STEP) / 'metrics' / 'metrics').read_text())[best]
+    better = value + (1 if config_lib.METRIC_MODES[best] == 'max' else -1)
+    ckpt.save(2 * TINY_STEP, state.replace(params=jax.tree.map(lambda x: x + 1, state.params)),
+              metrics={best: better}, extra={**extra, 'epoch': 2})
+  old, new = directory / str(TINY_STEP) / 'state', directory / str(2 * TINY_STEP) / 'state'
+  saved = shutil.copytree(new, workdir / 'state_16')
+  shutil.rmtree(new)
+  shutil.copytree(old, new)
+  if none_good:
+    shutil.rmtree(old)
+    shutil.copytree(saved, old)
+  shutil.rmtree(saved)
+
+
+def altered_best_step(b: Bench) -> list:
+  """E on a run whose best step's data was altered; its evaluation_results.json kept aside."""
+  add_altered_step(b.workdir)
+  shutil.copy(b.workdir / 'evaluation_results.json', b.tmp)
+  return ['--config', CONFIGS / 'tiny.py', '--workdir', b.workdir]
+
+
+def no_results_written(b: Bench):
+  """evaluate reported no metrics: evaluation_results.json is the one the run wrote."""
+  assert ((b.workdir / 'evaluation_results.json').read_bytes() ==
+          (b.tmp / 'evaluation_results.json').read_bytes())
+
+
+def no_good_step(b: Bench) -> list:
+  """T on a run whose every step's data was altered: nothing to resume from or fall back to."""
+  add_altered_step(b.workdir, none_good=True)
+  return train()(b)
+
+
+# The resumed epoch (2 steps of 16 pages, 8 val pages) writes its histograms (~230 kB in all,
+# the first thing past LOG_LIMIT_KB) before the epoch's record or checkpoint: those stay as they
+# were. No train records (log_every_steps) for the history to keep either.
+LOG_LIMIT_KB = 150
+SHORT_EPOCH = ('--config.data.train_samples=16', '--config.data.val_samples=8',
+               '--config.train.log_every_steps=100')
+
+
+def failed_recently(b: Bench):
+  """The trainer exited within SECONDS of its failed write: the event file's last change."""
+  events = max((b.workdir / 'tensorboard').iterdir(), key=lambda p: p.stat().st_mtime)
+  assert time.time() - events.stat().st_mtime < SECONDS
+
+
+def full_checkpoint_disk(b: Bench) -> list:
+  """T with asynchronous saves every step, the run's checkpoints on a 3 MB tmpfs filled to 64 kB
+  short of full: step 9's save fails (reported at step 10's). Mounting needs root: skipped
+  where it is refused."""
+  checkpoints, aside = b.workdir / 'checkpoints', b.tmp / 'checkpoints'
+  shutil.move(checkpoints, aside)
+  checkpoints.mkdir()
+  try:
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3M', 'tmpfs', checkpoints], check=True,
+                   capture_output=True, text=True)
+  except (OSError, subprocess.CalledProcessError) as e:
+    pytest.skip(f'cannot mount a tmpfs: {getattr(e, "stderr", None) or e}'.strip())
+  b.cleanups.append(lambda: subprocess.run(['umount', checkpoints], check=True))
+  shutil.copytree(aside, checkpoints, dirs_exist_ok=True)
+  (checkpoints / 'filler').write_bytes(b'\0' * (shutil.disk_usage(checkpoints).free - 64_000))
+  return train('--config.checkpoint.async_save=True', '--config.checkpoint.every_steps=1',
+               '--config.train.log_every_steps=100')(b)
+
+
 SYNTAX_ERROR = 'def get_config(:\n  pass\n'
 NO_GET_CONFIG = 'X = 1\n'
 STRING_EPOCHS = ("from phase1_jax.config import base_config\n\n\ndef get_config():\n"
@@ -206,6 +293,19 @@ CASES = [
     Case('prepare_retired_grid_numbers', PREPARE, prepare_pages('--grid', '0,4,16'), ("'grid'",),
          no_output),
     Case('prepare_binary_pages', PREPARE, binary_pages, ('a.html', 'not text'), no_output),
+    # Checkpoints whose data was altered (checksums): never evaluated, never resumed from.
+    Case('altered_checkpoint_evaluate', EVALUATE, altered_best_step,
+         ('checkpoints/16', 'step 16 fails its checksum'), no_results_written),
+    Case('altered_checkpoints_resume', TRAIN, no_good_step,
+         ('no readable checkpoint', 'step 16 fails its checksum')),
+    # Writers that fail: a log file past the file size limit, a full disk under async saves.
+    # Both must train first; the bar for them is the time after the failure (after=).
+    Case('dead_log_writer', TRAIN, train(*SHORT_EPOCH), ('tensorboard/events.out.tfevents',
+                                                         'File too large'),
+         failed_recently, seconds=60, ulimit_kb=LOG_LIMIT_KB),
+    Case('async_save_disk_full', TRAIN, full_checkpoint_disk,
+         ('cannot write checkpoint step 9', 'No space left on device',
+          'older checkpoints are intact'), seconds=60),
 ]
 
 
@@ -225,17 +325,26 @@ def corpus_and_dataset(tmp_path_factory):
 
 
 def run_state(workdir: Path) -> dict:
-  """{path: sha256} of the run's checkpoints and history: what no bad input may change."""
-  paths = [p for p in sorted((workdir / 'checkpoints').rglob('*')) if p.is_file()]
+  """{path: sha256} of the run's committed checkpoints and history: what no bad input may change.
+  (A save that failed leaves its uncommitted step directory, removed when the checkpoints are
+  next opened.)"""
+  def committed(p: Path) -> bool:
+    return p.is_file() and not any('.orbax-checkpoint-tmp' in part for part in p.parts)
+  paths = [p for p in sorted((workdir / 'checkpoints').rglob('*')) if committed(p)]
   paths.append(workdir / 'training_history.json')
   return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 
 
-def run(module: str, args: list) -> tuple[subprocess.CompletedProcess, float]:
+def run(module: str, args: list, ulimit_kb: int | None = None
+        ) -> tuple[subprocess.CompletedProcess, float]:
   env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(REPO / '.jax_cache')}
+  command = [sys.executable, '-m', module, *map(str, args)]
+  if ulimit_kb:   # as test_fault_tolerance.start_cli
+    command = ['bash', '-c', f'trap "" XFSZ; ulimit -f {ulimit_kb}; exec "$@"', 'bash', *command]
+    # No compilation-cache writes: one cut short by the limit would stay in the shared cache.
+    env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = str(2**62)
   start = time.perf_counter()
-  proc = subprocess.run([sys.executable, '-m', module, *map(str, args)], capture_output=True,
-                        text=True, cwd=REPO, timeout=300, env=env)
+  proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
   return proc, time.perf_counter() - start
 
 
@@ -246,15 +355,34 @@ def test_bad_input_is_one_line_naming_the_culprit(case, tiny_run, corpus_and_dat
   bench = Bench(Path(shutil.copytree(tiny_run, tmp_path / 'run')), tmp_path / 'case', dataset,
                 corpus)
   bench.tmp.mkdir()
-  args = case.setup(bench)
-  before = run_state(bench.workdir)
-  proc, seconds = run(case.module, args)
-  lines = proc.stderr.strip().splitlines()
-  assert proc.returncode not in (0, None), proc.stdout + proc.stderr
-  assert len(lines) == 1, proc.stderr
-  assert all(word in lines[0] for word in case.names), lines[0]
-  assert seconds < case.seconds, f'{seconds:.1f} s: {lines[0]}'
-  if case.run_unchanged:
-    assert run_state(bench.workdir) == before
-  if case.after is not None:
-    case.after(bench)
+  try:
+    args = case.setup(bench)
+    before = run_state(bench.workdir)
+    proc, seconds = run(case.module, args, case.ulimit_kb)
+    lines = proc.stderr.splitlines()   # not stripped: a progress bar's residue is a line
+    assert proc.returncode not in (0, None), proc.stdout + proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert all(word in lines[0] for word in case.names), lines[0]
+    assert seconds < case.seconds, f'{seconds:.1f} s: {lines[0]}'
+    if case.run_unchanged:
+      assert run_state(bench.workdir) == before
+    if case.after is not None:
+      case.after(bench)
+  finally:
+    for cleanup in bench.cleanups:
+      cleanup()
+
+
+def test_resume_falls_back_past_an_altered_step(tiny_run, tmp_path):
+  """Not a failure, so not a row: T on a run whose newest (and best) step was altered names
+  that step, moves it aside and resumes from step 8, the one before. With num_epochs=1 nothing
+  is left to train: the run goes straight to its final evaluation, of step 8."""
+  workdir = Path(shutil.copytree(tiny_run, tmp_path / 'run'))
+  add_altered_step(workdir)
+  proc, _ = run(TRAIN, ['--config', CONFIGS / 'tiny.py', '--config.train.num_epochs=1',
+                        '--workdir', workdir])
+  assert proc.returncode == 0, proc.stderr
+  assert 'checkpoints/16: step 16 fails its checksum' in proc.stderr, proc.stderr
+  assert 'Restored older checkpoint step 8' in proc.stderr, proc.stderr
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['16.unreadable', '8']
+  assert json.loads((workdir / 'evaluation_results.json').read_text())['checkpoint_step'] == 8
