@@ -126,6 +126,12 @@ def generate(*args, config_json: str | None = None) -> Callable[[Bench], list]:
   return setup
 
 
+def output_under_a_file(b: Bench) -> list:
+  """G of one page, --output a path whose folder is a file."""
+  (b.tmp / 'file').write_text('not a folder')
+  return ['--workdir', b.workdir, '--output', b.tmp / 'file' / 'pages.jsonl', '--num_samples=1']
+
+
 def bad_features(b: Bench) -> list:
   np.save(b.tmp / 'bad.npy', np.zeros((2, 5, 3), np.float32))
   return ['--workdir', b.workdir, '--features', b.tmp / 'bad.npy']
@@ -287,6 +293,12 @@ CASES = [
          ('--num_samples=-1',)),
     Case('generate_features_of_wrong_width', GENERATE, bad_features,
          ('bad.npy', 'feature_dim 3 != data.feature_dim 16')),
+    # Their output cannot be written: after the work, still one line.
+    Case('generate_output_unwritable', GENERATE, output_under_a_file,
+         ('pages.jsonl', 'cannot write')),
+    Case('evaluate_results_past_file_size_limit', EVALUATE,
+         lambda b: ['--config', CONFIGS / 'tiny.py', '--workdir', b.workdir],
+         ('evaluation_results.json', 'File too large'), ulimit_kb=1),
     # prepare: nothing left behind. (--grid is gone; '0,4,16' once left a half-written --out.)
     Case('prepare_retired_grid_flag', PREPARE, prepare_pages('--grid', 'a,b,c'), ("'grid'",),
          no_output),
