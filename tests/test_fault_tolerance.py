@@ -298,13 +298,13 @@ INTERRUPTED = """
 import signal, sys
 from absl import app
 from phase1_jax import config_validation, train
-from phase1_jax.training import faults
+from phase1_jax.training import faults, loop
 
 def interrupted_twice(config, workdir):   # Ctrl-C twice while training, outside a save
   with faults.StopSignals():
     signal.raise_signal(signal.SIGINT)
     signal.raise_signal(signal.SIGINT)
-train.train_and_evaluate = interrupted_twice
+loop.train_and_evaluate = interrupted_twice   # train.main imports it when it runs
 sys.argv = ['train', '--config', 'configs/tiny.py']
 app.run(train.main, flags_parser=config_validation.parse_flags)
 """
