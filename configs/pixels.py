@@ -28,6 +28,9 @@ def get_config(path: str = ''):
   config.model.encoder_layers = 4
   config.model.compute_dtype = 'auto'       # bfloat16 on a GPU/TPU
   config.model.attention.kind = 'auto'      # dot_product (cuDNN) on a GPU
+  # The encoder also learns each patch's section class and element type from the rendered boxes
+  # (prepare --render stores them): the decoder then finds the page's layout in its memory.
+  config.loss.patch_weight = 0.5
   config.parallel.mode = 'jit'
   config.train.batch_size = 64
   config.train.learning_rate = 3e-4

@@ -7,7 +7,8 @@
 model.vocab_size (rounded up to a multiple of 128), the label counts, data.feature_dim,
 data.patch_size and data.max_patches (the patches per page it was prepared with) come from the
 directory's dataset.json, so the config always fits the data. A patch encoder of 2 layers reads
-the patches (model/encoder.py).
+the patches (model/encoder.py) and learns each patch's labels (loss.patch_weight: a dataset
+prepared without them needs --config.loss.patch_weight=0).
 """
 from phase1_jax.config import base_config, fit_to_dataset
 
@@ -29,6 +30,9 @@ def get_config(path: str = ''):
   # auto: the C++ fused attention kernel on a CPU (fused_cpu; the encoder's bidirectional
   # attention and the cross-attention too), cuDNN's on a GPU.
   config.model.attention.kind = 'auto'
+  # The encoder also learns each patch's section class and element type from the rendered boxes
+  # (prepare --render stores them): the decoder then finds the page's layout in its memory.
+  config.loss.patch_weight = 0.5
   # As configs/small.py: one device per core, pmap over them.
   config.parallel.mode = 'pmap'
   config.train.batch_size = 16
