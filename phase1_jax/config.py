@@ -69,9 +69,6 @@ def base_config() -> ml_collections.ConfigDict:
   m.mlp_dim = 3072
   m.encoder_layers = 0          # pixel input: the patch encoder's transformer layers (0: embedding)
   m.dropout_rate = 0.1
-  # Training only: this share of the decoder's input tokens (after BOS) read as <unk>, so the
-  # next token must come from the page's input more than from the tokens before it.
-  m.token_dropout = 0.0
   m.compute_dtype = 'auto'      # auto: bfloat16 on GPU/TPU, float32 on CPU (measured faster there)
   m.tie_detail_head = True
   # True: lax.scan over the applications, compile time flat in depth (deep stacks).

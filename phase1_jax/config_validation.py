@@ -184,7 +184,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise _fail('model.encoder_layers', 'must be 0 unless data.patch_size > 0 (the encoder reads '
                 'pixel patches)', m.encoder_layers)
   in_range('model.dropout_rate', 0, 1, hi_open=True)
-  in_range('model.token_dropout', 0, 1, hi_open=True)
   one_of('model.compute_dtype', COMPUTE_DTYPES)
   one_of('model.remat_policy', REMAT_POLICIES)
   one_of('model.attention.kind', ATTENTION_KINDS)

@@ -3,7 +3,6 @@ parameter counting, and the full model's masking, causality and dropout behaviou
 from __future__ import annotations
 
 import functools
-import types
 
 import chex
 import jax
@@ -17,7 +16,7 @@ from flax import nnx
 from phase1_jax.model import layers
 from phase1_jax.model.decoder import DecoderLayer, MultiHeadAttention, SharedDecoderBackbone
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
-from phase1_jax.model.phase1 import Phase1Decoder, count_params, parameter_report
+from phase1_jax.model.phase1 import count_params, parameter_report
 
 D, N, MLP, V, C, E = 32, 4, 64, 64, 5, 4
 B, T, S = 2, 8, 6
@@ -588,25 +587,3 @@ def test_layer_norm_matches_nnx_with_gradients(dtype):
   assert_matches_float32_reference(ours, ref, x, g, 1e-5 if dtype == jnp.float32 else 1e-2)
   chex.assert_type(ours(x), dtype)
 
-
-def test_token_dropout_hides_real_tokens_after_bos_only():
-  """Word dropout: about `token_dropout` of the real tokens after BOS read as <unk>; BOS and the
-  padding never change, and each key draws its own positions."""
-  rng = np.random.default_rng()
-  inputs = rng.integers(4, 500, (64, 48)).astype(np.int32)
-  inputs[:, 0] = 1
-  lengths = rng.integers(2, 49, 64)
-  inputs[np.arange(48)[None] >= lengths[:, None]] = 0
-  mask = jnp.asarray(inputs != 0)
-  model = types.SimpleNamespace(token_dropout=0.25, unk_id=3)
-  key = jax.random.key(int(rng.integers(1 << 30)))
-  dropped = np.asarray(Phase1Decoder._drop_tokens(model, jnp.asarray(inputs), mask, key))
-  changed = dropped != inputs
-  assert (dropped[changed] == 3).all()
-  assert not changed[:, 0].any() and not changed[inputs == 0].any()
-  candidates = (inputs != 0).copy()
-  candidates[:, 0] = False
-  assert abs(changed.sum() / candidates.sum() - 0.25) < 0.03
-  other = np.asarray(Phase1Decoder._drop_tokens(model, jnp.asarray(inputs), mask,
-                                                jax.random.fold_in(key, 1)))
-  assert (other != dropped).any()

@@ -45,10 +45,8 @@ class Phase1Decoder(nnx.Module):
                scan_layers: bool = True, remat: bool = False,
                remat_policy: str = 'nothing_saveable', pad_id: int = 0,
                patch_size: int = 0, max_patches: int = 0, encoder_layers: int = 0,
-               token_dropout: float = 0.0, unk_id: int = 3, patch_labels: bool = False,
-               rngs: nnx.Rngs):
+               patch_labels: bool = False, rngs: nnx.Rngs):
     self.pad_id, self.dtype = pad_id, dtype
-    self.token_dropout, self.unk_id = token_dropout, unk_id
     embed = lambda n: Embed(n, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.token_embed, self.position_embed = embed(vocab_size), embed(max_seq_len)
     norm = lambda: LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -93,22 +91,11 @@ class Phase1Decoder(nnx.Module):
       return self.patch_encoder(features_BxPxF, lengths_B, dropout_key)
     return self.memory_norm(self.feature_proj(features_BxPxF.astype(self.dtype)))
 
-  def _drop_tokens(self, inputs_BxT, token_mask_BxT, dropout_key):
-    """Training: each real input token after the first (BOS) reads as <unk> with probability
-    token_dropout (word dropout), so predicting the next token leans on the memory. Its key is
-    folded from dropout_key: the other dropout masks stay what they are without it."""
-    drop_BxT = jax.random.bernoulli(jax.random.fold_in(dropout_key, 0x70D),
-                                    self.token_dropout, inputs_BxT.shape)
-    drop_BxT &= token_mask_BxT & (jnp.arange(inputs_BxT.shape[1]) > 0)[None]
-    return jnp.where(drop_BxT, self.unk_id, inputs_BxT)
-
   def __call__(self, features_BxPxF, feature_mask_BxP, inputs_BxT, dropout_key=None, *,
                detail_logits: bool = True):
     token_lengths_B = prefix_lengths(inputs_BxT != self.pad_id)
     t = inputs_BxT.shape[1]
     token_mask_BxT = prefix_mask(token_lengths_B, t)
-    if dropout_key is not None and self.token_dropout:
-      inputs_BxT = self._drop_tokens(inputs_BxT, token_mask_BxT, dropout_key)
     x_BxTxD = self.token_embed(inputs_BxT) + self.position_embed(jnp.arange(t))[None]
     # A third key for the patch encoder only: the features model draws the masks it always did.
     num_keys = 2 if self.patch_encoder is None else 3

@@ -8,7 +8,6 @@ import ml_collections
 import optax
 from flax import nnx
 
-from phase1_jax.data import vocab
 from phase1_jax.losses import TASKS
 from phase1_jax.model import attention, cpu_attention
 from phase1_jax.model.phase1 import Phase1Decoder
@@ -75,7 +74,6 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Phase1D
       scan_layers=scan_layers(m.scan_layers, m.num_layers), remat=m.remat,
       remat_policy=m.remat_policy, patch_size=d.patch_size,
       max_patches=d.max_patches if d.patch_size else 0, encoder_layers=m.encoder_layers,
-      token_dropout=m.token_dropout, unk_id=vocab.UNK_ID,
       patch_labels=config.loss.patch_weight > 0, rngs=rngs)
 
 
