@@ -42,6 +42,16 @@ body { margin: 0; font: 16px sans-serif }
 <input id="field" value="text" autofocus>
 </body></html>"""
 
+# Text blocks: three shown (one inside display:contents), three hidden, one below the capture.
+TEXTS = """<!doctype html><body style="margin:0; font: 16px sans-serif">
+<p style="color:rgb(10,20,30)">Hello
+   world</p><h1>Title</h1>
+<div style="display:none">gone</div><span style="visibility:hidden">hidden</span>
+<div style="opacity:0">faint</div>
+<div style="display:contents; color:rgb(200,0,0)"><i>contents</i></div>
+<div style="position:absolute; top:3000px">below the capture</div>
+</body>"""
+
 # Every way out of html_dir we know of, with JavaScript off (the default).
 UNSAFE = """<!doctype html><html><head>
 <meta http-equiv="refresh" content="0; url=http://example.com/">
@@ -95,6 +105,9 @@ def site(tmp_path_factory):
   os.symlink(root / 'outside.png', site / 'link.png')
   os.symlink(root / 'outside.html', site / 'linked.html')
   (site / 'styled.html').write_text(STYLED)
+  (site / 'texts.html').write_text(TEXTS)
+  (site / 'empty.html').write_text('')
+  (site / 'fragment.html').write_text('<div><p>broken <b>tag')
   (site / 'tall.html').write_text('<body style="margin:0"><div style="height:5000px"></div>')
   (site / 'unsafe.html').write_text(UNSAFE.format(outside=root))
   (site / 'unsafe_js.html').write_text(UNSAFE_JS)
@@ -169,6 +182,29 @@ def test_height_is_capped(renderer):
 def test_same_page_same_pixels(renderer):
   first, second = renderer.render('styled.html'), renderer.render('styled.html')
   assert first.png == second.png and first.html == second.html
+
+
+def test_text_blocks_texts_boxes_colours_and_determinism(renderer):
+  page = renderer.render('texts.html')
+  blocks = page.text_blocks
+  assert [b.text for b in blocks] == ['Hello world', 'Title', 'contents']
+  assert blocks[0].colour == (10, 20, 30) and blocks[1].colour == (0, 0, 0)
+  assert blocks[2].colour == (200, 0, 0)  # inherited through display:contents
+  for b in blocks:
+    x, y, w, h = b.box
+    assert w > 0 and h > 0 and x >= 0 and y >= 0
+    assert x + w <= 1024 and y + h <= page.height == 2048
+  assert blocks[0].box[:2] == (0, 16) and blocks[0].box[3] < blocks[1].box[3]  # p margin; h1 font
+  tops = [b.box[1] for b in blocks]
+  assert tops == sorted(tops) and blocks[0].box[1] + blocks[0].box[3] <= blocks[1].box[1]
+  assert renderer.render('texts.html').text_blocks == blocks
+
+
+def test_text_blocks_of_fragments_and_empty_pages(renderer):
+  assert renderer.render('empty.html').text_blocks == ()
+  blocks = renderer.render('fragment.html').text_blocks
+  assert [b.text for b in blocks] == ['broken', 'tag']
+  assert blocks[0].box[1] == blocks[1].box[1] and blocks[0].box[0] < blocks[1].box[0]
 
 
 def test_nothing_leaves_html_dir_without_javascript(renderer, site, served):
@@ -263,8 +299,10 @@ def test_render_pages_in_workers_keeps_order_and_cleans_up(site, renderer):
   assert 'no such file' in reasons['missing.html']
   assert results[2][1].height == 2048 and results[0][1].height == 768
   # Same pixels from another process's browser.
+  same = renderer.render('styled.html')
   np.testing.assert_array_equal(patches.decode_png(results[0][1].png),
-                                patches.decode_png(renderer.render('styled.html').png))
+                                patches.decode_png(same.png))
+  assert results[0][1].text_blocks == same.text_blocks and same.text_blocks
   assert not _wait_for_browsers(before)
 
   def consume_and_fail():

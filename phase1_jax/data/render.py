@@ -50,7 +50,8 @@ LAUNCH_ARGS = (
 
 STILL_CSS = ('*,*::before,*::after{animation:none!important;transition:none!important;'
              'caret-color:transparent!important}')
-# Settles the page and annotates it (RenderedPage states the box rule); returns {html, height}.
+# Settles the page and annotates it (RenderedPage states the box and text rules); returns
+# {html, height, texts}.
 SETTLE_AND_ANNOTATE = (pathlib.Path(__file__).with_name('render_annotate.js')).read_text()
 
 
@@ -70,6 +71,14 @@ class RenderSpec:
         raise ValueError(f'RenderSpec.{name} must be >= 1, got {getattr(self, name)}')
     if not self.timeout_s > 0:
       raise ValueError(f'RenderSpec.timeout_s must be > 0, got {self.timeout_s}')
+
+
+@dataclasses.dataclass(frozen=True)
+class TextBlock:
+  """One visible text block of a render (RenderedPage.text_blocks states the rule)."""
+  text: str
+  box: tuple[int, int, int, int]     # x, y, w, h: CSS px, page coordinates
+  colour: tuple[int, int, int]       # computed text colour, 0-255 (alpha dropped)
 
 
 class RenderError(Exception):
@@ -94,11 +103,19 @@ class RenderedPage:
   zero-size element (a container of floats, display:contents) instead takes the union of its
   visible children's boxes, and is visible when that is not empty. A box wholly above or left of
   the page (off-screen tricks) is not visible; clipping by overflow is not considered.
+  text_blocks: the visible text, for render-based metrics (Design2Code's blocks), one block per
+  DOM text node as Design2Code's OCR-free blocks are: its data with whitespace runs collapsed
+  and trimmed (blank nodes give none); its box, the union of its line boxes clipped to the
+  captured png (0..width x 0..height; none when nothing is left); its colour, its parent
+  element's computed `color`. Hidden: visibility not 'visible', or display:none / opacity:0 on
+  the nearest element with a box or above. Sorted top to bottom, then left to right (document
+  order on ties). Not included: iframes, shadow DOM, form values, generated content (::before).
   """
   png: bytes
   html: str
   height: int
   blocked: int
+  text_blocks: tuple[TextBlock, ...] = ()
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,7 +185,9 @@ class _Driver:
 
 class Renderer:
   """One browser, one context and one page, reused from page to page (the context is recycled
-  every RECYCLE_EVERY pages, the browser every RESTART_EVERY, the page after any failure)."""
+  every RECYCLE_EVERY pages, the browser every RESTART_EVERY, the page after any failure).
+  text_blocks=False skips collecting RenderedPage.text_blocks (left empty)."""
+  text_blocks = True
 
   def __init__(self, html_dir: str, spec: RenderSpec):
     self.root = os.path.realpath(html_dir)
@@ -313,14 +332,16 @@ class Renderer:
     response = self._page.goto(url, wait_until='load')
     if response is None or not response.ok:
       raise RenderError(f'HTTP {response.status if response else "no response"}')
-    settled = self._evaluate_isolated(f'({SETTLE_AND_ANNOTATE})({json.dumps(STILL_CSS)})')
+    settled = self._evaluate_isolated(
+        f'({SETTLE_AND_ANNOTATE})({json.dumps(STILL_CSS)}, {json.dumps(self.text_blocks)})')
     height = max(1, min(int(settled['height']), self.spec.max_height))
     # CDP rather than page.screenshot: the same pixels, about twice as fast (faster PNG coding).
     shot = self._cdp.send('Page.captureScreenshot', {
         'format': 'png', 'captureBeyondViewport': True, 'optimizeForSpeed': True,
         'clip': {'x': 0, 'y': 0, 'width': self.spec.width, 'height': height, 'scale': 1}})
     return RenderedPage(png=base64.b64decode(shot['data']), html=settled['html'],
-                        height=height, blocked=self._blocked)
+                        height=height, blocked=self._blocked,
+                        text_blocks=_text_blocks(settled['texts'], self.spec.width, height))
 
   def _evaluate_isolated(self, expression: str):
     """Value of expression, run in an isolated world of the page's main frame.
@@ -338,6 +359,20 @@ class Renderer:
     if 'exceptionDetails' in reply:
       raise RenderError(f"annotation failed: {reply['exceptionDetails'].get('text', '?')}")
     return reply['result']['value']
+
+
+def _text_blocks(texts: list, width: int, height: int) -> tuple[TextBlock, ...]:
+  """The annotation's [text, left, top, right, bottom, r, g, b] rows as TextBlocks: boxes clipped
+  to the width x height capture and rounded to whole px (none left: dropped), sorted top to
+  bottom, then left to right."""
+  blocks = []
+  for text, left, top, right, bottom, *rgb in texts:
+    left, right = max(0.0, left), min(float(width), right)
+    top, bottom = max(0.0, top), min(float(height), bottom)
+    box = (round(left), round(top), round(right - left), round(bottom - top))
+    if box[2] > 0 and box[3] > 0:
+      blocks.append(TextBlock(text, box, tuple(min(255, max(0, round(c))) for c in rgb)))
+  return tuple(sorted(blocks, key=lambda b: (b.box[1], b.box[0])))
 
 
 def _descendants(pid: int | None) -> list[int]:
