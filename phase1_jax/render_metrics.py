@@ -1,0 +1,92 @@
+"""Markup strings -> rendered pages -> visual metrics: from data.render to visual_metrics.
+
+Each markup is written to a temporary folder as NNNNN.html (a fragment is fine: a
+`<!doctype html><meta charset=utf-8><body>` prefix puts it in standards mode with a fixed
+encoding), rendered by render_pool.render_pages in worker processes with one RenderSpec (the same
+viewport and width for generated and reference pages), and turned into visual_metrics.PageRender.
+A page that fails to render (timeout, error) is a failed render (ok=False), never an exception.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Sequence
+
+from phase1_jax import visual_metrics
+from phase1_jax.data import patches, render, render_pool
+
+PREFIX = '<!doctype html><meta charset=utf-8><body>'
+_HAS_DOCUMENT = re.compile(r'\s*(<!doctype|<html)', re.IGNORECASE)
+
+
+def page_source(markup: str) -> str:
+  """The file written for one markup: the markup itself when it is a whole document, else the
+  fragment behind PREFIX."""
+  return markup if _HAS_DOCUMENT.match(markup) else PREFIX + markup
+
+
+def _to_page_render(width: int, rel_path: str, page: render.RenderedPage):
+  """render_pool convert (runs in the worker): a RenderedPage as a PageRender without its
+  markup (the caller adds it), the PNG decoded where it was rendered."""
+  del rel_path
+  try:
+    shot = patches.decode_png(page.png)
+  except ValueError as e:
+    return str(e)
+  blocks = tuple(visual_metrics.TextBlock(b.text, tuple(map(float, b.box)), tuple(b.colour))
+                 for b in page.text_blocks)
+  return visual_metrics.PageRender(ok=True, width=float(width), height=float(page.height),
+                                   blocks=blocks, screenshot_HxWx3=shot)
+
+
+def render_markups(markups: Sequence[str], spec: render.RenderSpec, *,
+                   workers: int = 1) -> list[visual_metrics.PageRender]:
+  """One PageRender per markup, in order; a page that failed to render has ok=False."""
+  if not markups:
+    return []
+  directory = tempfile.mkdtemp(prefix='render_metrics_')
+  try:
+    rels = []
+    for i, markup in enumerate(markups):
+      rels.append(f'{i:05d}.html')
+      with open(os.path.join(directory, rels[-1]), 'w', encoding='utf-8') as f:
+        f.write(page_source(markup))
+    convert = functools.partial(_to_page_render, spec.width)
+    results = dict(render_pool.render_pages(directory, rels, spec,
+                                            workers=min(workers, len(rels)), convert=convert))
+  finally:
+    shutil.rmtree(directory, ignore_errors=True)
+  return [dataclasses.replace(r, markup=m) if isinstance(r, visual_metrics.PageRender) else
+          visual_metrics.PageRender(ok=False, width=float(spec.width), height=0.0, markup=m)
+          for m, r in zip(markups, (results[rel] for rel in rels), strict=True)]
+
+
+def score_renders(generated: Sequence[visual_metrics.PageRender],
+                  reference: Sequence[visual_metrics.PageRender]) -> dict[str, float]:
+  """visual_metrics.summarize over the pairs whose reference rendered (a reference that did not
+  cannot be scored against); the pairs left out are counted in `reference_failures`."""
+  pairs = [(g, r) for g, r in zip(generated, reference, strict=True) if r.ok]
+  out = visual_metrics.summarize([visual_metrics.compare(g, r) for g, r in pairs])
+  out['reference_failures'] = float(len(generated) - len(pairs))
+  return out
+
+
+def score_pages(generated_markups: Sequence[str], reference_markups: Sequence[str] | None,
+                spec: render.RenderSpec, workers: int = 1, *,
+                reference_renders: Sequence[visual_metrics.PageRender] | None = None) -> dict:
+  """Visual metrics of generated markups against their references (summarize's means, plus
+  `render_seconds`, the time spent rendering). Pass `reference_renders` (render_markups of the
+  references, same spec) to render the references once for many generated sets."""
+  start = time.perf_counter()
+  if reference_renders is None:
+    reference_renders = render_markups(list(reference_markups), spec, workers=workers)
+  generated = render_markups(list(generated_markups), spec, workers=workers)
+  render_seconds = time.perf_counter() - start
+  out = score_renders(generated, reference_renders)
+  out['render_seconds'] = render_seconds
+  return out
