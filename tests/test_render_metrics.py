@@ -89,3 +89,55 @@ def test_page_source_wraps_fragments_only():
   assert render_metrics.page_source('<p>x</p>') == render_metrics.PREFIX + '<p>x</p>'
   doc = '<!DOCTYPE html><html><body>x</body></html>'
   assert render_metrics.page_source(doc) == doc
+
+
+# --------------------------------------------------------------------------- the baselines CLI
+
+@pytest.fixture(scope='module')
+def pixel_dataset(tmp_path_factory):
+  """A tiny rendered dataset (10 synthetic pages, 8 px patches), as tests/test_prepare_render."""
+  from phase1_jax.data import prepare, synthetic_html
+  root = str(tmp_path_factory.mktemp('pages'))
+  synthetic_html.write_pages(root, 10, seed=3, width=480)
+  out = str(tmp_path_factory.mktemp('prepared') / 'pixels')
+  prepare.prepare(root, out, vocab_size=400, val_fraction=0.3, render_spec=SPEC, patch_size=8,
+                  max_patches=96, workers=2, progress=False)
+  return out
+
+
+def _baselines_cli(*args):
+  import subprocess
+  import sys
+  return subprocess.run([sys.executable, '-m', 'phase1_jax.baselines', *args],
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_baselines_cli_scores_every_baseline_visually(pixel_dataset, tmp_path):
+  import json
+  output = str(tmp_path / 'baselines.json')
+  done = _baselines_cli('--data', pixel_dataset, '--max_seq_len', '64', '--max_patches', '96',
+                        '--render_samples', '2', '--workers', '2', '--output', output)
+  assert done.returncode == 0, done.stderr
+  out = json.loads(done.stdout)
+  with open(output) as f:
+    assert json.load(f) == out
+  assert {'majority_elements', 'majority_section'} <= set(out)
+  samples = min(2, out['val_pages'])   # the split is by content: 1 or more val pages
+  assert out['visual_reference']['pages'] == samples and out['visual_reference']['width'] == 480
+  for name in ('constant_page', 'nearest_neighbour', 'layout_oracle'):
+    assert 0.0 <= out[name]['bleu'] <= 1.0, name
+    visual = out[name]['visual']
+    assert visual['pages'] == samples and visual['render_seconds'] > 0, name
+    assert all(0.0 <= visual[k] <= 1.0 for k in visual_metrics.METRICS), (name, visual)
+  assert out['layout_oracle']['visual']['tree_bleu'] == 1.0   # every tag of the page kept
+
+
+def test_baselines_cli_render_off_and_bad_data(pixel_dataset, tmp_path):
+  import json
+  done = _baselines_cli('--data', pixel_dataset, '--max_seq_len', '64', '--max_patches', '96',
+                        '--render_samples', '0')
+  assert done.returncode == 0, done.stderr
+  assert all('visual' not in v for v in json.loads(done.stdout).values() if isinstance(v, dict))
+  done = _baselines_cli('--data', str(tmp_path / 'missing'))
+  assert done.returncode == 1 and done.stderr.startswith('error: ')
+  assert len(done.stderr.strip().splitlines()) == 1, done.stderr

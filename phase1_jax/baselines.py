@@ -1,6 +1,7 @@
 """Trivial baselines of a prepared dataset's val split, scored as `evaluate` scores the model.
 
-    python benchmarks/baselines.py --data DIR [--max_seq_len 256] [--max_patches 256]
+    python -m phase1_jax.baselines --data DIR [--max_seq_len 256] [--max_patches 256]
+        [--render_samples 64] [--workers 2] [--output FILE]
 
 - majority elements: each element type predicted present when it is on most train pages;
 - majority section: every token gets the most frequent train section class;
@@ -12,7 +13,11 @@ A ceiling rather than a baseline, on BPE datasets (a tokenizer.json):
 - layout oracle: each val page's own markup with every text node replaced by the train pages'
   most frequent text node: the BLEU of a model that gets every tag and attribute right but
   cannot read the page's words (their pixels are too small at the prepared resolution).
-Prints one JSON object. BLEU over BPE token strings, as training's evaluation.
+Prints one JSON object (and writes it to --output). BLEU over BPE token strings, as training's
+evaluation. On a pixel dataset the markup baselines (constant page, nearest neighbour, layout
+oracle) are also rendered and scored with visual_metrics (`visual` of each) against the first
+--render_samples val pages' reference markup (their full decoded tokens), all at the dataset's
+render width; the references are rendered once for all. --render_samples 0 switches this off.
 """
 from __future__ import annotations
 
@@ -21,11 +26,13 @@ import collections
 import json
 import os
 import re
+import sys
+import time
 
 import numpy as np
 
-from phase1_jax import metrics
-from phase1_jax.data import bpe, records, vocab
+from phase1_jax import metrics, render_metrics
+from phase1_jax.data import bpe, records, render, vocab
 
 KEEP = ('targets', 'element_labels', 'semantic_labels', 'semantic_mask')
 
@@ -43,7 +50,10 @@ def _pages(directory, split, max_seq_len, max_patches, pixels):
   return pages
 
 
-def baselines(directory: str, max_seq_len: int, max_patches: int) -> dict:
+def baselines(directory: str, max_seq_len: int, max_patches: int, render_samples: int = 0,
+              workers: int = 2, browser: str | None = None) -> dict:
+  """Every baseline's scores (see the module docstring); render_samples > 0 adds the visual
+  metrics on a pixel dataset with a tokenizer."""
   meta = records.read_metadata(directory)
   pixels = records.input_kind(meta) == 'pixels'
   train, val = (_pages(directory, s, max_seq_len, max_patches, pixels) for s in ('train', 'val'))
@@ -76,22 +86,60 @@ def baselines(directory: str, max_seq_len: int, max_patches: int) -> dict:
   nn_scores = metrics.element_scores(labels(train)[nearest], labels(val))
   out['nearest_neighbour'].update({k: nn_scores[k] for k in ('element_f1', 'element_f1_macro')})
   tokenizer_path = os.path.join(directory, records.TOKENIZER_FILE)
-  if os.path.exists(tokenizer_path):
+  tok = bpe.load(tokenizer_path) if os.path.exists(tokenizer_path) else None
+  if tok is not None:
     out['layout_oracle'] = {'bleu': _layout_oracle_bleu(
-        bpe.load(tokenizer_path), train, val, val_text, max_seq_len, strings)}
+        tok, train, val, val_text, max_seq_len, strings)}
+  if render_samples > 0 and pixels and tok is not None:
+    answers = {'constant_page': lambda i: best, 'nearest_neighbour': lambda i: nearest[i]}
+    _visual(out, directory, meta, tok, answers, _text_word(tok, train),
+            min(render_samples, len(val)), workers, browser)
+  elif render_samples > 0:
+    out['visual_metrics'] = 'off: needs a pixel dataset with a BPE tokenizer'
   return out
+
+
+def _visual(out, directory, meta, tok, answers, word, samples, workers, browser) -> None:
+  """Adds `visual` (render_metrics.score_pages) to each markup baseline of `out`: the first
+  `samples` val pages' full reference markup rendered once, each baseline's answer beside it."""
+  spec = render.RenderSpec(width=int(meta['render']['width']),
+                           max_height=int(meta['render'].get('max_height', 2048)),
+                           javascript=bool(meta['render'].get('javascript', False)),
+                           browser=browser)
+  train_src, val_src = (records.FilePages(directory, s, max_seq_len=1, num_patches=1)
+                        for s in ('train', 'val'))
+  markup = lambda src, i: bpe.decode(tok, src.record(int(i))['tokens'])
+  reference = [markup(val_src, i) for i in range(samples)]
+  start = time.perf_counter()
+  reference_renders = render_metrics.render_markups(reference, spec, workers=workers)
+  out['visual_reference'] = {'pages': samples, 'render_seconds': time.perf_counter() - start,
+                             'render_failures': sum(not r.ok for r in reference_renders),
+                             'width': spec.width}
+  for name, train_index in answers.items():
+    generated = [markup(train_src, train_index(i)) for i in range(samples)]
+    out[name]['visual'] = render_metrics.score_pages(
+        generated, None, spec, workers, reference_renders=reference_renders)
+  if 'layout_oracle' in out:
+    generated = [_TEXT_NODE.sub(word, m) for m in reference]
+    out['layout_oracle']['visual'] = render_metrics.score_pages(
+        generated, None, spec, workers, reference_renders=reference_renders)
 
 
 # A text node: the characters between a tag's '>' and the next '<' holding a non-space.
 _TEXT_NODE = re.compile(r'(?<=>)([^<]*[^<\s][^<]*)(?=<)')
 
 
+def _text_word(tok, train) -> str:
+  """The train pages' most frequent text node (in their scored targets)."""
+  counts = collections.Counter(
+      m.strip() for p in train for m in _TEXT_NODE.findall(bpe.decode(tok, p['targets'])))
+  return counts.most_common(1)[0][0] if counts else ''
+
+
 def _layout_oracle_bleu(tok, train, val, val_text, max_seq_len, strings) -> float:
   """BLEU of the val pages' markup with each text node replaced by the most frequent train
   text node, re-tokenized and cut to the scored length."""
-  counts = collections.Counter(
-      m.strip() for p in train for m in _TEXT_NODE.findall(bpe.decode(tok, p['targets'])))
-  word = counts.most_common(1)[0][0] if counts else ''
+  word = _text_word(tok, train)
   pages = []
   for p in val:
     ids = tok.encode(_TEXT_NODE.sub(word, bpe.decode(tok, p['targets']))).ids[:max_seq_len - 1]
@@ -105,8 +153,22 @@ def main():
   parser.add_argument('--data', required=True)
   parser.add_argument('--max_seq_len', type=int, default=256)
   parser.add_argument('--max_patches', type=int, default=256)
+  parser.add_argument('--render_samples', type=int, default=64,
+                      help='val pages rendered for the visual metrics (pixel datasets); 0: off')
+  parser.add_argument('--workers', type=int, default=2, help='render worker processes')
+  parser.add_argument('--browser', default=None, help='Chromium executable (default: found)')
+  parser.add_argument('--output', default=None, help='also write the JSON here')
   args = parser.parse_args()
-  print(json.dumps(baselines(args.data, args.max_seq_len, args.max_patches), indent=1))
+  try:
+    out = baselines(args.data, args.max_seq_len, args.max_patches, args.render_samples,
+                    args.workers, args.browser)
+  except (records.DatasetError, render.RenderUnavailable, ValueError) as e:
+    sys.exit(f'error: {e}')
+  text = json.dumps(out, indent=1)
+  print(text)
+  if args.output:
+    with open(args.output, 'w') as f:
+      f.write(text + '\n')
 
 
 if __name__ == '__main__':
