@@ -78,6 +78,9 @@ def test_evaluation_results_report_targets(trained):
   assert isinstance(results['targets']['all_passed'], bool)
   for name in ('element_f1', 'element_f1_generated', 'element_f1_macro', 'token_accuracy'):
     assert 0.0 <= results['metrics'][name] <= 1.0, name
+  m = results['metrics']
+  assert m['generated_pages'] == min(config.eval.bleu_samples, config.data.val_samples)
+  assert 0 <= m['generated_unfinished'] <= m['generated_pages']
   assert results['checkpoint_step'] in (8, 16)
 
 

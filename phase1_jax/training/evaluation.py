@@ -69,10 +69,11 @@ class Evaluator:
 
   def generate_and_score(self, params, source, num_pages: int) -> dict[str, float]:
     """Generations (config.decode: greedy by default) of the first `num_pages` pages, scored as a
-    user would see them: corpus BLEU (0..1) against the reference markup, and element P/R/F1 of
+    user would see them: corpus BLEU (0..1) against the reference markup, element P/R/F1 of
     the classifier reading the generated markup instead of the reference
-    (`element_*_generated`)."""
-    hyps, refs = [], []
+    (`element_*_generated`), and how many of the `generated_pages` never wrote EOS before
+    decode.max_len (`generated_unfinished`: they are scored as cut)."""
+    hyps, refs, unfinished = [], [], 0
     acc = metrics_lib.MetricAccumulator(threshold=self.config.eval.element_threshold)
     strings = lambda t: metrics_lib.tokens_to_strings(
         t, self.id_to_token, eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
@@ -81,10 +82,12 @@ class Evaluator:
                                              limit=num_pages):
       out = jax.device_get(self.generate(params, batch['features'], batch['feature_mask'], rng))
       hyps += strings(out['tokens'][:real])
+      unfinished += int((~(out['tokens'][:real] == vocab.EOS_ID).any(-1)).sum())
       refs += strings(batch['targets'][:real])
       acc.add_elements(out['element_probs'][:real], batch['element_labels'][:real])
     scores = {f'{k}_generated': v for k, v in acc.result().items() if k.startswith('element_')}
-    return {'bleu': metrics_lib.bleu(hyps, refs), **scores}
+    return {'bleu': metrics_lib.bleu(hyps, refs), **scores, 'generated_pages': len(hyps),
+            'generated_unfinished': unfinished}
 
 
 def with_targets(config, result: dict) -> dict:
