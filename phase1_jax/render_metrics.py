@@ -38,10 +38,8 @@ def _to_page_render(width: int, rel_path: str, page: render.RenderedPage):
     shot = patches.decode_png(page.png)
   except ValueError as e:
     return str(e)
-  blocks = tuple(visual_metrics.TextBlock(b.text, tuple(map(float, b.box)), tuple(b.colour))
-                 for b in page.text_blocks)
   return visual_metrics.PageRender(ok=True, width=float(width), height=float(page.height),
-                                   blocks=blocks, screenshot_HxWx3=shot)
+                                   blocks=page.text_blocks, screenshot_HxWx3=shot)
 
 
 def render_markups(markups: Sequence[str], spec: render.RenderSpec, *,

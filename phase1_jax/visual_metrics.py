@@ -17,19 +17,13 @@ from typing import Sequence
 
 import numpy as np
 
+# The renderer's own record of a text block (text, box (x, y, w, h) CSS px, colour (r, g, b)).
+from phase1_jax.data.render import TextBlock  # PageRender.blocks holds them as rendered
+
 MIN_TEXT_SIMILARITY = 0.5   # Design2Code: matched pairs less similar than this are dropped
 SSIM_SIZE = 256             # both screenshots are resized to SSIM_SIZE x SSIM_SIZE grayscale
 BLOCK_METRICS = ('block_match', 'text', 'position', 'colour')
 METRICS = ('render_success',) + BLOCK_METRICS + ('ssim', 'tree_bleu')
-
-
-@dataclasses.dataclass(frozen=True)
-class TextBlock:
-  """One visible text block of a rendered page: its text, its box (x, y, w, h) in CSS px from the
-  page's top left, and its text colour (r, g, b) in 0..255."""
-  text: str
-  box: tuple[float, float, float, float]
-  colour: tuple[int, int, int]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)   # eq=False: the screenshot is an array
