@@ -6,6 +6,7 @@ E = number of UI element types.
 
 from __future__ import annotations
 
+import difflib
 from typing import Sequence
 
 import numpy as np
@@ -136,6 +137,66 @@ def semantic_accuracy(pred_BxT: np.ndarray, labels_BxT: np.ndarray,
   return correct / total if total else 0.0
 
 
+def aligned_semantic_counts(gen_ids_T, gen_pred_T, ref_ids_T, ref_labels_T,
+                            ref_mask_T) -> tuple[int, int]:
+  """(correct, total) of the section classes a page's *generated* tokens carry.
+
+  The generated tokens (cut at EOS by the caller) are aligned with the reference tokens (no
+  BOS/EOS/PAD) by difflib's matching blocks; a labelled reference token (ref_mask_T) is correct
+  when a generated token is matched to it and predicts its class. total = ref_mask_T.sum(): a
+  reference token nothing was matched to counts as wrong (missing content is not free), and
+  extra generated tokens cost nothing here (BLEU sees them).
+  """
+  gen_ids_T, gen_pred_T = np.asarray(gen_ids_T), np.asarray(gen_pred_T)
+  ref_ids_T, ref_labels_T = np.asarray(ref_ids_T), np.asarray(ref_labels_T)
+  ref_mask_T = np.asarray(ref_mask_T).astype(bool)
+  if gen_ids_T.ndim != 1 or gen_ids_T.shape != gen_pred_T.shape:
+    raise ValueError(f'generated ids {gen_ids_T.shape} and predictions '
+                     f'{gen_pred_T.shape} must be equal 1-D shapes')
+  if ref_ids_T.ndim != 1 or not ref_ids_T.shape == ref_labels_T.shape == ref_mask_T.shape:
+    raise ValueError(f'reference ids {ref_ids_T.shape}, labels {ref_labels_T.shape} and mask '
+                     f'{ref_mask_T.shape} must be equal 1-D shapes')
+  matcher = difflib.SequenceMatcher(None, ref_ids_T.tolist(), gen_ids_T.tolist(),
+                                    autojunk=False)
+  blocks = [(a, b, n) for a, b, n in matcher.get_matching_blocks() if n]
+  ref_M = np.concatenate([np.arange(a, a + n) for a, _, n in blocks] or [[]]).astype(np.int64)
+  gen_M = np.concatenate([np.arange(b, b + n) for _, b, n in blocks] or [[]]).astype(np.int64)
+  hit_M = ref_mask_T[ref_M] & (gen_pred_T[gen_M] == ref_labels_T[ref_M])
+  return int(hit_M.sum()), int(ref_mask_T.sum())
+
+
+def _before_eos(row_T: np.ndarray, eos_id: int | None) -> int:
+  """Length of row_T before its first eos_id (all of it without one, or when eos_id is None)."""
+  if eos_id is None:
+    return len(row_T)
+  hits = np.flatnonzero(np.asarray(row_T) == eos_id)
+  return int(hits[0]) if hits.size else len(row_T)
+
+
+def _aligned_batch_counts(gen_ids, gen_pred, ref_ids, ref_labels, ref_mask, *,
+                          eos_id: int | None = None) -> tuple[int, int]:
+  """aligned_semantic_counts summed over pages (rows of each argument: 1-D arrays or the rows
+  of 2-D ones); with eos_id, each generated and reference row is first cut before its EOS."""
+  rows = (gen_ids, gen_pred, ref_ids, ref_labels, ref_mask)
+  if len({len(r) for r in rows}) != 1:
+    raise ValueError(f'page counts differ: {[len(r) for r in rows]}')
+  correct = total = 0
+  for g_ids, g_pred, r_ids, r_labels, r_mask in zip(*rows, strict=True):
+    g, r = _before_eos(g_ids, eos_id), _before_eos(r_ids, eos_id)
+    c, t = aligned_semantic_counts(g_ids[:g], g_pred[:g], r_ids[:r], r_labels[:r], r_mask[:r])
+    correct, total = correct + c, total + t
+  return correct, total
+
+
+def aligned_semantic_accuracy(gen_ids, gen_pred, ref_ids, ref_labels, ref_mask, *,
+                              eos_id: int | None = None) -> float:
+  """Semantic accuracy of generated pages (see aligned_semantic_counts), pooled over pages:
+  correct / total labelled reference tokens; 0.0 when no reference token is labelled."""
+  correct, total = _aligned_batch_counts(gen_ids, gen_pred, ref_ids, ref_labels, ref_mask,
+                                         eos_id=eos_id)
+  return correct / total if total else 0.0
+
+
 def targets_score(metrics: dict, targets: dict = TARGETS) -> float:
   """Mean over targets of min(value / target, 1): 1.0 exactly when every target is met (a single
   number to pick the best checkpoint by)."""
@@ -159,7 +220,8 @@ def target_report(metrics: dict, targets: dict = TARGETS) -> dict:
 
 class MetricAccumulator:
   """Accumulates element TP/FP/FN per type and semantic correct/total counts
-  across eval batches; ``result()`` equals element_scores/semantic_accuracy
+  (teacher-forced, and of generated pages when added) across eval batches;
+  ``result()`` equals element_scores/semantic_accuracy/aligned_semantic_accuracy
   on the concatenated batches."""
 
   def __init__(self, threshold: float = 0.5):
@@ -167,6 +229,7 @@ class MetricAccumulator:
     self._tp_E = self._fp_E = self._fn_E = None
     self._sem_correct = 0
     self._sem_total = 0
+    self._gen_sem = None   # [correct, total] of generated pages, once any is added
 
   def add_elements(self, probs_BxE: np.ndarray,
                    targets_BxE: np.ndarray) -> None:
@@ -187,8 +250,19 @@ class MetricAccumulator:
     self._sem_correct += correct
     self._sem_total += total
 
+  def add_semantic_generated(self, gen_ids, gen_pred, ref_ids, ref_labels, ref_mask, *,
+                             eos_id: int | None = None) -> None:
+    """Generated pages' section classes against their references, one row per page (see
+    aligned_semantic_counts; with eos_id each row is cut before its first EOS, so the padded
+    arrays of a batch can be passed as they are)."""
+    correct, total = _aligned_batch_counts(gen_ids, gen_pred, ref_ids, ref_labels, ref_mask,
+                                           eos_id=eos_id)
+    previous = self._gen_sem or [0, 0]
+    self._gen_sem = [previous[0] + correct, previous[1] + total]
+
   def result(self) -> dict:
-    """element_* keys (0.0 if nothing was added) and semantic_accuracy."""
+    """element_* keys (0.0 if nothing was added), semantic_accuracy, and
+    semantic_accuracy_generated once add_semantic_generated was called."""
     if self._tp_E is None:
       zero_E = np.zeros(0, dtype=np.int64)
       out = _scores_from_counts(zero_E, zero_E, zero_E)
@@ -196,4 +270,7 @@ class MetricAccumulator:
       out = _scores_from_counts(self._tp_E, self._fp_E, self._fn_E)
     out['semantic_accuracy'] = (self._sem_correct / self._sem_total
                                 if self._sem_total else 0.0)
+    if self._gen_sem is not None:
+      correct, total = self._gen_sem
+      out['semantic_accuracy_generated'] = correct / total if total else 0.0
     return out

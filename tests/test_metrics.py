@@ -125,6 +125,94 @@ def test_semantic_accuracy_empty_mask_is_zero():
   assert metrics.semantic_accuracy(pred, pred, np.zeros((1, 2), bool)) == 0.0
 
 
+# ------------------------------------------------ semantic, generated markup
+
+# A reference page of 10 distinct tokens; every token but 3 and 7 is in a section.
+REF_IDS = np.arange(10, 20)
+REF_LABELS = np.array([0, 1, 1, 2, 2, 2, 3, 0, 1, 1])
+REF_MASK = np.array([1, 1, 1, 0, 1, 1, 1, 0, 1, 1], bool)   # 8 labelled tokens
+
+
+def _aligned(gen_ids, gen_pred):
+  return metrics.aligned_semantic_counts(gen_ids, gen_pred, REF_IDS, REF_LABELS, REF_MASK)
+
+
+def test_aligned_semantic_identical_pages_equal_teacher_forced():
+  """Generated == reference: the aligned score is the teacher-forced one, on fresh random
+  pages each run (small vocabulary, so tokens repeat)."""
+  rng = np.random.default_rng()
+  for _ in range(20):
+    n = int(rng.integers(1, 80))
+    ids = rng.integers(0, 6, n)
+    labels = rng.integers(0, 4, n)
+    mask = rng.uniform(size=n) < 0.7
+    pred = np.where(rng.uniform(size=n) < 0.3, rng.integers(0, 4, n), labels)
+    assert metrics.aligned_semantic_counts(ids, labels, ids, labels, mask) == (
+        mask.sum(), mask.sum())
+    correct, total = metrics.aligned_semantic_counts(ids, pred, ids, labels, mask)
+    assert total == mask.sum()
+    assert correct == np.sum((pred == labels) & mask)
+    if total:
+      assert correct / total == metrics.semantic_accuracy(pred[None], labels[None], mask[None])
+
+
+def test_aligned_semantic_missing_tokens_count_as_wrong():
+  # Every other token generated, all with the right class: the labelled ones of
+  # 10, 12, 14, 16, 18 (positions 0, 2, 4, 6, 8, all labelled) -> 5 of 8.
+  kept = np.arange(0, 10, 2)
+  assert _aligned(REF_IDS[kept], REF_LABELS[kept]) == (5, 8)
+  # The first half: positions 0..4, of which 0, 1, 2, 4 are labelled -> 4 of 8.
+  assert _aligned(REF_IDS[:5], REF_LABELS[:5]) == (4, 8)
+
+
+def test_aligned_semantic_inserted_tokens_cost_nothing():
+  gen_ids = np.insert(REF_IDS, [0, 3, 3, 7, 10], [90, 91, 92, 93, 94])
+  gen_pred = np.insert(REF_LABELS, [0, 3, 3, 7, 10], [3, 3, 3, 3, 3])
+  assert _aligned(gen_ids, gen_pred) == (8, 8)
+
+
+def test_aligned_semantic_wrong_class_drops_by_its_share():
+  pred = REF_LABELS.copy()
+  pred[[0, 5, 9]] = 3        # three labelled tokens wrong
+  pred[3] = 1                # an unlabelled token: not scored
+  assert _aligned(REF_IDS, pred) == (5, 8)
+  assert metrics.aligned_semantic_accuracy([REF_IDS], [pred], [REF_IDS], [REF_LABELS],
+                                           [REF_MASK]) == pytest.approx(5 / 8)
+
+
+def test_aligned_semantic_empty_generation_and_bad_shapes():
+  assert _aligned(np.zeros(0, np.int32), np.zeros(0, np.int32)) == (0, 8)
+  assert metrics.aligned_semantic_counts([], [], [], [], []) == (0, 0)
+  with pytest.raises(ValueError):
+    _aligned(REF_IDS, REF_LABELS[:3])
+  with pytest.raises(ValueError):
+    metrics.aligned_semantic_counts(REF_IDS, REF_LABELS, REF_IDS, REF_LABELS, REF_MASK[:4])
+
+
+def test_accumulator_semantic_generated_cuts_padded_rows_at_eos():
+  """Padded 2-D batches as evaluation has them: rows cut before EOS (id 2), pooled counts."""
+  eos, pad = 2, 0
+  ref_ids = np.array([[5, 6, 7, 8, eos, pad], [9, 5, eos, pad, pad, pad]])
+  ref_labels = np.array([[1, 1, 2, 2, 0, 0], [3, 3, 0, 0, 0, 0]])
+  ref_mask = np.array([[1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]], bool)   # 5 labelled
+  gen_ids = np.array([[5, 7, 8, eos, 5, 6], [9, 5, 4, 4, 4, 4]])   # row 1 never wrote EOS
+  gen_pred = np.array([[1, 2, 0, 1, 1, 1], [3, 0, 0, 0, 0, 0]])
+  # Row 0: 5 -> 1 right, 6 missing, 7 -> 2 right, 8 -> 0 wrong (after EOS not read): 2 of 4.
+  # Row 1: 9 -> 3 right: 1 of 1.  Pooled: 3 of 5.
+  acc = metrics.MetricAccumulator()
+  assert 'semantic_accuracy_generated' not in acc.result()
+  acc.add_semantic_generated(gen_ids[:1], gen_pred[:1], ref_ids[:1], ref_labels[:1],
+                             ref_mask[:1], eos_id=eos)
+  assert acc.result()['semantic_accuracy_generated'] == pytest.approx(2 / 4)
+  acc.add_semantic_generated(gen_ids[1:], gen_pred[1:], ref_ids[1:], ref_labels[1:],
+                             ref_mask[1:], eos_id=eos)
+  assert acc.result()['semantic_accuracy_generated'] == pytest.approx(3 / 5)
+  assert metrics.aligned_semantic_accuracy(gen_ids, gen_pred, ref_ids, ref_labels, ref_mask,
+                                           eos_id=eos) == pytest.approx(3 / 5)
+  with pytest.raises(ValueError):
+    acc.add_semantic_generated(gen_ids, gen_pred, ref_ids[:1], ref_labels, ref_mask)
+
+
 # --------------------------------------------------------------------- bleu
 
 def _random_corpus(rng, n, vocab=20, max_len=30):
