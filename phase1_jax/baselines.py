@@ -5,19 +5,26 @@
 
 - majority elements: each element type predicted present when it is on most train pages;
 - majority section: every token gets the most frequent train section class;
-- constant page: one train page's markup (the best of 40 candidates by BLEU on 200 train
-  pages) as every val page's answer;
-- nearest neighbour: the markup of the train page whose screenshot (each patch's mean colour, in
-  reading order) is nearest in L2; for a features dataset, the features.
+- constant page: one train page (the best of 40 candidates by BLEU on 200 train pages) as every
+  val page's answer;
+- nearest neighbour: the train page whose screenshot (each patch's mean colour, in reading
+  order) is nearest in L2; for a features dataset, the features.
+The two answering baselines are scored as a generated page: BLEU of the answer's markup, its
+element labels as the element prediction (element_f1, element_f1_macro), and its per-token
+section labels as the section classes of its tokens (semantic_accuracy, by
+metrics.aligned_semantic_counts: the answer's tokens aligned with the val page's).
 A ceiling rather than a baseline, on BPE datasets (a tokenizer.json):
 - layout oracle: each val page's own markup with every text node replaced by the train pages'
   most frequent text node: the BLEU of a model that gets every tag and attribute right but
   cannot read the page's words (their pixels are too small at the prepared resolution).
-Prints one JSON object (and writes it to --output). BLEU over BPE token strings, as training's
-evaluation. On a pixel dataset the markup baselines (constant page, nearest neighbour, layout
-oracle) are also rendered and scored with visual_metrics (`visual` of each) against the first
---render_samples val pages' reference markup (their full decoded tokens), all at the dataset's
-render width; the references are rendered once for all. --render_samples 0 switches this off.
+BLEU over BPE token strings, as training's evaluation. On a pixel dataset the markup baselines
+(constant page, nearest neighbour, layout oracle) are also rendered and scored with
+visual_metrics (`visual` of each) against the first --render_samples val pages' reference markup
+(their full decoded tokens), all at the dataset's render width; the references are rendered once
+for all (`visual_reference`). --render_samples 0 switches this off.
+Prints one JSON object and writes it atomically to DIR/baselines.json (BASELINES_FILE; --output:
+elsewhere), where `load(DIR)` finds it; `comparison_table(model, baselines)` sets a model's
+evaluation result beside them as a text table.
 """
 from __future__ import annotations
 
@@ -31,9 +38,10 @@ import time
 
 import numpy as np
 
-from phase1_jax import metrics, render_metrics
+from phase1_jax import metrics, render_metrics, visual_metrics
 from phase1_jax.data import bpe, records, render, vocab
 
+BASELINES_FILE = 'baselines.json'   # in the prepared dataset's directory
 KEEP = ('targets', 'element_labels', 'semantic_labels', 'semantic_mask')
 
 
@@ -61,30 +69,16 @@ def baselines(directory: str, max_seq_len: int, max_patches: int, render_samples
       np.stack([p['targets'] for p in ps]), vocab.id_to_token(meta['vocab_size']),
       eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
   train_text, val_text = strings(train), strings(val)
-  labels = lambda ps: np.stack([p['element_labels'] for p in ps])
-  majority = (labels(train).mean(0) > 0.5).astype(np.float32)
-  out = {'val_pages': len(val), 'train_pages': len(train)}
-  scores = metrics.element_scores(np.tile(majority, (len(val), 1)), labels(val))
-  out['majority_elements'] = {k: scores[k] for k in ('element_f1', 'element_f1_macro')}
-  classes = np.concatenate([p['semantic_labels'][p['semantic_mask']] for p in train])
-  top = int(np.bincount(classes).argmax())
-  sem = lambda ps, key: np.stack([p[key] for p in ps])
-  out['majority_section'] = {
-      'class': meta['semantic_classes'][top],
-      'semantic_accuracy': metrics.semantic_accuracy(
-          np.full_like(sem(val, 'semantic_labels'), top), sem(val, 'semantic_labels'),
-          sem(val, 'semantic_mask'))}
+  out = {'val_pages': len(val), 'train_pages': len(train), **_majority(meta, train, val)}
   rng = np.random.default_rng(0)
   probe = rng.choice(len(train), min(200, len(train)), replace=False)
   candidates = rng.choice(len(train), min(40, len(train)), replace=False)
   best = max(candidates, key=lambda c: metrics.bleu([train_text[c]] * len(probe),
                                                      [train_text[i] for i in probe]))
-  out['constant_page'] = {'bleu': metrics.bleu([train_text[best]] * len(val), val_text)}
   train_x = np.stack([p['picture'] for p in train])
   nearest = [int(np.argmin(((train_x - p['picture']) ** 2).sum(1))) for p in val]
-  out['nearest_neighbour'] = {'bleu': metrics.bleu([train_text[i] for i in nearest], val_text)}
-  nn_scores = metrics.element_scores(labels(train)[nearest], labels(val))
-  out['nearest_neighbour'].update({k: nn_scores[k] for k in ('element_f1', 'element_f1_macro')})
+  out['constant_page'] = _answer_scores(train, val, [best] * len(val), train_text, val_text)
+  out['nearest_neighbour'] = _answer_scores(train, val, nearest, train_text, val_text)
   tokenizer_path = os.path.join(directory, records.TOKENIZER_FILE)
   tok = bpe.load(tokenizer_path) if os.path.exists(tokenizer_path) else None
   if tok is not None:
@@ -97,6 +91,45 @@ def baselines(directory: str, max_seq_len: int, max_patches: int, render_samples
   elif render_samples > 0:
     out['visual_metrics'] = 'off: needs a pixel dataset with a BPE tokenizer'
   return out
+
+
+def _majority(meta, train, val) -> dict:
+  """majority_elements (the types on most train pages, for every val page) and
+  majority_section (the most frequent train section class, for every token)."""
+  labels = lambda ps: np.stack([p['element_labels'] for p in ps])
+  majority = (labels(train).mean(0) > 0.5).astype(np.float32)
+  scores = metrics.element_scores(np.tile(majority, (len(val), 1)), labels(val))
+  classes = np.concatenate([p['semantic_labels'][p['semantic_mask']] for p in train])
+  top = int(np.bincount(classes).argmax())
+  sem = lambda key: np.stack([p[key] for p in val])
+  return {
+      'majority_elements': {k: scores[k] for k in ('element_f1', 'element_f1_macro')},
+      'majority_section': {
+          'class': meta['semantic_classes'][top],
+          'semantic_accuracy': metrics.semantic_accuracy(
+              np.full_like(sem('semantic_labels'), top), sem('semantic_labels'),
+              sem('semantic_mask'))}}
+
+
+def _answer_scores(train, val, answer_V, train_text, val_text) -> dict:
+  """A markup baseline that answers val page v with train page answer_V[v]: BLEU, the answer's
+  element labels as element predictions, and its per-token section labels as the section
+  classes of its tokens, aligned with the val page's (metrics.aligned_semantic_counts; a token
+  the answer page gives no section is wrong)."""
+  answers = [train[i] for i in answer_V]
+  element_scores = metrics.element_scores(
+      np.stack([p['element_labels'] for p in answers]),
+      np.stack([p['element_labels'] for p in val]))
+  column = lambda ps, key: [p[key] for p in ps]
+  semantic = metrics.aligned_semantic_accuracy(
+      column(answers, 'targets'),
+      [np.where(p['semantic_mask'], p['semantic_labels'], -1) for p in answers],
+      column(val, 'targets'), column(val, 'semantic_labels'), column(val, 'semantic_mask'),
+      eos_id=vocab.EOS_ID)
+  return {'bleu': metrics.bleu([train_text[i] for i in answer_V], val_text),
+          'element_f1': element_scores['element_f1'],
+          'element_f1_macro': element_scores['element_f1_macro'],
+          'semantic_accuracy': semantic}
 
 
 def _visual(out, directory, meta, tok, answers, word, samples, workers, browser) -> None:
@@ -148,6 +181,84 @@ def _layout_oracle_bleu(tok, train, val, val_text, max_seq_len, strings) -> floa
   return metrics.bleu(strings(pages), val_text)
 
 
+def write(path: str, out: dict) -> None:
+  """Writes `out` as JSON to `path` atomically (a temporary file beside it, then os.replace),
+  so a reader never sees half a file."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(json.dumps(out, indent=1) + '\n')
+  os.replace(tmp, path)
+
+
+def load(directory: str) -> dict | None:
+  """The baselines written into a prepared dataset `directory` (BASELINES_FILE), or None when
+  they were never computed; a file that is not a JSON object raises records.DatasetError."""
+  path = os.path.join(directory, BASELINES_FILE)
+  try:
+    with open(path) as f:
+      out = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise records.DatasetError(f'{path}: not valid JSON ({e}); run python -m '
+                               f'phase1_jax.baselines --data {directory} again') from None
+  if not isinstance(out, dict):
+    raise records.DatasetError(f'{path}: not a JSON object but {type(out).__name__}')
+  return out
+
+
+# The comparison table's columns: (header, key of the baseline in the baselines JSON).
+COLUMNS = (('majority elements', 'majority_elements'), ('majority section', 'majority_section'),
+           ('constant page', 'constant_page'), ('nearest neighbour', 'nearest_neighbour'),
+           ('layout oracle (ceiling)', 'layout_oracle'))
+# Its markup rows: (label, key in the evaluation result and in a baseline entry).
+ROWS = (('BLEU', 'bleu'), ('element F1', 'element_f1'), ('element F1 macro', 'element_f1_macro'),
+        ('semantic accuracy', 'semantic_accuracy'))
+
+
+def _number(value) -> float | None:
+  """value as a float, or None when it is missing or not a number."""
+  ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+  return float(value) if ok else None
+
+
+def _table_rows(model: dict, baselines: dict) -> list[list[str]]:
+  """Each metric's label and cells (model first, then COLUMNS; '-' where missing), leaving out
+  the metrics nobody has."""
+  entries = [baselines.get(key) or {} for _, key in COLUMNS]
+  getters = [(label, lambda d, k=key: d.get(k), lambda e, k=key: e.get(k))
+             for label, key in ROWS]
+  getters += [(f'visual {m}', lambda d, m=m: d.get(f'visual_{m}'),
+               lambda e, m=m: (e.get('visual') or {}).get(m)) for m in visual_metrics.METRICS]
+  rows = []
+  for label, of_model, of_baseline in getters:
+    values = [_number(of_model(model))] + [_number(of_baseline(e)) for e in entries]
+    if any(v is not None for v in values):
+      rows.append([label] + ['-' if v is None else f'{v:.3f}' for v in values])
+  return rows
+
+
+def comparison_table(model: dict, baselines: dict) -> str:
+  """The model's evaluation result beside the baselines (this module's JSON) as a fixed-width
+  text table, one row per metric, values to 3 decimals, '-' where a column lacks the metric;
+  below it, a line naming the val pages each side's visual metrics were scored on when they
+  differ. The model's semantic_accuracy row is what `model` holds under that key (evaluate's is
+  teacher-forced; the answering baselines' is of their own tokens, aligned)."""
+  header = ['metric', 'model'] + [h for h, _ in COLUMNS]
+  rows = [header] + _table_rows(model, baselines)
+  widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+  lines = ['  '.join([r[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in
+                                                  zip(r[1:], widths[1:], strict=True)]).rstrip()
+           for r in rows]
+  model_pages = model.get('visual_pages')
+  baseline_pages = (baselines.get('visual_reference') or {}).get('pages')
+  if model_pages != baseline_pages:
+    name = lambda n: 'none' if n is None else f'{n}'
+    lines.append(f'visual metrics: model on {name(model_pages)} val pages, '
+                 f'baselines on {name(baseline_pages)}')
+  return '\n'.join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--data', required=True)
@@ -157,18 +268,20 @@ def main():
                       help='val pages rendered for the visual metrics (pixel datasets); 0: off')
   parser.add_argument('--workers', type=int, default=2, help='render worker processes')
   parser.add_argument('--browser', default=None, help='Chromium executable (default: found)')
-  parser.add_argument('--output', default=None, help='also write the JSON here')
+  parser.add_argument('--output', default=None,
+                      help=f'write the JSON here (default: DATA/{BASELINES_FILE})')
   args = parser.parse_args()
   try:
     out = baselines(args.data, args.max_seq_len, args.max_patches, args.render_samples,
                     args.workers, args.browser)
   except (records.DatasetError, render.RenderUnavailable, ValueError) as e:
     sys.exit(f'error: {e}')
-  text = json.dumps(out, indent=1)
-  print(text)
-  if args.output:
-    with open(args.output, 'w') as f:
-      f.write(text + '\n')
+  print(json.dumps(out, indent=1))
+  path = args.output or os.path.join(args.data, BASELINES_FILE)
+  try:
+    write(path, out)
+  except OSError as e:
+    sys.exit(f'error: {path}: cannot write ({e})')
 
 
 if __name__ == '__main__':

@@ -114,6 +114,12 @@ def _baselines_cli(*args):
 
 def test_baselines_cli_scores_every_baseline_visually(pixel_dataset, tmp_path):
   import json
+  import os
+
+  from phase1_jax import baselines
+  default = os.path.join(pixel_dataset, baselines.BASELINES_FILE)
+  if os.path.exists(default):   # written by another test of this module's dataset
+    os.remove(default)
   output = str(tmp_path / 'baselines.json')
   done = _baselines_cli('--data', pixel_dataset, '--max_seq_len', '64', '--max_patches', '96',
                         '--render_samples', '2', '--workers', '2', '--output', output)
@@ -121,7 +127,12 @@ def test_baselines_cli_scores_every_baseline_visually(pixel_dataset, tmp_path):
   out = json.loads(done.stdout)
   with open(output) as f:
     assert json.load(f) == out
+  assert not os.path.exists(default)   # --output: written there instead
   assert {'majority_elements', 'majority_section'} <= set(out)
+  for name in ('constant_page', 'nearest_neighbour'):
+    assert 0.0 <= out[name]['semantic_accuracy'] <= 1.0, name
+    assert 0.0 <= out[name]['element_f1'] <= 1.0 and 0.0 <= out[name]['element_f1_macro'] <= 1.0
+  assert set(out['layout_oracle']) == {'bleu', 'visual'}
   samples = min(2, out['val_pages'])   # the split is by content: 1 or more val pages
   assert out['visual_reference']['pages'] == samples and out['visual_reference']['width'] == 480
   for name in ('constant_page', 'nearest_neighbour', 'layout_oracle'):
@@ -130,14 +141,24 @@ def test_baselines_cli_scores_every_baseline_visually(pixel_dataset, tmp_path):
     assert visual['pages'] == samples and visual['render_seconds'] > 0, name
     assert all(0.0 <= visual[k] <= 1.0 for k in visual_metrics.METRICS), (name, visual)
   assert out['layout_oracle']['visual']['tree_bleu'] == 1.0   # every tag of the page kept
+  table = baselines.comparison_table({'bleu': 0.5, 'visual_pages': samples}, out)
+  assert table.splitlines()[1].startswith('BLEU') and 'visual metrics' not in table
 
 
 def test_baselines_cli_render_off_and_bad_data(pixel_dataset, tmp_path):
+  """Without --output the JSON lands in the dataset's directory, where load finds it."""
   import json
+  import os
+
+  from phase1_jax import baselines
+  before = set(os.listdir(pixel_dataset)) - {baselines.BASELINES_FILE}
   done = _baselines_cli('--data', pixel_dataset, '--max_seq_len', '64', '--max_patches', '96',
                         '--render_samples', '0')
   assert done.returncode == 0, done.stderr
-  assert all('visual' not in v for v in json.loads(done.stdout).values() if isinstance(v, dict))
+  out = json.loads(done.stdout)
+  assert all('visual' not in v for v in out.values() if isinstance(v, dict))
+  assert baselines.load(pixel_dataset) == out
+  assert set(os.listdir(pixel_dataset)) == before | {baselines.BASELINES_FILE}   # nothing else
   done = _baselines_cli('--data', str(tmp_path / 'missing'))
   assert done.returncode == 1 and done.stderr.startswith('error: ')
   assert len(done.stderr.strip().splitlines()) == 1, done.stderr
