@@ -38,4 +38,7 @@ def get_config(path: str = ''):
   config.train.stop_when_targets_met = True
   config.eval.batch_size = 64
   config.eval.bleu_samples = 128
+  # The decoded pages rendered and compared with their references (visual_metrics; needs
+  # Chromium), in worker processes while the next batch decodes. 0: off.
+  config.eval.render_samples = 128
   return fit_to_dataset(config, path)

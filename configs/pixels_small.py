@@ -46,4 +46,7 @@ def get_config(path: str = ''):
   config.train.warmup_steps = 200
   config.eval.batch_size = 32
   config.eval.bleu_samples = 64     # greedy decoding of 256 tokens is the slow part of eval
+  # The decoded pages rendered and compared with their references (visual_metrics; needs
+  # Chromium), in worker processes while the next batch decodes. 0: off.
+  config.eval.render_samples = 64
   return fit_to_dataset(config, path)

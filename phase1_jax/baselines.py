@@ -242,8 +242,9 @@ def comparison_table(model: dict, baselines: dict) -> str:
   """The model's evaluation result beside the baselines (this module's JSON) as a fixed-width
   text table, one row per metric, values to 3 decimals, '-' where a column lacks the metric;
   below it, a line naming the val pages each side's visual metrics were scored on when they
-  differ. The model's semantic_accuracy row is what `model` holds under that key (evaluate's is
-  teacher-forced; the answering baselines' is of their own tokens, aligned)."""
+  differ. The model's semantic_accuracy row is what `model` holds under that key (on a pixel
+  dataset evaluate's reads the generated markup, aligned as the answering baselines' own tokens
+  are; on a features dataset it is teacher-forced)."""
   header = ['metric', 'model'] + [h for h, _ in COLUMNS]
   rows = [header] + _table_rows(model, baselines)
   widths = [max(len(r[c]) for r in rows) for c in range(len(header))]

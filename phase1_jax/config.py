@@ -123,6 +123,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 64
   e.bleu_samples = 200          # validation pages decoded greedily for BLEU each epoch (0: skip)
+  # Rendered evaluation (a prepared dataset; Chromium): the first render_samples of the decoded
+  # pages and their references rendered and compared (visual_metrics), in worker processes while
+  # the next batch decodes; render_pictures of them go to TensorBoard beside the input screenshot.
+  e.render_samples = 0          # <= bleu_samples; 0: off
+  e.render_workers = 2          # browser processes
+  e.render_pictures = 3         # of the rendered pages
+  e.render_browser = ''         # Chromium executable ('': Playwright's own, else one on PATH)
   e.element_threshold = 0.5
   e.bleu_target = 0.30
   e.element_f1_target = 0.85

@@ -216,7 +216,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 config.train.batch_size)
 
   positive('eval.batch_size')
-  positive('eval.bleu_samples', allow_zero=True)
+  positive('eval.bleu_samples', 'eval.render_samples', 'eval.render_pictures', allow_zero=True)
+  positive('eval.render_workers')
+  _validate_render_eval(config)
   in_range('eval.element_threshold', 0, 1, lo_open=True, hi_open=True)
   for name in ('bleu', 'element_f1', 'semantic_accuracy'):
     in_range(f'eval.{name}_target', 0, 1)
@@ -253,6 +255,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   best = config.checkpoint.best_metric
   if best in ('bleu', 'targets_score') and config.eval.bleu_samples == 0:
     raise _fail('checkpoint.best_metric', f'{best} needs eval.bleu_samples > 0', best)
+
+
+def _validate_render_eval(config: ml_collections.ConfigDict) -> None:
+  """eval.render_samples > 0 renders decoded pages of a prepared dataset with a tokenizer."""
+  e = config.eval
+  if not isinstance(e.render_browser, str):
+    raise _fail('eval.render_browser', "must be a path (a string; '' finds Chromium)",
+                e.render_browser)
+  if not e.render_samples:
+    return
+  if e.render_samples > e.bleu_samples:
+    raise _fail('eval.render_samples', f'must be <= eval.bleu_samples ({e.bleu_samples}): the '
+                'decoded pages are the ones rendered', e.render_samples)
+  if config.data.name != 'files':
+    raise _fail('eval.render_samples', "must be 0 unless data.name='files': rendering needs the "
+                "pages' markup text (a prepared dataset's tokenizer)", e.render_samples)
 
 
 def _validate_pixel_input(d: ml_collections.ConfigDict) -> None:
@@ -304,6 +322,10 @@ def _validate_files(config: ml_collections.ConfigDict) -> None:
   if d.feature_dim != meta['feature_dim']:
     raise _fail('data.feature_dim', f'must be {meta["feature_dim"]} (the feature_dim of {where})',
                 d.feature_dim)
+  if config.eval.render_samples and not os.path.isfile(os.path.join(d.path,
+                                                                    records.TOKENIZER_FILE)):
+    raise _fail('eval.render_samples', f'must be 0: {d.path} has no {records.TOKENIZER_FILE} to '
+                'turn token ids into markup to render', config.eval.render_samples)
   n = {s: meta['splits'][s]['num_records'] for s in ('train', 'val')}
   if not n['val']:
     raise _fail('data.path', f'{where}: the val split is empty (prepare with --val_fraction > 0)',

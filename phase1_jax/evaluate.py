@@ -33,9 +33,9 @@ def evaluate(config, workdir):
   is imported only now, so a bad flag or config fails in a fraction of a second."""
   from phase1_jax.data.pipeline import DataError
   from phase1_jax.training.checkpoint import CheckpointError
-  from phase1_jax.training.evaluation import evaluate_checkpoint
+  from phase1_jax.training.evaluation import evaluate_checkpoint, summary
   try:
-    evaluate_checkpoint(config, workdir, which='best')
+    print(summary(evaluate_checkpoint(config, workdir, which='best')))
   except (ConfigError, CheckpointError, DataError,
           OSError) as e:  # user errors, an unwritable results file (faults.WriterError): one line
     sys.exit(f'error: {e}')

@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
 import time
 from typing import Sequence
 
@@ -42,26 +44,84 @@ def _to_page_render(width: int, rel_path: str, page: render.RenderedPage):
                                    blocks=page.text_blocks, screenshot_HxWx3=shot)
 
 
+class MarkupStream:
+  """Markups rendered in worker processes as they are added: a background thread feeds
+  render_pool.render_pages, so the caller goes on (decoding the next batch) meanwhile.
+  `renders()` waits for every page; leaving the `with` block stops the workers (the pages in
+  flight finish first, each bounded by the spec's timeout) and deletes the files."""
+
+  def __init__(self, spec: render.RenderSpec, *, workers: int = 1):
+    self.spec = spec
+    self._dir = tempfile.mkdtemp(prefix='render_metrics_')
+    self._paths: queue.SimpleQueue = queue.SimpleQueue()
+    self._markups: list[str] = []
+    self._results: dict[str, object] = {}
+    self._error: BaseException | None = None
+    self._closed = False
+    self._thread = threading.Thread(target=self._render, args=(workers,), daemon=True,
+                                    name='render-stream')
+    self._thread.start()
+
+  def _render(self, workers: int) -> None:
+    convert = functools.partial(_to_page_render, self.spec.width)
+    try:
+      for rel, result in render_pool.render_pages(self._dir, iter(self._paths.get, None),
+                                                  self.spec, workers=workers, convert=convert):
+        self._results[rel] = result
+    except BaseException as e:   # re-raised in the caller's thread by renders()
+      self._error = e
+      while self._paths.get() is not None:   # drain, so that _end never blocks
+        pass
+
+  def add(self, markups: Sequence[str]) -> None:
+    """Queues `markups` for rendering, after those added before."""
+    for markup in markups:
+      rel = f'{len(self._markups):05d}.html'
+      with open(os.path.join(self._dir, rel), 'w', encoding='utf-8') as f:
+        f.write(page_source(markup))
+      self._markups.append(markup)
+      self._paths.put(rel)
+
+  def _end(self) -> None:
+    if not self._closed:
+      self._closed = True
+      self._paths.put(None)
+    self._thread.join()
+
+  def renders(self) -> list[visual_metrics.PageRender]:
+    """One PageRender per markup added, in order (a page that failed to render: ok=False).
+    No markup can be added after."""
+    self._end()
+    if self._error is not None:
+      raise self._error
+    out = []
+    for i, markup in enumerate(self._markups):
+      result = self._results.get(f'{i:05d}.html')
+      out.append(dataclasses.replace(result, markup=markup)
+                 if isinstance(result, visual_metrics.PageRender) else
+                 visual_metrics.PageRender(ok=False, width=float(self.spec.width), height=0.0,
+                                           markup=markup))
+    return out
+
+  def close(self) -> None:
+    self._end()
+    shutil.rmtree(self._dir, ignore_errors=True)
+
+  def __enter__(self) -> MarkupStream:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
 def render_markups(markups: Sequence[str], spec: render.RenderSpec, *,
                    workers: int = 1) -> list[visual_metrics.PageRender]:
   """One PageRender per markup, in order; a page that failed to render has ok=False."""
   if not markups:
     return []
-  directory = tempfile.mkdtemp(prefix='render_metrics_')
-  try:
-    rels = []
-    for i, markup in enumerate(markups):
-      rels.append(f'{i:05d}.html')
-      with open(os.path.join(directory, rels[-1]), 'w', encoding='utf-8') as f:
-        f.write(page_source(markup))
-    convert = functools.partial(_to_page_render, spec.width)
-    results = dict(render_pool.render_pages(directory, rels, spec,
-                                            workers=min(workers, len(rels)), convert=convert))
-  finally:
-    shutil.rmtree(directory, ignore_errors=True)
-  return [dataclasses.replace(r, markup=m) if isinstance(r, visual_metrics.PageRender) else
-          visual_metrics.PageRender(ok=False, width=float(spec.width), height=0.0, markup=m)
-          for m, r in zip(markups, (results[rel] for rel in rels), strict=True)]
+  with MarkupStream(spec, workers=min(workers, len(markups))) as stream:
+    stream.add(markups)
+    return stream.renders()
 
 
 def score_renders(generated: Sequence[visual_metrics.PageRender],

@@ -35,7 +35,8 @@ OVERRIDES = {'train.num_epochs': 3, 'eval.bleu_samples': 0, 'checkpoint.best_met
              'checkpoint.every_steps': 3}
 STEPS_PER_EPOCH, TOTAL_STEPS = 8, 24
 # Fields that measure time, not the computation.
-TIMING_KEYS = ('tokens_per_second', 'epoch_seconds', 'train_seconds', 'bleu_decode_seconds')
+TIMING_KEYS = ('tokens_per_second', 'epoch_seconds', 'train_seconds', 'bleu_decode_seconds',
+               'decode_seconds')
 
 
 def make_config(**overrides):

@@ -142,12 +142,42 @@ def test_trains_on_pixels(rendered, tmp_path):
   c.train.batch_size, c.train.num_epochs, c.train.warmup_steps = 4, 1, 1
   c.train.stop_when_targets_met = False
   c.loss.patch_weight = 1.0
-  c.eval.batch_size, c.eval.bleu_samples = 4, 2
+  c.eval.batch_size, c.eval.bleu_samples, c.eval.render_samples = 4, 2, 2
   c.parallel.mode, c.checkpoint.async_save = 'jit', False
   config_validation.validate(c)
   report = loop.train_and_evaluate(c, str(tmp_path / 'run'))
   history = json.load(open(tmp_path / 'run' / 'training_history.json'))
   assert all(np.isfinite(r['loss']) for r in history if r['kind'] == 'train')
   assert all(np.isfinite(r['loss_patch']) for r in history if r['kind'] == 'train')
-  for k in ('val_loss', 'val_loss_patch', 'bleu', 'element_f1', 'semantic_accuracy'):
-    assert np.isfinite(report['metrics'][k]), k
+  metrics = report['metrics']
+  for k in ('val_loss', 'val_loss_patch', 'bleu', 'element_f1', 'semantic_accuracy',
+            'element_f1_teacher_forced', 'semantic_accuracy_teacher_forced'):
+    assert np.isfinite(metrics[k]), k
+  # On pixels the headline scores read the generated markup; the teacher-forced ones go beside.
+  assert metrics['element_f1'] == metrics['element_f1_generated']
+  assert metrics['semantic_accuracy'] == metrics['semantic_accuracy_generated']
+  # The decoded pages were rendered and judged, at the epoch's evaluation and the final one.
+  rendered_pages = min(2, records.read_metadata(out)['splits']['val']['num_records'])
+  assert metrics['visual_pages'] == rendered_pages and 'pictures' not in metrics
+  for name in ('render_success', 'block_match', 'text', 'position', 'colour', 'ssim', 'tree_bleu'):
+    assert 0.0 <= metrics[f'visual_{name}'] <= 1.0, name
+  epoch = next(r for r in history if r['kind'] == 'epoch')
+  assert epoch['visual_pages'] == epoch['rendered_references'] == rendered_pages
+  tags = _tensorboard_tags(str(tmp_path / 'run' / 'tensorboard'))
+  assert {'val/visual_block_match', 'evaluate/visual_block_match', 'evaluate/element_f1',
+          'val/generated_page_0', 'evaluate/generated_page_0'} <= tags, sorted(tags)
+
+
+def _tensorboard_tags(directory: str) -> set[str]:
+  """Every tag (scalars and images) in the event files of `directory`."""
+  from tensorboardX.proto.event_pb2 import Event
+  tags = set()
+  for name in os.listdir(directory):
+    with open(os.path.join(directory, name), 'rb') as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):   # TFRecords: [len u64][crc u32][data][crc u32]
+      length = int.from_bytes(data[pos:pos + 8], 'little')
+      tags |= {v.tag for v in Event.FromString(data[pos + 12:pos + 12 + length]).summary.value}
+      pos += 16 + length
+  return tags

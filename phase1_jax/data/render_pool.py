@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from phase1_jax.data.render import Renderer, RenderError, RenderSpec, check_available
 
@@ -25,7 +25,7 @@ def _identity(rel_path, page):
   return page
 
 
-def render_pages(html_dir: str, rel_paths: list[str], spec: RenderSpec, *, workers: int,
+def render_pages(html_dir: str, rel_paths: Iterable[str], spec: RenderSpec, *, workers: int,
                  convert: Callable = _identity) -> Iterator[tuple[str, object]]:
   """(rel_path, convert(rel_path, page) or the failure reason) for each path, in input order.
   `convert` must be picklable (a module-level function, or a functools.partial of one).
@@ -37,7 +37,7 @@ def render_pages(html_dir: str, rel_paths: list[str], spec: RenderSpec, *, worke
   if workers < 1:
     raise ValueError(f'--workers must be >= 1, got {workers}')
   if workers > 1:
-    yield from _render_in_pool(html_dir, list(rel_paths), spec, workers, convert)
+    yield from _render_in_pool(html_dir, rel_paths, spec, workers, convert)
     return
   with Renderer(html_dir, spec) as renderer:
     for rel_path in rel_paths:
@@ -91,23 +91,28 @@ def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor, *, graceful: bool) 
       process.join(timeout=30)
 
 
-def _render_in_pool(html_dir: str, rel_paths: list[str], spec: RenderSpec, workers: int,
+def _render_in_pool(html_dir: str, rel_paths: Iterable[str], spec: RenderSpec, workers: int,
                     convert: Callable) -> Iterator[tuple[str, object]]:
+  """Keeps 4 pages per worker in flight, drawing paths from `rel_paths` only as pages finish (so
+  it may be a stream that another thread fills while the first pages render)."""
   if not os.path.isdir(html_dir):
     raise ValueError(f'html_dir {html_dir}: not a folder')
   spec = dataclasses.replace(spec, browser=check_available(spec))  # resolved once, here
   start = lambda: concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context('spawn'), initializer=_worker_start,
       initargs=(html_dir, spec, convert))
-  pool, pending, submitted, deaths = start(), collections.deque(), 0, 0
+  paths = iter(rel_paths)
+  pool, pending, deaths = start(), collections.deque(), 0   # pending: (path, future), in order
   graceful = False
   try:
-    for k, rel_path in enumerate(rel_paths):
-      for path in rel_paths[submitted:k + 4 * workers]:
-        pending.append(pool.submit(_worker_render, path))
-      submitted = max(submitted, k + 4 * workers)
+    while True:
+      while len(pending) < 4 * workers and (path := next(paths, None)) is not None:
+        pending.append((path, pool.submit(_worker_render, path)))
+      if not pending:
+        break
+      rel_path, future = pending.popleft()
       try:
-        result, deaths = pending.popleft().result(), 0
+        result, deaths = future.result(), 0
       except concurrent.futures.process.BrokenProcessPool:
         deaths += 1  # this page is the likeliest culprit; the others are sent again
         if deaths >= 3:
@@ -115,8 +120,7 @@ def _render_in_pool(html_dir: str, rel_paths: list[str], spec: RenderSpec, worke
         result = 'worker process died'
         _stop_pool(pool, graceful=False)
         pool = start()
-        pending = collections.deque(pool.submit(_worker_render, path)
-                                    for path in rel_paths[k + 1:submitted])
+        pending = collections.deque((p, pool.submit(_worker_render, p)) for p, _ in pending)
       yield rel_path, result
     graceful = True
   finally:

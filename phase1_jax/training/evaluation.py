@@ -1,18 +1,21 @@
 """Evaluation on a split: teacher-forced losses and metrics, greedy-decoded BLEU, target report."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 
 import jax
 import ml_collections
+import numpy as np
 
+from phase1_jax import baselines as baselines_lib
 from phase1_jax import config as config_lib
 from phase1_jax import config_validation, decoding
 from phase1_jax import metrics as metrics_lib
 from phase1_jax.data import pipeline, vocab
-from phase1_jax.training import parallel, reporting
+from phase1_jax.training import parallel, reporting, visual_evaluation
 from phase1_jax.training import state as state_lib
 from phase1_jax.training.checkpoint import Checkpointer
 from phase1_jax.training.step import LossSpec
@@ -27,11 +30,22 @@ def targets(config: ml_collections.ConfigDict) -> dict[str, float]:
           'semantic_accuracy': e.semantic_accuracy_target}
 
 
+# The scores that read the model's markup; on a pixel dataset the generated ones are the headline
+# and the teacher-forced ones (which read the reference markup) go beside as *_teacher_forced.
+HEADLINE_KEYS = ('element_precision', 'element_recall', 'element_f1', 'element_precision_macro',
+                 'element_recall_macro', 'element_f1_macro', 'semantic_accuracy')
+
+
 @dataclasses.dataclass
 class Evaluator:
-  """Compiled eval step and greedy decoder for one model graph; call with params."""
+  """Compiled eval step and greedy decoder for one model graph; call with params.
+
+  `source` (the val split) is needed only for rendered evaluation (eval.render_samples > 0):
+  its references are rendered once, at the first call. Results hold `pictures` ({name:
+  HxWx3}) when pages were rendered; the caller logs and removes them."""
   config: ml_collections.ConfigDict
   graphdef: object
+  source: object = None
 
   def __post_init__(self):
     c = self.config
@@ -41,6 +55,10 @@ class Evaluator:
         graphdef=self.graphdef, settings=decoding.DecodeSettings.from_config(c),
         ids=decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID))
     self.id_to_token = vocab.id_to_token(c.model.vocab_size)
+    render_spec = visual_evaluation.RenderEvalSpec.from_config(c)
+    self.judge = None if render_spec is None else visual_evaluation.PageJudge(
+        render_spec, self.source)
+    self.generated_headline = bool(c.data.patch_size)
 
   def __call__(self, params, source) -> dict[str, float]:
     c = self.config.eval
@@ -62,32 +80,56 @@ class Evaluator:
     result.update(acc.result())
     result['token_accuracy'] = token_correct / max(token_total, 1)
     if c.bleu_samples:
-      start = time.perf_counter()
       result.update(self.generate_and_score(params, source, c.bleu_samples))
-      result['bleu_decode_seconds'] = time.perf_counter() - start
+      if self.generated_headline:
+        for k in HEADLINE_KEYS:
+          result[f'{k}_teacher_forced'] = result[k]
+          result[k] = result[f'{k}_generated']
     return result
 
-  def generate_and_score(self, params, source, num_pages: int) -> dict[str, float]:
+  def generate_and_score(self, params, source, num_pages: int) -> dict:
     """Generations (config.decode: greedy by default) of the first `num_pages` pages, scored as a
-    user would see them: corpus BLEU (0..1) against the reference markup, element P/R/F1 of
-    the classifier reading the generated markup instead of the reference
-    (`element_*_generated`), and how many of the `generated_pages` never wrote EOS before
-    decode.max_len (`generated_unfinished`: they are scored as cut)."""
-    hyps, refs, unfinished = [], [], 0
+    user would see them: corpus BLEU (0..1) against the reference markup; element P/R/F1 of
+    the classifier and the semantic head's section classes reading the generated markup instead
+    of the reference (`*_generated`; sections aligned to the reference tokens, see
+    metrics.aligned_semantic_counts); how many of the `generated_pages` never wrote EOS before
+    decode.max_len (`generated_unfinished`: they are scored as cut); with rendering on, the
+    visual metrics of the first eval.render_samples (rendered while the next batch decodes)."""
+    start = time.perf_counter()
+    hyps, refs, unfinished, decode_seconds = [], [], 0, 0.0
     acc = metrics_lib.MetricAccumulator(threshold=self.config.eval.element_threshold)
     strings = lambda t: metrics_lib.tokens_to_strings(
         t, self.id_to_token, eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
     rng = jax.random.key(self.config.decode.seed)
-    for batch, real in pipeline.eval_batches(source, batch_size=self.config.eval.batch_size,
-                                             limit=num_pages):
-      out = jax.device_get(self.generate(params, batch['features'], batch['feature_mask'], rng))
-      hyps += strings(out['tokens'][:real])
-      unfinished += int((~(out['tokens'][:real] == vocab.EOS_ID).any(-1)).sum())
-      refs += strings(batch['targets'][:real])
-      acc.add_elements(out['element_probs'][:real], batch['element_labels'][:real])
+    with self.judge.session() if self.judge else contextlib.nullcontext() as session:
+      for batch, real in pipeline.eval_batches(source, batch_size=self.config.eval.batch_size,
+                                               limit=num_pages):
+        t = time.perf_counter()
+        out = jax.device_get(self.generate(params, batch['features'], batch['feature_mask'],
+                                           rng))
+        decode_seconds += time.perf_counter() - t
+        tokens_BxT = out['tokens'][:real]
+        finished_B = (tokens_BxT == vocab.EOS_ID).any(-1)
+        if session is not None:
+          ends_B = np.where(finished_B, (tokens_BxT == vocab.EOS_ID).argmax(-1),
+                            tokens_BxT.shape[1])
+          session.add([row[:end].tolist() for row, end in zip(tokens_BxT, ends_B, strict=True)])
+        hyps += strings(tokens_BxT)
+        unfinished += int((~finished_B).sum())
+        refs += strings(batch['targets'][:real])
+        acc.add_elements(out['element_probs'][:real], batch['element_labels'][:real])
+        acc.add_semantic_generated(tokens_BxT, out['semantic'][:real], batch['targets'][:real],
+                                   batch['semantic_labels'][:real], batch['semantic_mask'][:real],
+                                   eos_id=vocab.EOS_ID)
+      visual, pictures = session.result() if session is not None else ({}, {})
     scores = {f'{k}_generated': v for k, v in acc.result().items() if k.startswith('element_')}
-    return {'bleu': metrics_lib.bleu(hyps, refs), **scores, 'generated_pages': len(hyps),
-            'generated_unfinished': unfinished}
+    scores['semantic_accuracy_generated'] = acc.result()['semantic_accuracy_generated']
+    out = {'bleu': metrics_lib.bleu(hyps, refs), **scores, 'generated_pages': len(hyps),
+           'generated_unfinished': unfinished, 'decode_seconds': decode_seconds, **visual,
+           'bleu_decode_seconds': time.perf_counter() - start}
+    if pictures:
+      out['pictures'] = pictures
+    return out
 
 
 def with_targets(config, result: dict) -> dict:
@@ -129,7 +171,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, whic
   config_validation.validate(config)
   source = pipeline.make_source(config, 'val')
   graphdef, params, step, extra = load_trained(config, workdir, which=which)
-  result = with_targets(config, Evaluator(config, graphdef)(params, source))
+  result = with_targets(config, Evaluator(config, graphdef, source)(params, source))
+  pictures = result.pop('pictures', {})
   report = {
       'checkpoint_step': step,
       'epoch': extra.get('epoch'),
@@ -138,6 +181,31 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, whic
       'metrics': result,
       'targets': metrics_lib.target_report(result, targets(config)) if 'bleu' in result else None,
   }
+  baselines = baselines_lib.load(config.data.path) if config.data.name == 'files' else None
+  if baselines is not None:
+    report['baselines'] = baselines
   if jax.process_index() == 0:
     reporting.atomic_write_json(os.path.join(workdir, 'evaluation_results.json'), report)
+    # TensorBoard beside the training curves, at the evaluated checkpoint's step.
+    with reporting.Reporter(workdir, append_only=True) as reporter:
+      reporter.scalars(step, {k: v for k, v in result.items() if np.isscalar(v)},
+                       prefix='evaluate/')
+      reporter.images(step, pictures, prefix='evaluate/generated_')
   return report
+
+
+def summary(report: dict) -> str:
+  """What a user reads after an evaluation: the checkpoint's targets line, then the model beside
+  the dataset's baselines (python -m phase1_jax.baselines writes them) when it has them."""
+  targets = report['targets']
+  if targets is None:
+    line = 'targets not scored (no BLEU: eval.bleu_samples=0)'
+  else:
+    line = '  '.join(
+        f'{k}={v["value"]:.4f} (target {v["target"]}, {"pass" if v["passed"] else "FAIL"})'
+        for k, v in targets.items() if k != 'all_passed') + (
+            '  -> all targets met' if targets['all_passed'] else '  -> targets not met')
+  text = f'Best checkpoint (step {report["checkpoint_step"]}): {line}'
+  if report.get('baselines'):
+    text += '\n' + baselines_lib.comparison_table(report['metrics'], report['baselines'])
+  return text

@@ -16,7 +16,7 @@ from phase1_jax import config as config_lib
 from phase1_jax import config_validation
 from phase1_jax.data import pipeline
 from phase1_jax.model.phase1 import parameter_report
-from phase1_jax.training import evaluation, faults, parallel, reporting
+from phase1_jax.training import evaluation, faults, parallel, reporting, visual_evaluation
 from phase1_jax.training import run as run_lib
 from phase1_jax.training import state as state_lib
 from phase1_jax.training import step as step_lib
@@ -53,6 +53,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     reporting.read_history(os.path.join(workdir, reporting.HISTORY_FILE))
   train_source = pipeline.make_source(config, 'train')
   val_source = pipeline.make_source(config, 'val')
+  visual_evaluation.RenderEvalSpec.from_config(config)   # no browser: one line, before compiling
   t = config.train
   steps_per_epoch = pipeline.steps_per_epoch(train_source, t.batch_size)
   tx, schedule = state_lib.make_optimizer(config, steps_per_epoch)
@@ -110,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   train_step = par.train_step(graphdef=graphdef, tx=tx,
                               loss_spec=step_lib.LossSpec.from_config(config),
                               abstract_state=abstract_state)
-  evaluator = evaluation.Evaluator(config, graphdef)
+  evaluator = evaluation.Evaluator(config, graphdef, val_source)
 
   try:
     # Several hosts: SIGTERM stays with jax.distributed's preemption notifier, which Orbax's
@@ -127,8 +128,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         result.update(epoch=epoch + 1, step=step, train_loss=train_loss,
                       epoch_seconds=time.perf_counter() - epoch_start,
                       train_seconds=run.train_seconds)
+        pictures = result.pop('pictures', {})
         reporter.scalars(step, {k: v for k, v in result.items() if k not in ('epoch', 'step')},
                          prefix='val/')
+        reporter.images(step, pictures, prefix='val/generated_')
         if main_process and (epoch + 1) % t.histogram_every_epochs == 0:
           reporter.histograms(step, par.eval_params(state))
         reporter.history({'kind': 'epoch', **result})
@@ -162,15 +165,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   reporter.close()
   report = evaluation.evaluate_checkpoint(config, workdir, which='best')
   if main_process:
-    print(f'Best checkpoint (step {report["checkpoint_step"]}): {_targets_line(report)}')
+    print(evaluation.summary(report))
   return report
 
-
-def _targets_line(report: dict) -> str:
-  targets = report['targets']
-  if targets is None:
-    return 'targets not scored (no BLEU: eval.bleu_samples=0)'
-  return '  '.join(
-      f'{k}={v["value"]:.4f} (target {v["target"]}, {"pass" if v["passed"] else "FAIL"})'
-      for k, v in targets.items() if k != 'all_passed') + (
-          '  -> all targets met' if targets['all_passed'] else '  -> targets not met')

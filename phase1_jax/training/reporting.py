@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.record_writer import masked_crc32c
-from tensorboardX.summary import histogram, scalar
+from tensorboardX.summary import histogram, image, scalar
 from tqdm import tqdm
 
 from phase1_jax.training import faults
@@ -222,7 +222,8 @@ class Reporter:
 
   ``start_step`` is the step training resumes from (0 for a fresh run): history
   records with a larger ``step`` and TensorBoard events after it are dropped,
-  so a resumed run never logs a step twice.
+  so a resumed run never logs a step twice. ``append_only`` (a later evaluation of a finished
+  run) drops nothing and writes TensorBoard events only: no history.
 
   A write that fails raises faults.WriterError (an OSError: one line naming the file) from the
   call that made it; what was written before stays. An unreadable training_history.json raises
@@ -233,20 +234,23 @@ class Reporter:
                workdir: str | os.PathLike,
                *,
                start_step: int = 0,
-               is_main_process: bool = True):
+               is_main_process: bool = True,
+               append_only: bool = False):
     self.workdir = os.fspath(workdir)
     self.start_step = int(start_step)
     self.enabled = bool(is_main_process)
+    self.append_only = append_only
     self.history_path = os.path.join(self.workdir, HISTORY_FILE)
     self.tensorboard_dir = os.path.join(self.workdir, TENSORBOARD_DIR)
     self._events: EventFile | None = None
     # Also from step 0: a run killed before its first checkpoint left events that the new run
     # repeats.
-    self._purge_pending = self.enabled and (self.start_step > 0 or (
+    self._purge_pending = self.enabled and not append_only and (self.start_step > 0 or (
         os.path.isdir(self.tensorboard_dir) and bool(os.listdir(self.tensorboard_dir))))
     self._history: list[dict] = []
     if self.enabled:
-      self._history = self._load_history()
+      if not append_only:
+        self._history = self._load_history()
       try:
         os.makedirs(self.tensorboard_dir, exist_ok=True)
       except OSError as e:
@@ -270,6 +274,8 @@ class Reporter:
   def history(self, record: dict) -> None:
     """Appends ``record`` to training_history.json (whole file rewritten atomically; a record
     whose write failed is not kept)."""
+    if self.append_only:
+      raise ValueError('an append_only Reporter writes no training history')
     if not self.enabled:
       return
     records = [*self._history, to_jsonable(record)]
@@ -307,6 +313,13 @@ class Reporter:
       return
     self._write_events(step, [scalar(f'{prefix}{name}', float(value))
                               for name, value in values.items()])
+
+  def images(self, step: int, pictures: dict[str, np.ndarray], prefix: str = '') -> None:
+    """One image per key (HxWx3 uint8), tagged ``prefix + key``."""
+    if not self.enabled or not pictures:
+      return
+    self._write_events(step, [image(f'{prefix}{name}', np.asarray(picture, np.uint8),
+                                    dataformats='HWC') for name, picture in pictures.items()])
 
   def histograms(self, step: int, params, prefix: str = 'params/') -> None:
     """One histogram per array leaf of ``params``, tagged by its pytree path."""
