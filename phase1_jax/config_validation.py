@@ -43,6 +43,9 @@ def unknown_field(path: str) -> ConfigError:
                                                          else ''))
 
 
+HELP_FLAGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
+
+
 def parse_flags(argv):
   """absl's flag parsing for the CLIs (app.run(main, flags_parser=parse_flags)): a bad flag exits
   with one line (`error: ...`) naming the culprit, not a traceback or absl's two-line usage note:
@@ -55,6 +58,10 @@ def parse_flags(argv):
     raise SystemExit(f'error: --config {spec}: no such config file')
   try:
     return flags.FLAGS(argv)
+  except SystemExit:  # absl exits 1 after printing --help; asking for help is not an error
+    if any(a.split('=')[0] in HELP_FLAGS for a in argv[1:]):
+      raise SystemExit(0) from None
+    raise
   except Exception as e:  # noqa: BLE001 - named in one line below, or raised as it is
     line = _flag_error(argv, spec, e)
     if line is None:

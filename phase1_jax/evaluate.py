@@ -1,6 +1,11 @@
-"""Evaluate the best checkpoint of an experiment into evaluation_results.json.
+"""Evaluate a run's best checkpoint on the val split: prints the metrics against the targets (and
+beside the dataset's baselines, when it has them) and writes evaluation_results.json.
 
-  python -m phase1_jax.evaluate --config configs/small.py --workdir experiments/NAME
+  python -m phase1_jax.evaluate --workdir experiments/NAME [--bleu_samples N]
+      [--render_samples N] [--checkpoint best|latest]
+
+The run's config comes from <workdir>/config.json; the flags override its `eval` section
+(`--config path` instead reads a config file, with `--config.*` overrides).
 """
 import sys
 
@@ -11,31 +16,42 @@ from phase1_jax import config_validation
 from phase1_jax.config import ConfigError
 from phase1_jax.config_validation import parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config the run was trained with.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Experiment directory holding checkpoints/.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Experiment directory (checkpoints/, config.json).')
+_CONFIG = config_flags.DEFINE_config_file('config', None, "Config file; default: the workdir's "
+                                          'config.json.', lock_config=False)
+_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
+_EVAL = {
+    'bleu_samples': flags.DEFINE_integer('bleu_samples', None, 'Val pages decoded (greedy).'),
+    'render_samples': flags.DEFINE_integer('render_samples', None, 'Of those, pages rendered and '
+                                           'scored with the visual metrics (0: off).'),
+}
+flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every file operation at INFO
     logging.set_verbosity(logging.WARNING)
+  from phase1_jax.training.generation import InputError, load_config
   try:
-    config_validation.validate(_CONFIG.value)
-  except ConfigError as e:
+    config = _CONFIG.value if _CONFIG.value is not None else load_config(_WORKDIR.value)
+    for name, flag in _EVAL.items():
+      if flag.value is not None:
+        config.eval[name] = flag.value
+    config_validation.validate(config)
+  except (ConfigError, InputError, OSError) as e:
     sys.exit(f'error: {e}')
-  evaluate(_CONFIG.value, _WORKDIR.value)
+  evaluate(config, _WORKDIR.value, _CHECKPOINT.value)
 
 
-def evaluate(config, workdir):
-  """Evaluates a validated config's best checkpoint; the stack (JAX, Orbax: seconds to import)
-  is imported only now, so a bad flag or config fails in a fraction of a second."""
+def evaluate(config, workdir, which='best'):
+  """Evaluates a validated config's checkpoint; the stack (JAX, Orbax: seconds to import) is
+  imported only now, so a bad flag or config fails in a fraction of a second."""
   from phase1_jax.data.pipeline import DataError
   from phase1_jax.training.checkpoint import CheckpointError
   from phase1_jax.training.evaluation import evaluate_checkpoint, summary
   try:
-    print(summary(evaluate_checkpoint(config, workdir, which='best')))
+    print(summary(evaluate_checkpoint(config, workdir, which=which)))
   except (ConfigError, CheckpointError, DataError,
           OSError) as e:  # user errors, an unwritable results file (faults.WriterError): one line
     sys.exit(f'error: {e}')

@@ -129,3 +129,18 @@ def tiny_run(tmp_path_factory) -> str:
   config.train.num_epochs = 1
   loop.train_and_evaluate(config, path)
   return path
+
+
+@pytest.fixture(scope='session')
+def rendered_pixel_dataset(tmp_path_factory) -> str:
+  """A tiny prepared pixel dataset (10 synthetic pages rendered 480 px wide by Chromium, 8 px
+  patches, 96 per page, about a third val), shared by the rendering tests, which only read it
+  (the baselines CLI adds its baselines.json). Tests that use it skip without a browser."""
+  from phase1_jax.data import prepare, render, synthetic_html
+  spec = render.RenderSpec(width=480, max_height=900, timeout_s=20)
+  root = str(tmp_path_factory.mktemp('pages'))
+  synthetic_html.write_pages(root, 10, seed=3, width=480)
+  out = str(tmp_path_factory.mktemp('prepared') / 'pixels')
+  prepare.prepare(root, out, vocab_size=400, val_fraction=0.3, render_spec=spec, patch_size=8,
+                  max_patches=96, workers=2, progress=False)
+  return out

@@ -255,3 +255,14 @@ def test_config_file_errors_are_one_line_naming_the_file(tmp_path, text, args, m
 def test_missing_config_file_is_named():
   with pytest.raises(ConfigError, match=r'nope\.py: no such config file'):
     config_lib.load_file(REPO / 'configs' / 'nope.py')
+
+
+@pytest.mark.parametrize('cli', ['train', 'evaluate', 'generate'])
+def test_cli_help_exits_zero(cli):
+  """--help prints the flags and succeeds (absl alone exits 1)."""
+  import subprocess
+  import sys
+  done = subprocess.run([sys.executable, '-m', f'phase1_jax.{cli}', '--help'],
+                        capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert done.returncode == 0, done.stderr
+  assert '--workdir' in done.stdout + done.stderr

@@ -93,16 +93,9 @@ def test_page_source_wraps_fragments_only():
 
 # --------------------------------------------------------------------------- the baselines CLI
 
-@pytest.fixture(scope='module')
-def pixel_dataset(tmp_path_factory):
-  """A tiny rendered dataset (10 synthetic pages, 8 px patches), as tests/test_prepare_render."""
-  from phase1_jax.data import prepare, synthetic_html
-  root = str(tmp_path_factory.mktemp('pages'))
-  synthetic_html.write_pages(root, 10, seed=3, width=480)
-  out = str(tmp_path_factory.mktemp('prepared') / 'pixels')
-  prepare.prepare(root, out, vocab_size=400, val_fraction=0.3, render_spec=SPEC, patch_size=8,
-                  max_patches=96, workers=2, progress=False)
-  return out
+@pytest.fixture
+def pixel_dataset(rendered_pixel_dataset):
+  return rendered_pixel_dataset
 
 
 def _baselines_cli(*args):

@@ -160,6 +160,21 @@ def test_cli_evaluate_without_checkpoints_is_one_line(tmp_path):
   assert last.startswith('error: ') and str(tmp_path) in last and 'checkpoints' in last, proc.stderr
 
 
+def test_cli_evaluate_reads_the_runs_config_and_prints_the_targets(tiny_run, tmp_path):
+  """evaluate --workdir alone: the run's config.json, a flag override, the targets line printed
+  and evaluation_results.json written."""
+  import shutil
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(tiny_run, workdir)
+  os.remove(os.path.join(workdir, 'evaluation_results.json'))
+  proc = run_cli('phase1_jax.evaluate', '--workdir', workdir, '--bleu_samples', '4')
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith('Best checkpoint (step '), proc.stdout
+  assert 'bleu=' in proc.stdout and 'target 0.3' in proc.stdout
+  with open(os.path.join(workdir, 'evaluation_results.json')) as f:
+    assert json.load(f)['metrics']['generated_pages'] == 4
+
+
 def test_gradient_accumulation_updates_every_k_micro_batches():
   """accumulate_grad_batches=2: the first micro-batch leaves the params alone, the second applies
   one AdamW update whose gradient is the mean of both micro-batches' gradients. (Compared through

@@ -25,16 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = render.RenderSpec(width=480, max_height=900, timeout_s=20)
 
 
-@pytest.fixture(scope='module')
-def dataset(tmp_path_factory):
-  """A tiny rendered pixel dataset: 12 synthetic pages, 8 px patches, a third of them val."""
-  from phase1_jax.data import prepare, synthetic_html
-  root = str(tmp_path_factory.mktemp('pages'))
-  synthetic_html.write_pages(root, 12, seed=5, width=480)
-  out = str(tmp_path_factory.mktemp('prepared') / 'pixels')
-  prepare.prepare(root, out, vocab_size=400, val_fraction=0.34, render_spec=SPEC, patch_size=8,
-                  max_patches=96, workers=2, progress=False)
-  return out
+@pytest.fixture
+def dataset(rendered_pixel_dataset):
+  return rendered_pixel_dataset
 
 
 def test_stream_renders_pages_added_while_it_runs_in_order():
