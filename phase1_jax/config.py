@@ -73,8 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.tie_detail_head = True
   # True: lax.scan over the applications, compile time flat in depth (deep stacks).
   # False: a Python loop, one copy of the layer per application in the program. None (auto):
-  # unrolled up to 12 applications, where it measured faster (CPU 1.3-1.7x at 4, H200 1.37x at
-  # 6; README, benchmarks/train_step.py), scanned beyond. Override: --config.model.scan_layers=True.
+  # unrolled up to 12 applications, where it measured faster on CPU and GPU (docs/performance.md),
+  # scanned beyond. Override: --config.model.scan_layers=True.
   m.scan_layers = config_dict.placeholder(bool)
   m.remat = False
   # With remat: what a layer application keeps for the backward pass (nothing_saveable: only its

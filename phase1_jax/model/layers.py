@@ -13,10 +13,8 @@ class Dense(nnx.Linear):
   Same parameters as nnx.Linear (kernel [in, out], bias [out]); only how the step computes changes.
   Why the 2-D view: XLA:CPU (jax 0.10) runs the weight gradient x^T @ dy of a 2-D matmul directly
   (transposed operands are native), but for a [B, T, D] input it contracts over two dims (B, T) and
-  first copies dy into a transposed [D, B, T] layout, element by element. Measured on 2 CPU cores:
-  an MLP block's forward+backward at B, T, D, M = 16, 256, 256, 1024 ran 1.48x faster (min of 15)
-  on the 2-D view, and the whole train step of configs/bench_cpu.py 1.16x. The reshapes are free
-  (bitcasts).
+  first copies dy into a transposed [D, B, T] layout, element by element. The 2-D view avoids
+  that copy (measurements: docs/performance.md). The reshapes are free (bitcasts).
   """
 
   def __call__(self, x):
@@ -34,9 +32,8 @@ def column_sum(x_NxO, num_parts: int = 32):
 
   In two stages: `num_parts` partial sums over N / num_parts rows each, then their sum (an
   optimization barrier keeps XLA from merging the stages back into one reduction). For a bias
-  gradient on a GPU: XLA's one-kernel column reduction of a [4096, 768] bfloat16 gradient took
-  15.7 us in an H200 profile (about 0.4 TB/s); this form made the configs/default.py step 1.037x
-  faster on an H100 (interleaved A/B, 15 rounds of 10 steps) and measured neutral on CPU.
+  gradient on a GPU, XLA's one-kernel column reduction is slow at these shapes; this form is
+  faster there and neutral on CPU (measurements: docs/performance.md).
   """
   n, o = x_NxO.shape
   if n % num_parts or n < 4 * num_parts:
@@ -84,11 +81,9 @@ scale_and_shift.defvjp(_scale_and_shift_fwd, _scale_and_shift_bwd)
 class LayerNorm(nnx.LayerNorm):
   """nnx.LayerNorm over the last axis (same parameters: scale, bias) computed in float32 with
   the two-pass variance mean((x - mean)^2) (nnx's default takes mean(x^2) - mean^2), its scale and
-  offset gradients taken by `column_sum`; output in the compute dtype. Why: on CPU the step
-  measured 1.01-1.03x faster than with nnx.LayerNorm (five interleaved A/Bs on
-  configs/bench_cpu.py and small.py); on a GPU, nnx's one-kernel column reductions of these
-  gradients took 11-16 us each in an H100 profile, like the Dense biases' that column_sum sped
-  up; with nnx.LayerNorm and nnx.Embed back, the H100 step ran 0.918x (interleaved A/B)."""
+  offset gradients taken by `column_sum`; output in the compute dtype. Why: the train step ran
+  faster than with nnx.LayerNorm on CPU and on a GPU, where nnx's one-kernel column reductions of
+  these gradients are slow like the Dense biases' (measurements: docs/performance.md)."""
 
   def __call__(self, x):
     if self.scale is None or self.bias is None:
@@ -106,9 +101,7 @@ class Embed(nnx.Embed):
   """nnx.Embed that gathers rows of the float32 table and then casts them to the compute dtype,
   where nnx.Embed casts the whole table first. Why: the gradient's scatter-add then sums in
   float32 (a frequent token's rows add up over many positions; in bfloat16 every add rounds), and
-  no V x D cast of the table runs each step. In bfloat16 the scatter took 0.5 ms of the 10.9 ms
-  configs/default.py step in an H100 profile; with nnx.Embed and nnx.LayerNorm back, the H100
-  step ran 0.918x (interleaved A/B).
+  no V x D cast of the table runs each step (measurements: docs/performance.md).
   """
 
   def __call__(self, inputs):

@@ -14,7 +14,7 @@ One checkpoint step directory ``<directory>/<step>/`` holds up to three items:
 Retention keeps the newest ``max_to_keep`` steps AND the best step by
 ``metrics[best_metric]``. Orbax's own ``max_to_keep`` + ``best_fn`` can delete
 the latest step, so an explicit ``AnyPreservationPolicy([LatestN, BestN])`` is
-used instead (see jax-stack-notes.md, section 4).
+used instead.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 - CPU devices: `configure_cpu_devices` splits a CPU host into `config.parallel.cpu_devices`
   devices, by default one per core: data parallelism over per-core devices beat one device using
-  all cores through XLA's intra-op threads (measured on 2 cores: README, "Train-step performance").
+  all cores through XLA's intra-op threads (measured on 2 cores: docs/performance.md).
 - Host memory: `keep_freed_memory` makes glibc's malloc keep the memory XLA:CPU frees at the end
   of a step for the next step (`config.parallel.keep_freed_host_memory`; by default only where
   JAX will run on the CPU, `keeps_freed_memory`).
@@ -27,9 +27,8 @@ def prepare(config: ml_collections.ConfigDict, split_cpu: bool = True) -> int | 
   """The train CLI's host setup: `keep_freed_memory` (if configured), then (with `split_cpu`)
   `configure_cpu_devices`. Returns the CPU device count set, or None.
 
-  The evaluate and generate CLIs do without it: they run one device, and evaluation (mostly
-  compiles, which the malloc setting slows, about 1.2x) ran 1.1x slower with it (README,
-  "Train-step performance")."""
+  The evaluate and generate CLIs do without it: they run one device, and evaluation is mostly
+  compiles, which the malloc setting slows (measurements: docs/performance.md)."""
   if keeps_freed_memory(config):
     keep_freed_memory()
   return configure_cpu_devices(config) if split_cpu else None
@@ -39,9 +38,8 @@ def keeps_freed_memory(config: ml_collections.ConfigDict) -> bool:
   """`parallel.keep_freed_host_memory`, or (None, the default) whether JAX will run on the CPU.
 
   Why not on a GPU/TPU host: there the step's buffers live on the device, and one malloc arena
-  serializes the host threads of XLA's parallel compilation and autotuning. On an H100 host the
-  benchmark's process (with the setting) compiled the configs/default.py step in 193 s, while
-  processes without it compiled the same step in 17-34 s (README, "Train-step performance").
+  serializes the host threads of XLA's parallel compilation and autotuning, which made compiles
+  several times slower on a GPU host (measurements: docs/performance.md).
   """
   value = config.parallel.keep_freed_host_memory
   return (not expects_accelerator()) if value is None else bool(value)
@@ -101,10 +99,9 @@ def keep_freed_memory() -> bool:
   Why: XLA:CPU allocates a step's buffers (hundreds of MiB) with malloc and frees them when the
   step ends. glibc serves allocations that large with a fresh mmap and hands them back with
   munmap, so every step faults its whole working set in again, page by page, zero-filled by the
-  kernel: on configs/bench_cpu.py (2 cores) 178,000 minor page faults and 0.37 s of kernel time
-  per step. Kept in the heap, the same pages serve every step: no faults, and the step ran 1.28x
-  faster (median of 8 paired rounds; README, "Train-step performance"). The cost: the process
-  holds on to its peak heap instead of returning it between steps.
+  kernel. Kept in the heap, the same pages serve every step: no faults, and a faster step
+  (measurements: docs/performance.md). The cost: the process holds on to its peak heap instead of
+  returning it between steps.
 
   Must run before JAX starts its backends: a thread keeps the malloc arena of its first
   allocation, and XLA's worker threads would otherwise get arenas of their own, which map large

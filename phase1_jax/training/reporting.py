@@ -8,7 +8,7 @@
 Every write happens in the calling thread and a failed one (full disk, file size limit) raises
 faults.WriterError naming the file: tensorboardX's SummaryWriter writes from a background thread
 through a bounded queue, and when that thread dies on a write error the error is only printed
-and the next put blocks the trainer forever. Its other pitfalls (jax-stack-notes.md, section 6):
+and the next put blocks the trainer forever. Its other pitfalls:
 event file names have 1-second resolution, so every file gets a unique suffix; a resumed run
 marks ``purge_step`` so TensorBoard drops the stale events past the restart.
 """
