@@ -1,7 +1,10 @@
 """The train step's matmuls one by one: XLA against PyTorch's CPU kernels, timed in one run.
 
-  pip install -e '.[bench]'
+  pip install torch --index-url https://download.pytorch.org/whl/cpu   # PyTorch's CPU wheel
   python benchmarks/matmuls.py [--config configs/bench_cpu.py] [--repeats 30]
+
+PyTorch is in no extra (`pip install -e '.[bench]'` brings matplotlib only): it needs
+`pip install torch` in addition, as above. The package never needs it.
 
 Why: on CPU, most of a train step is matmuls, so the kernels XLA:CPU picks (YNNPACK, Eigen)
 against the ones PyTorch calls (MKL/oneDNN, its fused CPU flash attention aside) bound the step

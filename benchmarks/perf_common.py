@@ -136,7 +136,7 @@ def device_name() -> str:
 
 
 def host_cpu() -> str:
-  """The host CPU's model name (/proc/cpuinfo): CPU figures from different sessions may come from
+  """The host CPU's model name (/proc/cpuinfo): CPU figures from different runs may come from
   different machines, whose relative speeds differ (PyTorch's oneDNN against XLA, say)."""
   try:
     with open('/proc/cpuinfo') as f:

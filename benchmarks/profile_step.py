@@ -112,7 +112,8 @@ def device_balance(events, is_collective) -> list[dict]:
   outside collectives, its time in collectives (which includes waiting for the slowest device),
   and how many of its operations ran on a thread that ran mostly another device's operations that
   step. XLA:CPU runs all devices' operations on one intra-op thread pool and splits operations
-  over it, which is what these figures measure (README, "Train-step performance")."""
+  over it, which is what these figures measure (docs/performance.md, "Two per-core devices in
+  one process")."""
   steps = collections.defaultdict(list)
   for e in events:
     if 'device_ordinal' in e.get('args', {}) and 'run_id' in e['args']:

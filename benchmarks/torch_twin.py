@@ -13,8 +13,10 @@ torch.optim.AdamW with its defaults), with the same parameters (count and shapes
   consistency (max over valid positions of p(open tag of e), squared against sigmoid(element)).
   Optimizer: global-norm clip 1.0, AdamW (weight decay on matrices only), warmup-cosine schedule.
 
-PyTorch is a benchmark-only extra (`pip install -e '.[bench]'`); nothing in the package or the
-tests imports this file.
+PyTorch is in no extra of the package (the `bench` extra is matplotlib only): it needs
+`pip install torch` (the CPU wheel: `pip install torch --index-url
+https://download.pytorch.org/whl/cpu`) in addition. Nothing in the package or the tests imports
+this file.
 """
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
 """Our train step against a plain PyTorch eager twin of the same model, timed in one run.
 
-  pip install -e '.[bench]'      # PyTorch CPU wheel + matplotlib; never needed by the package
+  pip install torch --index-url https://download.pytorch.org/whl/cpu   # PyTorch's CPU wheel
   python benchmarks/vs_pytorch.py [--config configs/bench_cpu.py] [--repeats 20]
+
+PyTorch is in no extra (`pip install -e '.[bench]'` brings matplotlib only): it needs
+`pip install torch` in addition, as above. The package never needs it.
 
 Four contestants on the same batch: PyTorch eager float32, ours float32, PyTorch CPU autocast
 bfloat16, ours bfloat16 (float32 master weights). Each is warmed up, then they run interleaved

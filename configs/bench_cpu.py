@@ -1,5 +1,6 @@
-"""The CPU train-step benchmark shape (issue 10): d_model 256, 4 layer applications of 2 unique
-layers, 4 heads, MLP 1024, sequence 256, batch 16, 64 memory patches, vocabulary 2048.
+"""The CPU train-step benchmark shape (docs/performance.md, "Against PyTorch eager"): d_model 256,
+4 layer applications of 2 unique layers, 4 heads, MLP 1024, sequence 256, batch 16, 64 memory
+patches, vocabulary 2048.
 
     python benchmarks/vs_pytorch.py                      # ours vs PyTorch eager, same run
     python benchmarks/train_step.py --config configs/bench_cpu.py

@@ -3,7 +3,7 @@
 
 Sized for a GPU/TPU (bfloat16 compute there); on a CPU prefer configs/small.py. Attention is the
 `dot_product` kind: cuDNN's fused attention on a GPU (the train step 1.16x faster than `dense`
-on an H100, README "The issue 10 bars"); on other devices XLA's, equal to `dense`.
+on an H100, docs/performance.md); on other devices XLA's, equal to `dense`.
 """
 from phase1_jax.config import base_config
 

@@ -329,7 +329,7 @@ def test_altered_array_is_named_set_aside_and_skipped(tmp_path):
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_overwritten_bytes_never_restore_altered_arrays(tmp_path):
-  """The issue's recipe: 16 bytes in the middle of the largest data file inverted. Whether they
+  """A corrupted checkpoint: 16 bytes in the middle of the largest data file inverted. Whether they
   land in compressed data, an index node or a file the merged index does not read, restore
   either refuses the step (naming it) or returns exactly the arrays that were saved."""
   save_steps(tmp_path, [1.0], d_model=64)

@@ -1,6 +1,7 @@
 """Labels of an HTML element: its element type and, for a landmark, its section class.
 
-Two schemes (README, "Your own pages", has the tables):
+Two schemes (docs/dataset.md, "Labels: the semantic scheme" and "Labels: class keywords", has
+the tables):
   semantic (default): what HTML itself says. Element types from the tag, the ARIA role and the
     input type; sections from landmarks: header/banner, nav/navigation, main, aside/complementary,
     footer/contentinfo, form, search, article, and a section/region that has a heading or an

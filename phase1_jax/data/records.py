@@ -1,6 +1,6 @@
 """The on-disk page dataset: ArrayRecord shards of msgpack records, described by dataset.json.
 
-Layout of a prepared directory DIR (see README, "Your own pages"):
+Layout of a prepared directory DIR (see docs/dataset.md, "On disk"):
   DIR/dataset.json            fields, vocabulary, label names, split shard lists, summary
   DIR/tokenizer.json          the byte-level BPE (Hugging Face `tokenizers`) of the detail tokens
   DIR/train/train-00000.array_record, ...   (group_size 1: each record is read alone)

@@ -1,6 +1,6 @@
 """The fixed vocabulary of the synthetic UI pages: special tokens, markup, class names, text.
 
-Token ids (the layout the README documents):
+Token ids (the layout docs/dataset.md documents, "The embedded synthetic dataset"):
   0 <pad>, 1 <bos>, 2 <eos>, 3 <unk>, then markup punctuation, section tags (open/close),
   one class-name token per semantic class, one open and one close tag per element type,
   and a lexicon of text words. Ids from `len(TOKENS)` up to `vocab_size` are unused.

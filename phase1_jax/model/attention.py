@@ -13,7 +13,8 @@ Kinds:
   instead of NaN). O(T*S) memory.
 - `dot_product`: `jax.nn.dot_product_attention` (cuDNN flash for bf16/fp16 on GPU when it accepts
   the call, XLA otherwise). Same masks, same result. Given lengths, cuDNN runs its padding mask
-  and no mask tensor: 1.16x on the configs/default.py bf16 train step on an H100 (README).
+  and no mask tensor: 1.16x on the configs/default.py bf16 train step on an H100
+  (docs/performance.md).
 - `window`, `window_topk`: block-sparse causal kinds, see sparse_attention.py.
 - `fused_cpu`: the same result as `dense` from a compiled C++ kernel (cpu_attention.py): the
   scores stay in cache-sized blocks, the masked causal half is skipped, and the backward pass
