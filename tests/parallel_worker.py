@@ -4,6 +4,7 @@ tiny config a few steps under each parallel layout and prints one JSON object of
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel_worker.py equivalence
   ... python tests/parallel_worker.py checkpoint DIR
   ... python tests/parallel_worker.py errors
+  ... python tests/parallel_worker.py evaluation DIR
   ... python tests/parallel_worker.py all DIR
 """
 from __future__ import annotations
@@ -24,10 +25,11 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 from phase1_jax import config as config_lib  # noqa: E402
 from phase1_jax import config_validation  # noqa: E402
 from phase1_jax.data import pipeline  # noqa: E402
+from phase1_jax.training import evaluation as evaluation_lib  # noqa: E402
 from phase1_jax.training import parallel  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
 from phase1_jax.training import step as step_lib  # noqa: E402
-from phase1_jax.training.checkpoint import Checkpointer  # noqa: E402
+from phase1_jax.training.checkpoint import CONFIG_KEY, Checkpointer  # noqa: E402
 
 STEPS = 3
 
@@ -191,22 +193,87 @@ def _restored(config, directory, par):
 def errors():
   out = {}
   for name, overrides in (('batch', dict(batch_size=12)), ('mesh', dict(data=16)),
-                          ('pmap_fsdp', dict(mode='pmap', fsdp=2))):
-    config = tiny(**{k: v for k, v in overrides.items() if k != 'batch_size'})
-    if 'batch_size' in overrides:
-      config.train.batch_size = overrides['batch_size']
-    try:
-      parallel.DataParallel(config)
-      out[name] = None
-    except config_lib.ConfigError as e:
-      out[name] = str(e)
+                          ('pmap_fsdp', dict(mode='pmap', fsdp=2)),
+                          ('eval_batch', dict(fsdp=4, eval_batch_size=12))):
+    config = tiny(**{k: v for k, v in overrides.items() if not k.endswith('batch_size')})
+    config.train.batch_size = overrides.get('batch_size', config.train.batch_size)
+    config.eval.batch_size = overrides.get('eval_batch_size', config.eval.batch_size)
+    out[name] = _config_error(parallel.DataParallel, config)
+  # The last config's eval batch: named before any checkpoint is looked for (no such workdir).
+  out['eval_batch_load'] = _config_error(evaluation_lib.load_trained, config,
+                                         os.path.join(REPO, 'no_such_workdir'))
   return out
+
+
+def _config_error(fn, *args):
+  try:
+    fn(*args)
+  except config_lib.ConfigError as e:
+    return str(e)
+  return None
+
+
+TIMES = ('decode_seconds', 'bleu_decode_seconds')
+
+
+def evaluation(directory):
+  """Train STEPS steps on a 2 x 4 (data x fsdp) mesh and save; evaluate the checkpoint on that
+  mesh (load_trained and Evaluator with its DataParallel), on a 1 x 1 mesh, and with the plain
+  one-device Evaluator. Returns each one's metrics, their largest differences from the 2 x 4
+  mesh's, and how the 2 x 4 mesh held the params."""
+  config = tiny(fsdp=4)
+  par, state, _ = run_parallel(config, batches(config, STEPS))
+  workdir = os.path.join(directory, 'evaluation')
+  with Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False) as ckpt:
+    ckpt.save(STEPS, par.unreplicate(state), extra={'epoch': 1, CONFIG_KEY: config.to_dict()})
+  out, metrics = {}, {}
+  for name, layout in (('mesh_2x4', dict(fsdp=4)), ('mesh_1x1', dict(data=1)),
+                       ('one_device', None)):
+    cfg = tiny(**(layout or dict(data=1)))
+    par = parallel.DataParallel(cfg)
+    graphdef, params, step, _ = evaluation_lib.load_trained(cfg, workdir, par=par)
+    source = pipeline.make_source(cfg, 'val')
+    evaluate = evaluation_lib.Evaluator(cfg, graphdef, source, par=par if layout else None)
+    if layout is None:
+      params = jax.device_put(params, jax.devices()[0])
+    metrics[name] = {k: float(v) for k, v in evaluate(params, source).items() if k not in TIMES}
+    if name == 'mesh_2x4':
+      out['step'], out['mesh'] = int(step), dict(par.mesh.shape)
+      out['sharding'] = _param_sharding(params)
+  for name in ('mesh_1x1', 'one_device'):
+    out[f'{name}_diffs'] = _metric_diffs(metrics['mesh_2x4'], metrics[name])
+  out['metrics'] = metrics
+  return out
+
+
+def _param_sharding(params):
+  """How the FSDP mesh holds the params: the leaves split over 'fsdp' and the embedding's spec
+  and shard shape beside its whole shape."""
+  leaves = jax.tree.leaves(params)
+  split = [x for x in leaves if 'fsdp' in str(x.sharding.spec)
+           and x.addressable_shards[0].data.size < x.size]
+  kernel = params['model']['token_embed']['embedding']
+  return {'split_leaves': len(split), 'leaves': len(leaves),
+          'embedding_spec': str(kernel.sharding.spec), 'embedding_shape': list(kernel.shape),
+          'embedding_shard_shape': list(kernel.addressable_shards[0].data.shape)}
+
+
+def _metric_diffs(a: dict, b: dict) -> dict:
+  """Largest relative difference of the losses (val_*) and absolute of the other metrics."""
+  assert a.keys() == b.keys(), (sorted(a), sorted(b))
+  loss = [abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in a if k.startswith('val_')]
+  other = [abs(a[k] - b[k]) for k in a if not k.startswith('val_')]
+  return {'loss_rel': max(loss), 'other_abs': max(other),
+          'worst_other': max((k for k in a if not k.startswith('val_')),
+                             key=lambda k: abs(a[k] - b[k]))}
 
 
 if __name__ == '__main__':
   what = sys.argv[1]
   result = {'equivalence': equivalence, 'errors': errors,
             'checkpoint': lambda: checkpoint(sys.argv[2]),
+            'evaluation': lambda: evaluation(sys.argv[2]),
             'all': lambda: {'equivalence': equivalence(), 'errors': errors(),
-                            'checkpoint': checkpoint(sys.argv[2])}}[what]()
+                            'checkpoint': checkpoint(sys.argv[2]),
+                            'evaluation': evaluation(sys.argv[2])}}[what]()
   print('RESULT ' + json.dumps(result))

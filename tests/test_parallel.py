@@ -20,7 +20,7 @@ def eight_devices(tmp_path_factory):
   env = {**os.environ, 'XLA_FLAGS': EIGHT, 'JAX_PLATFORMS': 'cpu'}
   proc = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'parallel_worker.py'), 'all',
                          str(tmp_path_factory.mktemp('ckpt'))], capture_output=True, text=True,
-                        cwd=REPO, env=env, timeout=600)
+                        cwd=REPO, env=env, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULT '))
   return json.loads(line[len('RESULT '):])
@@ -71,6 +71,34 @@ def test_bad_layouts_are_one_line_config_errors(eight_devices):
   assert r['mesh'] == ('config.parallel.data=16: mesh data x fsdp = 16 x 1 needs 16 devices, '
                        '8 present')
   assert r['pmap_fsdp'].startswith('config.parallel.fsdp=2: pmap replicates the state')
+
+
+def test_eval_batch_the_mesh_cannot_split_is_one_line_error(eight_devices):
+  """From DataParallel, and from load_trained before it looks for a checkpoint."""
+  r = eight_devices['errors']
+  want = ('config.eval.batch_size=12: must be divisible by the data-parallel size data x fsdp = '
+          '2 x 4 = 8 (evaluation splits each batch over the mesh: e.g. 8 or 16)')
+  assert r['eval_batch'] == want
+  assert r['eval_batch_load'] == want
+
+
+def test_fsdp_checkpoint_evaluates_on_its_mesh_like_one_device(eight_devices):
+  """A checkpoint trained with fsdp=4 (data=2), evaluated by load_trained + Evaluator on that
+  mesh with the params still split, scores as on a 1 x 1 mesh and on the plain one-device
+  path: losses to float noise, the decoded BLEU and every F1 / accuracy exactly."""
+  r = eight_devices['evaluation']
+  assert r['mesh'] == {'data': 2, 'fsdp': 4} and r['step'] == 3
+  sharding = r['sharding']
+  assert sharding['embedding_spec'] == "P('fsdp', None)"
+  assert sharding['embedding_shape'] == [320, 32]
+  assert sharding['embedding_shard_shape'] == [80, 32]   # each device holds a quarter
+  assert sharding['split_leaves'] > sharding['leaves'] // 2
+  metrics = r['metrics']['mesh_2x4']
+  assert metrics['generated_pages'] == 8 and 'bleu' in metrics and 'val_loss' in metrics
+  for name in ('mesh_1x1', 'one_device'):
+    diffs = r[f'{name}_diffs']
+    assert diffs['loss_rel'] <= 1e-5, diffs
+    assert diffs['other_abs'] <= 1e-6, diffs
 
 
 def test_mesh_larger_than_devices_in_process():

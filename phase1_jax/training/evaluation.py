@@ -42,18 +42,24 @@ class Evaluator:
 
   `source` (the val split) is needed only for rendered evaluation (eval.render_samples > 0):
   its references are rendered once, at the first call. Results hold `pictures` ({name:
-  HxWx3}) when pages were rendered; the caller logs and removes them."""
+  HxWx3}) when pages were rendered; the caller logs and removes them. With `par` the steps are
+  compiled for its layout (jit: over its mesh, the params as sharded as in training, each batch
+  split over the devices); without, plain jit on the params' devices."""
   config: ml_collections.ConfigDict
   graphdef: object
   source: object = None
+  par: parallel.DataParallel | None = None
 
   def __post_init__(self):
     c = self.config
-    self.eval_step = parallel.jit_eval_step(graphdef=self.graphdef,
-                                            loss_spec=LossSpec.from_config(c))
-    self.generate = parallel.jit_generate(
-        graphdef=self.graphdef, settings=decoding.DecodeSettings.from_config(c),
-        ids=decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID))
+    loss_spec, settings = LossSpec.from_config(c), decoding.DecodeSettings.from_config(c)
+    ids = decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID)
+    if self.par is None:
+      self.eval_step = parallel.jit_eval_step(graphdef=self.graphdef, loss_spec=loss_spec)
+      self.generate = parallel.jit_generate(graphdef=self.graphdef, settings=settings, ids=ids)
+    else:   # these take host batches and place them
+      self.eval_step = self.par.eval_step(graphdef=self.graphdef, loss_spec=loss_spec)
+      self.generate = self.par.generate(graphdef=self.graphdef, settings=settings, ids=ids)
     self.id_to_token = vocab.id_to_token(c.model.vocab_size)
     render_spec = visual_evaluation.RenderEvalSpec.from_config(c)
     self.judge = None if render_spec is None else visual_evaluation.PageJudge(
@@ -140,9 +146,15 @@ def with_targets(config, result: dict) -> dict:
   return result
 
 
-def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'best'):
+def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'best',
+                 par: parallel.DataParallel | None = None):
   """The model graph and trained params of `workdir`'s best (or latest) checkpoint:
-  (graphdef, params, step). Falls back to the latest when no best is recorded."""
+  (graphdef, params, step, extra). Falls back to the latest when no best is recorded.
+
+  The params land on the layout `par` (default: DataParallel(config), this host's mesh): jit
+  mode shards them over the mesh as in training, so a model too big for one device loads;
+  pmap mode puts them on this process's first device. Pass the same `par` to Evaluator."""
+  par = par or parallel.DataParallel(config)   # layout errors before any file is read
   tx, _ = state_lib.make_optimizer(config, pipeline.steps_per_epoch(
       pipeline.make_source(config, 'train'), config.train.batch_size))
   graphdef, abstract_state = state_lib.create_train_state(config, tx, abstract=True)
@@ -155,10 +167,10 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str 
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{ckpt_dir}: no checkpoint to evaluate')
-    # Onto this process's first device, whatever mesh the run was saved from.
+    # Onto this layout, whatever mesh the run was saved from; pmap evaluates one replica.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract_state)
+    target = par.restore_target(abstract_state) if par.mode == 'jit' else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
     state, extra = ckpt.restore(step, target, expect_config=config_lib.architecture(config))
   return graphdef, state.params, step, extra
 
@@ -169,9 +181,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, whic
   Writes and returns evaluation_results.json's content.
   """
   config_validation.validate(config)
+  par = parallel.DataParallel(config)   # the run's layout, checked before anything loads
   source = pipeline.make_source(config, 'val')
-  graphdef, params, step, extra = load_trained(config, workdir, which=which)
-  result = with_targets(config, Evaluator(config, graphdef, source)(params, source))
+  graphdef, params, step, extra = load_trained(config, workdir, which=which, par=par)
+  result = with_targets(config, Evaluator(config, graphdef, source, par=par)(params, source))
   pictures = result.pop('pictures', {})
   report = {
       'checkpoint_step': step,

@@ -148,9 +148,10 @@ def generate_pages(config: ml_collections.ConfigDict, workdir: str, *, num_sampl
   else:
     source = pipeline.make_source(config, 'val')
     source_name = lambda i: f'val:{i}'
-  graphdef, params, step, _ = evaluation.load_trained(config, workdir, which=which)
+  par = parallel.DataParallel(config)   # the run's layout: params sharded as in training
+  graphdef, params, step, _ = evaluation.load_trained(config, workdir, which=which, par=par)
   settings = decoding.DecodeSettings.from_config(config)
-  generate = parallel.jit_generate(
+  generate = par.generate(   # places the host batches itself
       graphdef=graphdef, settings=settings,
       ids=decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID))
   record_settings = {

@@ -50,7 +50,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   workdir = workdir or default_workdir(config)
   faults.prepare_workdir(workdir)
   if jax.process_index() == 0:   # a garbled history fails now, not after restore and compile
-    reporting.read_history(os.path.join(workdir, reporting.HISTORY_FILE))
+    reporting.load_records(workdir)
   train_source = pipeline.make_source(config, 'train')
   val_source = pipeline.make_source(config, 'val')
   visual_evaluation.RenderEvalSpec.from_config(config)   # no browser: one line, before compiling
@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   train_step = par.train_step(graphdef=graphdef, tx=tx,
                               loss_spec=step_lib.LossSpec.from_config(config),
                               abstract_state=abstract_state)
-  evaluator = evaluation.Evaluator(config, graphdef, val_source)
+  evaluator = evaluation.Evaluator(config, graphdef, val_source, par=par)
 
   try:
     # Several hosts: SIGTERM stays with jax.distributed's preemption notifier, which Orbax's
@@ -135,6 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         if main_process and (epoch + 1) % t.histogram_every_epochs == 0:
           reporter.histograms(step, par.eval_params(state))
         reporter.history({'kind': 'epoch', **result})
+        reporter.write_history()
         if main_process:
           print(reporting.epoch_summary(epoch + 1, t.num_epochs, result), flush=True)
 

@@ -12,7 +12,9 @@
   [devices, per_device_batch, ...]; the step sums each device's share of loss and gradients
   (losses.py), so every mode computes the same update.
 Both wrap the same pure `step.train_step`. Checkpoints hold the unreplicated state, so a run
-saved in one mode or mesh restores in another.
+saved in one mode or mesh restores in another. Evaluation and generation (`eval_step`,
+`generate`) run on the same layout: in jit mode over the mesh with the params left sharded, so a
+model that needs FSDP to train can be evaluated; in pmap mode on one replica.
 
 On a CPU host, the train CLI first splits the machine into per-core devices (host.py).
 """
@@ -23,6 +25,7 @@ import functools
 
 import jax
 import ml_collections
+import numpy as np
 from flax import jax_utils, nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -68,9 +71,19 @@ def _fitting_fsdp(devices: int, data: int, batch: int) -> str:
   return f'fsdp {" or ".join(map(str, fits))} fits'
 
 
+def _eval_batch_error(batch: int, data: int, fsdp: int) -> str:
+  """The one line for an eval.batch_size the mesh cannot split, with the nearest that fit."""
+  n = data * fsdp
+  fits = ' or '.join(str(b) for b in (batch // n * n, (batch // n + 1) * n) if b)
+  return (f'config.eval.batch_size={batch}: must be divisible by the data-parallel size '
+          f'data x fsdp = {data} x {fsdp} = {n} (evaluation splits each batch over the mesh: '
+          f'e.g. {fits})')
+
+
 class DataParallel:
-  """Devices, mesh and shardings of a run, and its compiled train step. Validates the layout
-  against the devices before anything compiles (one-line ConfigError)."""
+  """Devices, mesh and shardings of a run, and its compiled train, eval and generate steps.
+  Validates the layout (and the train and eval batch sizes) against the devices before anything
+  compiles (one-line ConfigError)."""
 
   def __init__(self, config: ml_collections.ConfigDict):
     p, batch = config.parallel, config.train.batch_size
@@ -106,6 +119,8 @@ class DataParallel:
     if batch % (data * p.fsdp):
       raise ConfigError(f'config.train.batch_size={batch}: must be divisible by the '
                         f'data-parallel size data x fsdp = {data * p.fsdp}')
+    if config.eval.batch_size % (data * p.fsdp):   # evaluation splits its batches the same way
+      raise ConfigError(_eval_batch_error(config.eval.batch_size, data, p.fsdp))
     self.num_devices = data * p.fsdp
     self.fsdp = p.fsdp
     self.mesh = jax.make_mesh((data, p.fsdp), MESH_AXES, devices=jax.devices()[:data * p.fsdp],
@@ -185,6 +200,78 @@ class DataParallel:
     return jax.jit(fn, in_shardings=(shardings, self.batch_sharding),
                    out_shardings=(shardings, self.replicated), donate_argnums=0)
 
+  # --- evaluation ---------------------------------------------------------------------------
+  def eval_step(self, *, graphdef, loss_spec):
+    """(params, host batch) -> step.eval_step's metrics, compiled for this layout. jit: over the
+    mesh, the params sharded as the state (FSDP: they stay split; the step gathers them for its
+    forward pass, as train_step does), the batch split over data x fsdp, the metrics replicated.
+    pmap: a plain jit of one replica's params (what eval_params gives)."""
+    if self.mode == 'pmap':
+      return jit_eval_step(graphdef=graphdef, loss_spec=loss_spec)
+    # loss.logits_chunk_pages counts pages per device, as in train_step.
+    fn = functools.partial(step_lib.eval_step, graphdef=graphdef, loss_spec=dataclasses.replace(
+        loss_spec, logits_chunk_pages=loss_spec.logits_chunk_pages * self.num_devices))
+    return self._on_mesh(lambda params, batch: fn(self._gathered(params), batch), batch_args=1)
+
+  def generate(self, *, graphdef, settings: decoding.DecodeSettings, ids: decoding.TokenIds):
+    """(params, features_BxPxF, feature_mask_BxP, rng) -> decoding.generate's dict, compiled for
+    this layout as eval_step is (jit: the pages split over the mesh, the rng replicated)."""
+    if self.mode == 'pmap':
+      return jit_generate(graphdef=graphdef, settings=settings, ids=ids)
+    fn = _generate_fn(graphdef, settings, ids)
+    return self._on_mesh(lambda params, *args: fn(self._gathered(params), *args), batch_args=2)
+
+  def _gathered(self, params):
+    """FSDP: the params all-gathered inside the step (a sharding constraint), so activations are
+    split by batch only; the stored params stay sharded."""
+    if self.fsdp == 1:
+      return params
+    return jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: self.replicated, params))
+
+  def _on_mesh(self, fn, *, batch_args: int):
+    """fn(params, *batch arrays, *replicated args) jitted over the mesh, outputs replicated. The
+    param shardings follow each leaf's shape (fsdp_spec), so they are fixed at the first call.
+    The returned function places its inputs: host batches split over the mesh, params (sharded
+    already: no copy) as the state, the rest replicated."""
+    jitted = {}
+
+    def call(params, *args):
+      if not jitted:
+        jitted['params'] = self.state_shardings(params)
+        jitted['fn'] = jax.jit(fn, in_shardings=(
+            jitted['params'], *[self.batch_sharding] * batch_args,
+            *[self.replicated] * (len(args) - batch_args)), out_shardings=self.replicated)
+      placed = [self._to_global(params, jitted['params'])]
+      placed += [self._to_global(a, self.batch_sharding) for a in args[:batch_args]]
+      placed += [self._replicate(a) for a in args[batch_args:]]
+      return jitted['fn'](*placed)
+    return call
+
+  def _replicate(self, x):
+    """An array (a PRNG key too) copied onto every device of the mesh."""
+    if self.process_count == 1 or not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return self._to_global(x, self.replicated)
+    # Several processes: device_put refuses a key for devices of other processes; its raw data
+    # (the same on every process) becomes a global array and is wrapped again.
+    return jax.random.wrap_key_data(self._to_global(jax.random.key_data(x), self.replicated),
+                                    impl=jax.random.key_impl(x))
+
+  def _to_global(self, tree, shardings):
+    """A tree (host arrays, or device arrays) as global arrays with `shardings` (a tree, or one
+    for all leaves); arrays already so placed are kept. On several processes every process
+    holds the whole of each host array (each reads every eval batch; eval_params gathers)."""
+    if self.process_count == 1:
+      return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+      shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def one(x, sharding):
+      if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(one, tree, shardings)
+
   def metrics_to_host(self, metrics) -> dict:
     # pmap returns one (equal, psum'd) copy per device.
     return jax.device_get(self.unreplicate(metrics))
@@ -201,11 +288,16 @@ def jit_eval_step(*, graphdef, loss_spec):
   return jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef, loss_spec=loss_spec))
 
 
-def jit_generate(*, graphdef, settings: decoding.DecodeSettings, ids: decoding.TokenIds):
-  """(params, features_BxPxF, feature_mask_BxP, rng) -> decoding.generate's dict, jitted (one
-  while_loop with a KV cache, then one annotating forward pass)."""
+def _generate_fn(graphdef, settings: decoding.DecodeSettings, ids: decoding.TokenIds):
+  """(params, features_BxPxF, feature_mask_BxP, rng) -> decoding.generate's dict (one while_loop
+  with a KV cache, then one annotating forward pass); not compiled."""
 
   def fn(params, features, feature_mask, rng):
     model = nnx.merge(graphdef, params['model'])
     return decoding.generate(model, features, feature_mask, settings=settings, ids=ids, rng=rng)
-  return jax.jit(fn)
+  return fn
+
+
+def jit_generate(*, graphdef, settings: decoding.DecodeSettings, ids: decoding.TokenIds):
+  """_generate_fn on one device, jitted."""
+  return jax.jit(_generate_fn(graphdef, settings, ids))
