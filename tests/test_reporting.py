@@ -16,7 +16,7 @@ from tensorboardX import SummaryWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.record_writer import masked_crc32c
 
-from phase1_jax.training import faults
+from phase1_jax.training import faults, reporting
 from phase1_jax.training.reporting import Reporter, epoch_summary, progress_bar, to_jsonable
 
 
@@ -152,16 +152,49 @@ def test_flush_error_raises_and_close_after_error_is_quiet(tmp_path, monkeypatch
 def test_history_write_error_names_the_file_and_keeps_it(tmp_path):
   rep = Reporter(tmp_path)
   rep.history({'step': 1, 'note': 'x' * 100})
-  path = tmp_path / 'training_history.json'
+  path = tmp_path / 'training_history.jsonl'
   before = path.read_text()
   with file_size_limit(len(before) + 500), pytest.raises(faults.WriterError) as e:
     rep.history({'step': 2, 'note': 'x' * 2_000})
   assert str(e.value) == f'{path}: cannot write (File too large)'
-  assert path.read_text() == before
-  assert sorted(os.listdir(tmp_path)) == ['tensorboard', 'training_history.json']
+  assert path.read_text() == before   # the part that fitted is cut off again
+  assert sorted(os.listdir(tmp_path)) == ['tensorboard', 'training_history.jsonl']
   rep.history({'step': 2})   # the failed record is not in the file either
-  assert [r['step'] for r in json.loads(path.read_text())] == [1, 2]
+  assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [1, 2]
   rep.close()
+  assert [r['step'] for r in json.loads((tmp_path / 'training_history.json').read_text())] == [1, 2]
+
+
+def test_history_is_appended_line_by_line_and_listed_at_epoch_ends(tmp_path, monkeypatch):
+  """A record costs one appended line, whatever the history's length: the JSON list is written
+  only by write_history() (epoch ends) and close()."""
+  rep = Reporter(tmp_path)
+  writes = []
+  monkeypatch.setattr(reporting, 'atomic_write_json', lambda path, obj: writes.append(len(obj)))
+  for step in range(1, 201):
+    rep.history({'kind': 'train', 'step': step})
+  assert writes == [] and not (tmp_path / 'training_history.json').exists()
+  assert len((tmp_path / 'training_history.jsonl').read_text().splitlines()) == 200
+  rep.write_history()
+  rep.close()
+  assert writes == [200, 200]
+
+
+def test_history_log_cut_by_a_kill_loses_only_its_last_line(tmp_path):
+  with Reporter(tmp_path) as rep:
+    for step in (1, 2):
+      rep.history({'step': step})
+  log = tmp_path / 'training_history.jsonl'
+  log.write_text(log.read_text() + '{"step": 3, "lo')   # killed while writing step 3
+  with Reporter(tmp_path, start_step=2) as rep:
+    rep.history({'step': 3})
+  assert [json.loads(line)['step'] for line in log.read_text().splitlines()] == [1, 2, 3]
+  assert [r['step'] for r in json.loads((tmp_path / 'training_history.json').read_text())] == [
+      1, 2, 3]
+  log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+  with pytest.raises(faults.WorkdirError, match=r'training_history.jsonl: cannot read the '
+                     r'training history \(line 2 is not valid JSON'):
+    Reporter(tmp_path, start_step=3)
 
 
 def test_resume_marks_purge_step(tmp_path):
@@ -207,7 +240,17 @@ def test_history_append_and_resume_truncation(tmp_path):
     assert [r.get('step') for r in json.loads(path.read_text())] == [100, 200, None]
     rep.history({'epoch': 3, 'step': jnp.array(300)})
   assert [r.get('step') for r in json.loads(path.read_text())] == [100, 200, None, 300]
+  log = (tmp_path / 'training_history.jsonl').read_text().splitlines()
+  assert [json.loads(line).get('step') for line in log] == [100, 200, None, 300]
   assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]
+
+
+def test_run_with_only_a_json_history_resumes_from_it(tmp_path):
+  (tmp_path / 'training_history.json').write_text('[{"step": 1}, {"step": 5}]')
+  with Reporter(tmp_path, start_step=1) as rep:
+    rep.history({'step': 2})
+  log = (tmp_path / 'training_history.jsonl').read_text().splitlines()
+  assert [json.loads(line)['step'] for line in log] == [1, 2]
 
 
 @pytest.mark.parametrize('content,problem', [

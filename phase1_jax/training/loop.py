@@ -132,7 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         reporter.scalars(step, {k: v for k, v in result.items() if k not in ('epoch', 'step')},
                          prefix='val/')
         reporter.images(step, pictures, prefix='val/generated_')
-        if main_process and (epoch + 1) % t.histogram_every_epochs == 0:
+        if (epoch + 1) % t.histogram_every_epochs == 0:
+          # On every process: eval_params gathers across processes (the reporter writes on 0).
           reporter.histograms(step, par.eval_params(state))
         reporter.history({'kind': 'epoch', **result})
         reporter.write_history()

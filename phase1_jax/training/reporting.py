@@ -1,7 +1,9 @@
 """Run reporting: the only module that writes logs.
 
 * TensorBoard events under ``<workdir>/tensorboard`` (tensorboardX's protos and summaries).
-* ``<workdir>/training_history.json``: a JSON list of per-epoch/eval records.
+* ``<workdir>/training_history.jsonl``: the run's records, one JSON object per line, appended as
+  they come (O(1) per record); ``training_history.json``, the same records as one JSON list (the
+  PyTorch original's layout), is rewritten from them at epoch ends and when the run stops.
 * Other JSON files under ``<workdir>`` (``write_json``), written atomically.
 * The console: ``epoch_summary`` lines and ``progress_bar``.
 
@@ -15,6 +17,7 @@ marks ``purge_step`` so TensorBoard drops the stale events past the restart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,6 +39,7 @@ from phase1_jax.training import faults
 log = logging.getLogger(__name__)
 
 HISTORY_FILE = 'training_history.json'
+HISTORY_LOG = 'training_history.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 
 # Keys epoch_summary prints, in order, with their labels.
@@ -124,11 +128,49 @@ def read_history(path: str) -> list[dict]:
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
       problem = 'expected a JSON list of record objects'
   if problem:
-    raise faults.WorkdirError(
-        f'{path}: cannot read the training history ({problem}); the checkpoints are intact: '
-        f'repair the file, or move it aside (e.g. to {os.path.basename(path)}.corrupt) to resume '
-        'without its records') from None
+    raise _unreadable(path, problem) from None
   return records
+
+
+def read_log(path: str) -> list[dict]:
+  """The records of a training_history.jsonl ([] if there is none). A last line without its
+  newline was cut by a kill while being written: it is dropped (its step is past every
+  checkpoint). Any other unreadable line raises faults.WorkdirError, as read_history."""
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path, 'rb') as f:
+      lines = f.read().split(b'\n')
+  except OSError as e:
+    raise _unreadable(path, e.strerror or str(e)) from None
+  records = []
+  for number, line in enumerate(lines[:-1], start=1):   # lines[-1]: b'' or the cut line
+    try:
+      record = json.loads(line)
+    except ValueError as e:
+      raise _unreadable(path, f'line {number} is not valid JSON: {e}') from None
+    if not isinstance(record, dict):
+      raise _unreadable(path, f'line {number} is not a record object')
+    records.append(record)
+  if lines[-1]:
+    log.info('%s: dropped its last line, cut short when the run was killed.', path)
+  return records
+
+
+def load_records(workdir: str) -> list[dict]:
+  """The history of the run in `workdir`: its training_history.jsonl, or, for a run that has
+  none, its training_history.json."""
+  log_path = os.path.join(workdir, HISTORY_LOG)
+  if os.path.exists(log_path):
+    return read_log(log_path)
+  return read_history(os.path.join(workdir, HISTORY_FILE))
+
+
+def _unreadable(path: str, problem: str) -> faults.WorkdirError:
+  return faults.WorkdirError(
+      f'{path}: cannot read the training history ({problem}); the checkpoints are intact: '
+      f'repair the file, or move it aside (e.g. to {os.path.basename(path)}.corrupt) to resume '
+      'without its records')
 
 
 def _histogram_bins() -> list[float]:
@@ -241,6 +283,7 @@ class Reporter:
     self.enabled = bool(is_main_process)
     self.append_only = append_only
     self.history_path = os.path.join(self.workdir, HISTORY_FILE)
+    self.log_path = os.path.join(self.workdir, HISTORY_LOG)
     self.tensorboard_dir = os.path.join(self.workdir, TENSORBOARD_DIR)
     self._events: EventFile | None = None
     # Also from step 0: a run killed before its first checkpoint left events that the new run
@@ -259,28 +302,54 @@ class Reporter:
   # -------------------------------------------------------------- history
   def _load_history(self) -> list[dict]:
     """The records up to start_step; later ones (logged after the checkpoint resumed from) are
-    dropped from the file too."""
-    records = read_history(self.history_path)
+    dropped from both files too, as is a line a kill cut short. A run with only a
+    training_history.json gets its log here."""
+    records = load_records(self.workdir)
     kept = [
         r for r in records
         if not isinstance(r.get('step'), (int, float)) or r['step'] <= self.start_step
     ]
     if len(kept) != len(records):
-      log.info('%s: dropped %d records after step %d (resumed run).', self.history_path,
+      log.info('%s: dropped %d records after step %d (resumed run).', self.log_path,
                len(records) - len(kept), self.start_step)
       atomic_write_json(self.history_path, kept)
+    if kept or os.path.exists(self.log_path):   # once per start: whole lines, none after start_step
+      atomic_write_text(self.log_path, ''.join(json.dumps(r) + '\n' for r in kept))
     return kept
 
   def history(self, record: dict) -> None:
-    """Appends ``record`` to training_history.json (whole file rewritten atomically; a record
-    whose write failed is not kept)."""
+    """Appends ``record`` to training_history.jsonl (one line; a record whose write failed is
+    cut off again and not kept). write_history() puts the records into training_history.json."""
     if self.append_only:
       raise ValueError('an append_only Reporter writes no training history')
     if not self.enabled:
       return
-    records = [*self._history, to_jsonable(record)]
-    atomic_write_json(self.history_path, records)
-    self._history = records
+    record = to_jsonable(record)
+    line = (json.dumps(record) + '\n').encode('utf-8')
+    try:
+      fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise cannot_write(self.log_path, e) from None
+    try:
+      size = os.fstat(fd).st_size
+      try:
+        written = 0
+        while written < len(line):
+          written += os.write(fd, line[written:])
+      except OSError as e:
+        with contextlib.suppress(OSError):
+          os.ftruncate(fd, size)   # whole lines only
+        raise cannot_write(self.log_path, e) from None
+    finally:
+      os.close(fd)
+    self._history.append(record)
+
+  def write_history(self) -> None:
+    """Writes every record so far to training_history.json (atomically): at epoch ends, and
+    when the reporter closes."""
+    if self.enabled and not self.append_only and (
+        self._history or os.path.exists(self.history_path)):
+      atomic_write_json(self.history_path, self._history)
 
   def write_json(self, name: str, obj: Any) -> None:
     """Atomically writes ``obj`` to ``<workdir>/<name>`` (numpy/jax values converted)."""
@@ -337,8 +406,17 @@ class Reporter:
     self._write_events(step, summaries)
 
   def flush(self) -> None:
-    """Puts every logged event on disk (fsync) before returning. Call it before saving a
-    checkpoint so a crash cannot lose events of steps the checkpoint counts as done."""
+    """Puts every logged event and history record on disk (fsync) before returning. Call it
+    before saving a checkpoint so a crash cannot lose what the checkpoint counts as done."""
+    if self.enabled and os.path.exists(self.log_path):
+      try:
+        fd = os.open(self.log_path, os.O_RDONLY)
+        try:
+          os.fsync(fd)
+        finally:
+          os.close(fd)
+      except OSError as e:
+        raise cannot_write(self.log_path, e) from None
     if self._events is not None:
       try:
         self._events.flush()
@@ -347,10 +425,14 @@ class Reporter:
         raise
 
   def close(self) -> None:
-    """Flushes and closes the event file (a later call opens a new one)."""
+    """Writes training_history.json, flushes and closes the event file (a later call opens a
+    new one)."""
     events, self._events = self._events, None
-    if events is not None:
-      events.close()
+    try:
+      self.write_history()
+    finally:
+      if events is not None:
+        events.close()
 
   def abandon(self) -> None:
     """close() on an error path: a failure here is logged, not raised, so the error that
