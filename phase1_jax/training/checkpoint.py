@@ -4,12 +4,13 @@ One checkpoint step directory ``<directory>/<step>/`` holds up to three items:
 
 * ``state``: any pytree of jax/numpy arrays (``ocp.args.StandardSave``).
 * ``extra``: a JSON-serialisable dict (epoch, early-stopping counters...), and under
-  ``checksums`` a CRC-32 of every array of ``state`` (dtype, shape, bytes) and of the rest of
-  ``extra``, computed from the host copies at save time. Orbax's array files carry no checksum, so
-  altered bytes would otherwise restore silently; restore re-hashes what it read and treats a
-  difference as corruption (CheckpointError: the step is skipped like an unreadable one). Kept
-  in ``extra``, which is read first anyway, rather than in an item of their own.
+  ``checksums`` a CRC-32 of every array of ``state`` and of the rest of ``extra``, verified at
+  restore (checkpoint_integrity). Kept in ``extra``, which is read first anyway, rather than in
+  an item of their own.
 * ``data``:  a grain ``DatasetIterator`` position (only when one is given).
+
+The fallback past damaged steps is checkpoint_recovery; the errors raised, and Orbax's
+background logs dropped, are checkpoint_errors. Every public name is importable from here.
 
 Retention keeps the newest ``max_to_keep`` steps AND the best step by
 ``metrics[best_metric]``. Orbax's own ``max_to_keep`` + ``best_fn`` can delete
@@ -22,11 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
-import shutil
-import sys
-import time
-import traceback
 from typing import Any
 
 import grain
@@ -35,105 +31,24 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from phase1_jax.training import checkpoint_compat as compat
+from phase1_jax.training import checkpoint_recovery as recovery
+from phase1_jax.training.checkpoint_errors import QUIET as _QUIET
+from phase1_jax.training.checkpoint_errors import (
+  CheckpointError,
+  CheckpointMismatchError,
+  quiet_background_failures,
+)
+from phase1_jax.training.checkpoint_errors import one_line as _one_line
+from phase1_jax.training.checkpoint_integrity import CHECKSUMS_KEY, Checksums
+
+__all__ = ['CHECKSUMS_KEY', 'CONFIG_KEY', 'CheckpointError', 'CheckpointMismatchError',
+           'Checkpointer']
 
 log = logging.getLogger(__name__)
 
 _STATE, _EXTRA, _DATA = 'state', 'extra', 'data'
-# An uncommitted step: '<step>.orbax-checkpoint-tmp', some Orbax paths add '-<timestamp>'.
-_TMP_STEP_DIR = re.compile(r'\d+\.orbax-checkpoint-tmp(-\d+)?')
 # The run's config is saved in `extra` under this key; restore(expect_config=) compares it.
 CONFIG_KEY = 'config'
-# The checksums are saved in `extra` under this key (restore removes it).
-CHECKSUMS_KEY = 'checksums'
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint step exists but cannot be restored (corrupt or incompatible)."""
-
-
-class CheckpointMismatchError(CheckpointError):
-  """The saved state's tree, shapes or dtypes differ from the restore target."""
-
-
-# tensorstore appends the spec of the array it failed to open (~1 kB of JSON) after the cause.
-_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='[^']*'\]")
-
-
-def _one_line(e: Exception, limit: int = 300) -> str:
-  """'Type: first line' of an error, less tensorstore's spec, its middle elided past `limit`
-  chars: tensorstore puts the cause (e.g. 'No space left on device') at the end of long
-  messages."""
-  text = _TENSORSTORE_SPEC.sub('', (str(e).strip().splitlines() or [''])[0])
-  if len(text) > limit:
-    text = f'{text[:limit // 2]} ... {text[-limit // 2:]}'
-  return f'{type(e).__name__}: {text}'
-
-
-class _QuietBackgroundFailures(logging.Filter):
-  """Drops Orbax's ERROR logs (each with a traceback, one per background thread: ~500 lines for a
-  full disk) and asyncio's "Task exception was never retrieved" for Orbax's aborted writes. Every
-  such failure also reaches the main thread as an exception from an Orbax call, which the
-  Checkpointer raises as one CheckpointError line; `dropped` counts them so a Checkpointer that
-  raised none can still warn (one line) at close()."""
-
-  def __init__(self):
-    super().__init__()
-    self.dropped, self.first_lines = 0, []
-
-  @staticmethod
-  def _from_orbax(record: logging.LogRecord) -> bool:
-    """Logged by Orbax, or by asyncio about a task whose code or traceback is Orbax's, or a
-    future whose error names an uncommitted Orbax step (tensorstore's write errors: "Future
-    exception was never retrieved", no Python frames)."""
-    orbax = f'{os.sep}orbax{os.sep}'
-    if orbax in record.pathname:
-      return True
-    if record.name != 'asyncio':
-      return False
-    tb = record.exc_info[2] if record.exc_info else None
-    files = [frame.filename for frame in traceback.extract_tb(tb)] if tb else []
-    return any(orbax in text for text in [str(record.msg), *files]) or bool(
-        _TMP_STEP_DIR.search(str(record.msg)))
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR or not self._from_orbax(record):
-      return True
-    self.dropped += 1
-    if len(self.first_lines) < 100:
-      self.first_lines.append((str(record.getMessage()).splitlines() or [''])[0][:300])
-    return False
-
-
-_QUIET = _QuietBackgroundFailures()
-
-
-def _is_closed_loop_callback(unraisable) -> bool:
-  """tensorstore's callbacks for writes still in flight when Orbax closed the event loop of a
-  failed save: 'Event loop is closed' from asyncio's call_soon_threadsafe, reported as
-  unraisable (a bare traceback each)."""
-  tb = unraisable.exc_traceback
-  while tb is not None and tb.tb_next is not None:
-    tb = tb.tb_next
-  return (unraisable.exc_type is RuntimeError
-          and str(unraisable.exc_value) == 'Event loop is closed'
-          and tb is not None and tb.tb_frame.f_code.co_name == '_check_closed')
-
-
-def _quiet_background_failures() -> None:
-  """Installs _QUIET on the loggers Orbax and asyncio use, and an unraisable hook that drops
-  closed-loop callbacks (everything else goes to the hook it wraps). Idempotent."""
-  for name in ('absl', 'asyncio'):
-    if _QUIET not in logging.getLogger(name).filters:
-      logging.getLogger(name).addFilter(_QUIET)
-  previous = sys.unraisablehook
-  if getattr(previous, 'quiets_closed_loops', False):
-    return
-
-  def hook(unraisable):
-    if not _is_closed_loop_callback(unraisable):
-      previous(unraisable)
-  hook.quiets_closed_loops = True
-  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -187,27 +102,14 @@ class Checkpointer:
         _DATA: grain.checkpoint.CheckpointHandler(),
     }
     self.checksums = checksums
+    self._checksums = Checksums(checksums)
     self._last_saved = None
     self._write_failed = False   # raised already: close() does not raise it again
     self._raised_orbax_error = False   # Orbax's own (dropped) error logs were explained
-    self._warned_unverified = False
-    _quiet_background_failures()
+    quiet_background_failures()
     self._quiet_dropped = _QUIET.dropped
-    self._remove_partial_saves()
+    recovery.remove_partial_saves(self.directory)
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-
-  def _remove_partial_saves(self) -> None:
-    """Deletes step directories a kill left uncommitted (``<step>.orbax-checkpoint-tmp``).
-
-    Orbax ignores them, but removes them only at the next save (cleanup_tmp_directories), so a
-    run killed again before saving would pile them up.
-    """
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
-      return
-    for name in os.listdir(self.directory):
-      if _TMP_STEP_DIR.fullmatch(name):
-        log.warning('Removing uncommitted checkpoint %s', os.path.join(self.directory, name))
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   # ----------------------------------------------------------------- queries
   def _metric_value(self, metrics) -> float:
@@ -256,11 +158,7 @@ class Checkpointer:
       log.info('Checkpoint step %d not saved: %s already holds step %d.', step, self.directory,
                latest)
       return False
-    extra = dict(extra or {})
-    if CHECKSUMS_KEY in extra:
-      raise ValueError(f'extra[{CHECKSUMS_KEY!r}] is reserved for the checkpoint\'s checksums')
-    if self.checksums:
-      extra[CHECKSUMS_KEY] = self._checksums(state, extra)
+    extra = self._checksums.add(state, extra or {})
     items = {_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(extra)}
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -276,48 +174,12 @@ class Checkpointer:
       log.info('Saving checkpoint step %d to %s', step, self.directory)
     return saved
 
-  @staticmethod
-  def _checksums(state, extra: dict) -> dict:
-    """extra[CHECKSUMS_KEY]: digests of the state's arrays, as this process holds them now (what
-    the save will commit), and of the rest of extra."""
-    algorithm = compat.DIGEST_ALGORITHM
-    return {'algorithm': algorithm, 'state': compat.tree_digests(state, algorithm),
-            'extra': compat.json_digest(extra, algorithm)}
-
   # ----------------------------------------------------------------- restore
   def _read_extra(self, step: int) -> tuple[dict, dict | None]:
-    """(extra, checksums) of a step; checksums is None for a step saved without them (before
-    checksummed checkpoints, or checksums=False), which restores unverified, with a warning."""
-    path = self.step_dir(step)
+    """(extra, its checksums record or None: see Checksums.take) of a step."""
     extra = dict(self._mgr.restore(
         step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))[_EXTRA] or {})
-    sums = extra.pop(CHECKSUMS_KEY, None)
-    if not self.checksums:
-      return extra, None
-    if sums is None and not self._warned_unverified:
-      self._warned_unverified = True
-      log.warning('%s: saved without checksums (an older version); its data is not verified',
-                  path)
-    if sums is not None and not (isinstance(sums, dict) and isinstance(sums.get('state'), dict)
-                                 and compat.known_algorithm(sums.get('algorithm'))):
-      raise CheckpointError(f'{path}: step {step} has a malformed checksums record')
-    return extra, sums
-
-  def _corrupt(self, step: int, problem: str) -> CheckpointError:
-    return CheckpointError(f'{self.step_dir(step)}: step {step} fails its checksum: {problem} '
-                           '(corrupt or altered)')
-
-  def _check_extra_digest(self, step: int, sums: dict | None, extra: dict) -> None:
-    want = (sums or {}).get('extra')
-    if want is not None and compat.json_digest(extra, sums['algorithm']) != want:
-      raise self._corrupt(step, 'the extra JSON differs from the saved data')
-
-  def _check_state_digests(self, step: int, sums: dict | None, state) -> None:
-    """Raises CheckpointError naming the step and the first leaf whose restored data differs
-    from its checksum."""
-    problem = sums and compat.digest_mismatch(sums['state'], state, sums['algorithm'])
-    if problem:
-      raise self._corrupt(step, problem)
+    return extra, self._checksums.take(extra, self.step_dir(step), step)
 
   def _check_matches(self, step: int, abstract_state) -> None:
     """Raises CheckpointMismatchError naming the first leaf whose tree place, shape or dtype
@@ -353,12 +215,12 @@ class Checkpointer:
     try:
       # Three reads, cheapest first: a config mismatch is named before any array is touched.
       extra, sums = self._read_extra(step)
-      self._check_extra_digest(step, sums, extra)   # before the config in it is trusted
+      self._checksums.check_extra(sums, extra, path, step)   # before the config in it is trusted
       self._check_config(step, extra, expect_config)
       self._check_matches(step, abstract_state)
       state = self._mgr.restore(
           step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
-      self._check_state_digests(step, sums, state[_STATE])
+      self._checksums.check_state(sums, state[_STATE], path, step)
       iterator = data_iterator(extra) if callable(data_iterator) else data_iterator
       if iterator is not None:
         if not os.path.isdir(os.path.join(path, _DATA)):
@@ -385,36 +247,12 @@ class Checkpointer:
     exists, or could pick a corrupt one as "best".
     """
     steps = sorted(self._mgr.all_steps(), reverse=True)
-    errors = []   # logged once a step restores; otherwise the one error raised says it all
-    for index, step in enumerate(steps):
-      try:
-        state, extra = self.restore(step, abstract_state, data_iterator=data_iterator,
-                                    expect_config=expect_config)
-      except CheckpointMismatchError:
-        raise
-      except CheckpointError as e:
-        errors.append(e)
-        continue
-      for error in errors:
-        log.warning('Skipping unreadable checkpoint: %s', error)
-      if step != steps[0]:
-        log.warning('Restored older checkpoint step %d (newest %d was unreadable).', step, steps[0])
-        self._set_aside(steps[:index])
-      return step, state, extra
-    if errors:
-      raise CheckpointError(f'{self.directory}: no readable checkpoint among steps '
-                            f'{sorted(steps)}; newest error: {errors[0]}')
-    return None
-
-  def _set_aside(self, steps) -> None:
-    if jax.process_index() == 0:
-      for step in steps:
-        target = f'{self.step_dir(step)}.unreadable'
-        if os.path.exists(target):
-          target = f'{target}.{time.time_ns()}'
-        os.rename(self.step_dir(step), target)
-        log.warning('Moved unreadable checkpoint step %d to %s', step, target)
-    self._mgr.reload()
+    found = recovery.newest_readable(self.directory, steps, lambda step: self.restore(
+        step, abstract_state, data_iterator=data_iterator, expect_config=expect_config))
+    if found is not None and found[0] != steps[0]:
+      recovery.set_aside(self.directory, [step for step in steps if step > found[0]])
+      self._mgr.reload()
+    return found
 
   # --------------------------------------------------------------- lifecycle
   def _write_error(self, step, e: Exception) -> CheckpointError:
