@@ -1,6 +1,6 @@
 """Is a saved checkpoint usable by this run, and is its data what was saved? Pure comparisons of
 a saved state tree (Orbax metadata), a saved config and saved checksums against what the run needs
-or what was restored; checkpoint.py reads them and raises. Each comparison returns a one-line
+or what was restored; the checkpoint modules read them and raise. Each comparison returns a one-line
 description of the first difference, or None."""
 from __future__ import annotations
 
