@@ -32,12 +32,24 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The seed's defaults (d_model 768, 6 layers, 12 heads, vocab 50000, ...)."""
+  """The seed's defaults (d_model 768, 6 layers, 12 heads, vocab 50000, ...): each section's
+  fields, defaults and their meaning are in its function below (_data, _model, ...)."""
   c = ml_collections.ConfigDict()
   c.exp_name = 'phase1_decoder'
   c.seed = 0
+  c.data = _data()
+  c.model = _model()
+  c.loss = _loss()
+  c.train = _train()
+  c.eval = _eval()
+  c.decode = _decode()         # evaluation's BLEU and `generate`
+  c.parallel = _parallel()
+  c.checkpoint = _checkpoint()
+  return c
 
-  c.data = d = ml_collections.ConfigDict()
+
+def _data() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
   d.name = 'synthetic'           # synthetic (generated pages) | files (a prepared directory)
   d.path = ''                   # files: the directory `python -m phase1_jax.data.prepare` wrote
   d.seed = 0                    # the page generator's seed: page i of a split is f(seed, i)
@@ -57,8 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_sections = 8
   d.max_elements_per_section = 3
   d.max_words_per_element = 2
+  return d
 
-  c.model = m = ml_collections.ConfigDict()
+
+def _model() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
   m.vocab_size = 50000
   m.num_semantic_classes = 50
   m.num_element_types = 30
@@ -87,8 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention.window_size = 256   # window kinds: each token sees itself and window_size - 1 before
   m.attention.top_k = 4           # window_topk: earlier key blocks selected per query block
   m.attention.block_size = 0      # window kinds: 0 picks a default from window_size
+  return m
 
-  c.loss = loss = ml_collections.ConfigDict()
+
+def _loss() -> ml_collections.ConfigDict:
+  loss = ml_collections.ConfigDict()
   loss.weighting = 'fixed'
   loss.detail_weight = 0.4
   loss.semantic_weight = 0.3
@@ -101,8 +119,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Pixel input with boxes (a dataset prepared with --render): > 0 adds this times the patch
   # head's loss (each patch's section class and element type), teaching the encoder the layout.
   loss.patch_weight = 0.0
+  return loss
 
-  c.train = t = ml_collections.ConfigDict()
+
+def _train() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
   t.batch_size = 16
   t.num_epochs = 50
   t.learning_rate = 1e-4
@@ -119,8 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.stop_when_targets_met = False   # end training at the first epoch whose eval passes every target
   t.max_consecutive_nonfinite = 5   # steps with a non-finite loss/gradient are skipped; this many
                                     # in a row stop training (ERROR, last good checkpoint kept)
+  return t
 
-  c.eval = e = ml_collections.ConfigDict()
+
+def _eval() -> ml_collections.ConfigDict:
+  e = ml_collections.ConfigDict()
   e.batch_size = 64
   e.bleu_samples = 200          # validation pages decoded greedily for BLEU each epoch (0: skip)
   # Rendered evaluation (a prepared dataset; Chromium): the first render_samples of the decoded
@@ -134,8 +158,11 @@ def base_config() -> ml_collections.ConfigDict:
   e.bleu_target = 0.30
   e.element_f1_target = 0.85
   e.semantic_accuracy_target = 0.85
+  return e
 
-  c.decode = g = ml_collections.ConfigDict()   # evaluation's BLEU and `generate`
+
+def _decode() -> ml_collections.ConfigDict:
+  g = ml_collections.ConfigDict()
   g.strategy = 'greedy'         # greedy | sample | beam
   g.max_len = 0                 # tokens per page incl. EOS (0: data.max_seq_len)
   g.temperature = 1.0           # sample
@@ -144,8 +171,11 @@ def base_config() -> ml_collections.ConfigDict:
   g.beam_size = 4               # beam
   g.length_penalty = 0.6        # beam: log_prob / ((5 + length) / 6) ** length_penalty
   g.seed = 0                    # sample: the same seed gives the same pages
+  return g
 
-  c.parallel = p = ml_collections.ConfigDict()
+
+def _parallel() -> ml_collections.ConfigDict:
+  p = ml_collections.ConfigDict()
   p.mode = 'jit'                # jit: one program over a (data, fsdp) mesh; pmap: data parallel
   p.fsdp = 1                    # jit: shard params/optimizer state over this many devices
   p.data = 0                    # jit: data-parallel size (0: all devices / fsdp)
@@ -158,14 +188,17 @@ def base_config() -> ml_collections.ConfigDict:
   p.coordinator_address = ''    # manual: 'host:port' of process 0
   p.num_processes = 1           # manual
   p.process_id = 0              # manual: this process's index
+  return p
 
-  c.checkpoint = k = ml_collections.ConfigDict()
+
+def _checkpoint() -> ml_collections.ConfigDict:
+  k = ml_collections.ConfigDict()
   k.max_to_keep = 2
   k.best_metric = 'targets_score'
   k.async_save = True
   k.every_steps = 0             # also checkpoint every this many steps inside an epoch (0: epoch
                                 # ends only); a kill loses at most this many steps
-  return c
+  return k
 
 
 # Fields of earlier versions, with what replaced them. A saved run's config.json may hold them:
