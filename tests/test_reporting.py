@@ -16,7 +16,7 @@ from tensorboardX import SummaryWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.record_writer import masked_crc32c
 
-from phase1_jax.training import faults, reporting
+from phase1_jax.training import faults, history
 from phase1_jax.training.reporting import Reporter, epoch_summary, progress_bar, to_jsonable
 
 
@@ -170,7 +170,7 @@ def test_history_is_appended_line_by_line_and_listed_at_epoch_ends(tmp_path, mon
   only by write_history() (epoch ends) and close()."""
   rep = Reporter(tmp_path)
   writes = []
-  monkeypatch.setattr(reporting, 'atomic_write_json', lambda path, obj: writes.append(len(obj)))
+  monkeypatch.setattr(history, 'atomic_write_json', lambda path, obj: writes.append(len(obj)))
   for step in range(1, 201):
     rep.history({'kind': 'train', 'step': step})
   assert writes == [] and not (tmp_path / 'training_history.json').exists()
