@@ -34,7 +34,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
-from phase1_jax import decoding  # noqa: E402
+from phase1_jax.inference import decoding  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
 
 IDS = decoding.TokenIds(bos=1, eos=-1, pad=0)   # eos -1: every page runs to max_len

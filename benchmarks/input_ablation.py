@@ -12,7 +12,7 @@ import argparse
 import json
 
 from phase1_jax.data import pipeline
-from phase1_jax.training import evaluation, generation
+from phase1_jax.inference import evaluation, generation
 
 SHOWN = ('val_loss', 'val_loss_detail', 'token_accuracy', 'element_f1', 'element_f1_macro',
          'semantic_accuracy')

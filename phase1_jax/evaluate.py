@@ -32,7 +32,7 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every file operation at INFO
     logging.set_verbosity(logging.WARNING)
-  from phase1_jax.training.generation import InputError, load_config
+  from phase1_jax.inference.generation import InputError, load_config
   try:
     config = _CONFIG.value if _CONFIG.value is not None else load_config(_WORKDIR.value)
     for name, flag in _EVAL.items():
@@ -48,8 +48,8 @@ def evaluate(config, workdir, which='best'):
   """Evaluates a validated config's checkpoint; the stack (JAX, Orbax: seconds to import) is
   imported only now, so a bad flag or config fails in a fraction of a second."""
   from phase1_jax.data.pipeline import DataError
+  from phase1_jax.inference.evaluation import evaluate_checkpoint, summary
   from phase1_jax.training.checkpoint import CheckpointError
-  from phase1_jax.training.evaluation import evaluate_checkpoint, summary
   try:
     print(summary(evaluate_checkpoint(config, workdir, which=which)))
   except (ConfigError, CheckpointError, DataError,

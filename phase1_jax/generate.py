@@ -41,8 +41,8 @@ def main(argv):
   """Imports the stack (JAX, Orbax: seconds) only once the flags parsed: a bad one fails fast."""
   del argv
   from phase1_jax.data.pipeline import DataError
+  from phase1_jax.inference.generation import InputError, generate_pages, load_config
   from phase1_jax.training.checkpoint import CheckpointError
-  from phase1_jax.training.generation import InputError, generate_pages, load_config
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every file operation at INFO
     logging.set_verbosity(logging.WARNING)
   try:

@@ -25,7 +25,7 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 from phase1_jax import config as config_lib  # noqa: E402
 from phase1_jax import config_validation  # noqa: E402
 from phase1_jax.data import pipeline  # noqa: E402
-from phase1_jax.training import evaluation as evaluation_lib  # noqa: E402
+from phase1_jax.inference import evaluation as evaluation_lib  # noqa: E402
 from phase1_jax.training import parallel  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
 from phase1_jax.training import step as step_lib  # noqa: E402

@@ -11,7 +11,7 @@ from flax import nnx
 from phase1_jax import config as config_lib
 from phase1_jax import config_validation
 from phase1_jax.data import pipeline
-from phase1_jax.decoding import greedy_decode, greedy_decode_reference
+from phase1_jax.inference.decoding import greedy_decode, greedy_decode_reference
 from phase1_jax.model import attention
 from phase1_jax.model.phase1 import Phase1Decoder
 from phase1_jax.training import parallel

@@ -408,7 +408,7 @@ def test_evaluate_and_generate_refuse_an_altered_best_step(tmp_path):
   """`python -m phase1_jax.evaluate` on a workdir whose best step was altered exits with one
   line naming that step and writes no metrics; generate (in process) refuses it too."""
   from phase1_jax import config as config_lib
-  from phase1_jax.training import generation
+  from phase1_jax.inference import generation
   from phase1_jax.training import state as state_lib
   config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
   tx, _ = state_lib.make_optimizer(config, 8)

@@ -15,7 +15,7 @@ import pytest
 from conftest import SEQ, TINY, JittedModel
 from flax import nnx
 
-from phase1_jax import decoding
+from phase1_jax.inference import decoding
 
 BOS, PAD = 1, 0
 NEVER = -1  # an eos_id no token equals: rows run to max_len

@@ -14,10 +14,10 @@ from flax import nnx
 from test_decoding import BOS, NEVER, PAD, cached_decode, reference_decode
 
 from phase1_jax import config as config_lib
-from phase1_jax import decoding
 from phase1_jax.config import ConfigError, base_config
 from phase1_jax.config_validation import validate
 from phase1_jax.data import pipeline, records
+from phase1_jax.inference import decoding
 from phase1_jax.model import cpu_attention
 from phase1_jax.model.encoder import PatchEncoder, patch_feature_dim, standardize
 from phase1_jax.training import state as state_lib

@@ -25,7 +25,8 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from phase1_jax import config as config_lib
 from phase1_jax.data import pipeline
-from phase1_jax.training import evaluation, faults, loop, parallel
+from phase1_jax.inference import evaluation
+from phase1_jax.training import faults, loop, parallel
 from phase1_jax.training import state as state_lib
 from phase1_jax.training import step as step_lib
 from phase1_jax.training.checkpoint import Checkpointer, CheckpointMismatchError

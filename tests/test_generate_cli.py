@@ -12,7 +12,7 @@ import pytest
 from phase1_jax import config as config_lib
 from phase1_jax import config_validation
 from phase1_jax.data import pipeline, vocab
-from phase1_jax.training import generation
+from phase1_jax.inference import generation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = json.load(open(generation.SCHEMA_PATH))

@@ -13,7 +13,7 @@ import pytest
 from conftest import SEQ, TINY
 
 from phase1_jax import config as config_lib
-from phase1_jax import decoding
+from phase1_jax.inference import decoding
 
 IDS = decoding.TokenIds(bos=1, eos=2, pad=0)
 

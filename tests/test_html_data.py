@@ -23,7 +23,8 @@ from phase1_jax.data import (
   synthetic,
   vocab,
 )
-from phase1_jax.training import generation, loop
+from phase1_jax.inference import generation
+from phase1_jax.training import loop
 from tests.test_data import DTYPES, KEYS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

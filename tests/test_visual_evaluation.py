@@ -1,5 +1,5 @@
 """Rendered evaluation: markups rendered while more are added (render_metrics.MarkupStream), the
-val pages' references rendered once and scored (training/visual_evaluation.PageJudge), pictures
+val pages' references rendered once and scored (inference/visual_evaluation.PageJudge), pictures
 for TensorBoard, and a missing browser as one line. Skipped without Playwright or Chromium."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from phase1_jax import config as config_lib
 from phase1_jax import render_metrics, visual_metrics
 from phase1_jax.config import ConfigError
 from phase1_jax.data import records, render
-from phase1_jax.training import visual_evaluation
+from phase1_jax.inference import visual_evaluation
 
 pytest.importorskip('playwright.sync_api', reason='playwright not installed (optional: render)')
 try:

@@ -12,10 +12,11 @@ import numpy as np
 
 from phase1_jax import baselines as baselines_lib
 from phase1_jax import config as config_lib
-from phase1_jax import config_validation, decoding
+from phase1_jax import config_validation
 from phase1_jax import metrics as metrics_lib
 from phase1_jax.data import pipeline, vocab
-from phase1_jax.training import parallel, reporting, visual_evaluation
+from phase1_jax.inference import decoding, visual_evaluation
+from phase1_jax.training import parallel, reporting
 from phase1_jax.training import state as state_lib
 from phase1_jax.training.checkpoint import Checkpointer
 from phase1_jax.training.step import LossSpec

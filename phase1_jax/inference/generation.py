@@ -16,9 +16,10 @@ import ml_collections
 import numpy as np
 
 from phase1_jax import config as config_lib
-from phase1_jax import config_validation, decoding
+from phase1_jax import config_validation
 from phase1_jax.data import bpe, pipeline, records, vocab
-from phase1_jax.training import evaluation, parallel, reporting
+from phase1_jax.inference import decoding, evaluation
+from phase1_jax.training import parallel, reporting
 from phase1_jax.training import state as state_lib
 
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'schemas',

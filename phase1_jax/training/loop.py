@@ -15,8 +15,9 @@ from flax import nnx
 from phase1_jax import config as config_lib
 from phase1_jax import config_validation
 from phase1_jax.data import pipeline
+from phase1_jax.inference import evaluation, visual_evaluation
 from phase1_jax.model.phase1 import parameter_report
-from phase1_jax.training import evaluation, faults, parallel, reporting, visual_evaluation
+from phase1_jax.training import faults, parallel, reporting
 from phase1_jax.training import run as run_lib
 from phase1_jax.training import state as state_lib
 from phase1_jax.training import step as step_lib

@@ -31,8 +31,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from phase1_jax import decoding
 from phase1_jax.config import ConfigError
+from phase1_jax.inference import decoding
 from phase1_jax.training import step as step_lib
 
 MESH_AXES = ('data', 'fsdp')
