@@ -428,6 +428,7 @@ def test_pixel_configs_read_the_dataset_and_build(tmp_path, name, d_model, encod
   meta = write_dataset(tmp_path, {'input': 'pixels', 'patch_size': 16, 'max_patches': 96,
                                   'feature_dim': patch_feature_dim(16), 'vocab_size': 1000,
                                   'semantic_classes': ['a'] * 7, 'element_types': ['t'] * 9})
+  (tmp_path / 'tokenizer.json').write_text('{}')   # prepare writes one: evaluation renders with it
   config = config_lib.load_file(REPO / 'configs' / f'{name}.py', str(tmp_path))
   validate(config)
   assert (config.data.patch_size, config.data.max_patches, config.data.feature_dim) == (
