@@ -1,4 +1,5 @@
-"""train_and_evaluate(config, workdir): the whole training job, from config to files on disk."""
+"""train_and_evaluate(config, workdir): the whole training job, from config to files on disk, as
+a Trainer (setup and restore, then `fit`: the epochs and the final evaluation)."""
 from __future__ import annotations
 
 import datetime
@@ -45,58 +46,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   faults.WriterError when a log file cannot be written (the checkpoints committed before stay),
   KeyboardInterrupt on a second SIGINT outside a save.
   """
-  config_validation.validate(config)
-  parallel.initialize_distributed(config)
-  par = parallel.DataParallel(config)   # checks the layout against the devices: before compiling
-  workdir = workdir or default_workdir(config)
-  faults.prepare_workdir(workdir)
-  if jax.process_index() == 0:   # a garbled history fails now, not after restore and compile
-    reporting.load_records(workdir)
-  train_source = pipeline.make_source(config, 'train')
-  val_source = pipeline.make_source(config, 'val')
-  visual_evaluation.RenderEvalSpec.from_config(config)   # no browser: one line, before compiling
-  t = config.train
-  steps_per_epoch = pipeline.steps_per_epoch(train_source, t.batch_size)
-  tx, schedule = state_lib.make_optimizer(config, steps_per_epoch)
-  graphdef, abstract_state = state_lib.create_train_state(config, tx, abstract=True)
+  return Trainer(config, workdir).fit()
 
-  best_metric = config.checkpoint.best_metric
-  mode = config_lib.METRIC_MODES[best_metric]
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                      max_to_keep=config.checkpoint.max_to_keep, best_metric=best_metric,
-                      best_mode=mode, async_save=config.checkpoint.async_save)
-  made = {}
 
-  def epoch_batches(extra):
-    """The data iterator a mid-epoch checkpoint's position is restored into (None at epoch ends:
-    the next epoch starts fresh)."""
-    made['batches'] = None
-    if extra.get('epoch_step', 0):
-      made['batches'] = run_lib.train_iterator(config, par, train_source, extra['epoch'])
-    return made['batches']
+class Trainer:
+  """One training job: everything is checked and restored when it is made (a bad config, layout,
+  dataset, history or browser fails here, before anything compiles); `fit` runs the epochs. It
+  owns the checkpointer, the reporter and the stop signals."""
 
-  restored = ckpt.restore_latest_good(
-      par.restore_target(abstract_state), data_iterator=epoch_batches,
-      expect_config=config_lib.architecture(config))
-  extra = {}
-  if restored is not None:
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | None):
+    config_validation.validate(config)
+    parallel.initialize_distributed(config)
+    self.config = config
+    self.par = par = parallel.DataParallel(config)   # the layout against the devices
+    self.workdir = workdir = workdir or default_workdir(config)
+    faults.prepare_workdir(workdir)
+    self.main_process = jax.process_index() == 0
+    if self.main_process:   # a garbled history fails now, not after restore and compile
+      reporting.load_records(workdir)
+    self.train_source = pipeline.make_source(config, 'train')
+    self.val_source = pipeline.make_source(config, 'val')
+    visual_evaluation.RenderEvalSpec.from_config(config)   # no browser: one line, now
+    steps_per_epoch = pipeline.steps_per_epoch(self.train_source, config.train.batch_size)
+    self.tx, schedule = state_lib.make_optimizer(config, steps_per_epoch)
+    self.graphdef, self.abstract_state = state_lib.create_train_state(config, self.tx,
+                                                                      abstract=True)
+    self.best_metric = best = config.checkpoint.best_metric
+    self.ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                             max_to_keep=config.checkpoint.max_to_keep, best_metric=best,
+                             best_mode=config_lib.METRIC_MODES[best],
+                             async_save=config.checkpoint.async_save)
+    self.state, extra, batches = self._restore()
+    self.run = run_lib.Run(config, par, extra, batches, steps_per_epoch, schedule, self.ckpt)
+    # A run that stopped early stays stopped when its workdir is run again.
+    self.start_epoch = (config.train.num_epochs if extra.get('stopped') else
+                        extra.get('epoch', 0))
+    self.run.reporter = self.reporter = reporting.Reporter(
+        workdir, start_step=run_lib.host_step(par, self.state),
+        is_main_process=self.main_process)
+
+  def _restore(self):
+    """(placed state, the checkpoint's extra, the restored mid-epoch data iterator or None): the
+    newest good checkpoint, or a fresh state."""
+    made = {}
+
+    def epoch_batches(extra):
+      """The data iterator a mid-epoch checkpoint's position is restored into (None at epoch
+      ends: the next epoch starts fresh)."""
+      made['batches'] = None
+      if extra.get('epoch_step', 0):
+        made['batches'] = run_lib.train_iterator(self.config, self.par, self.train_source,
+                                                 extra['epoch'])
+      return made['batches']
+
+    restored = self.ckpt.restore_latest_good(
+        self.par.restore_target(self.abstract_state), data_iterator=epoch_batches,
+        expect_config=config_lib.architecture(self.config))
+    if restored is None:
+      return self.par.place_state(state_lib.create_train_state(self.config, self.tx)[1]), {}, None
     step, state, extra = restored
-    logging.info('Resumed from %s step %d (epoch %d, step %d in it).', ckpt.directory, step,
+    logging.info('Resumed from %s step %d (epoch %d, step %d in it).', self.ckpt.directory, step,
                  extra['epoch'], extra.get('epoch_step', 0))
-  else:
-    _, state = state_lib.create_train_state(config, tx)
-  state = par.place_state(state)
-  run = run_lib.Run(config, par, extra, made.get('batches'), steps_per_epoch, schedule, ckpt)
-  # A run that stopped early stays stopped when its workdir is run again.
-  start_epoch = t.num_epochs if extra.get('stopped') else extra.get('epoch', 0)
+    return self.par.place_state(state), extra, made.get('batches')
 
-  main_process = jax.process_index() == 0
-  run.reporter = reporter = reporting.Reporter(workdir, start_step=run_lib.host_step(par, state),
-                                               is_main_process=main_process)
-  reporter.write_json('config.json', config.to_dict())
-  params_info = _model_report(config, graphdef, abstract_state.params)
-  reporter.write_json('model_parameters.json', params_info)
-  if main_process:
+  def _announce(self) -> None:
+    """config.json, model_parameters.json, and the device and model line."""
+    config, par = self.config, self.par
+    self.reporter.write_json('config.json', config.to_dict())
+    params_info = _model_report(config, self.graphdef, self.abstract_state.params)
+    self.reporter.write_json('model_parameters.json', params_info)
+    if not self.main_process:
+      return
     m = config.model
     layers = 'scanned' if state_lib.scan_layers(m.scan_layers, m.num_layers) else 'unrolled'
     print(f'Device: {jax.default_backend()} ({jax.device_count()} devices, {par.mode} over '
@@ -107,67 +127,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
           f'{params_info["params"]:,} ({params_info["reduction_vs_two_decoders"]:.0%} fewer than '
           f'two separate decoders, {params_info["reduction_vs_no_sharing"]:.0%} fewer than no '
           f'sharing)')
-    print(f'Workdir: {workdir}')
+    print(f'Workdir: {self.workdir}')
 
-  train_step = par.train_step(graphdef=graphdef, tx=tx,
-                              loss_spec=step_lib.LossSpec.from_config(config),
-                              abstract_state=abstract_state)
-  evaluator = evaluation.Evaluator(config, graphdef, val_source, par=par)
-
-  try:
-    # Several hosts: SIGTERM stays with jax.distributed's preemption notifier, which Orbax's
-    # preemption sync (reached_preemption) reads; a Python handler would replace it.
-    with faults.StopSignals(faults.STOP_SIGNALS if jax.process_count() == 1 else
-                            (signal.SIGINT,)) as signals:
-      run.signals = signals
-      for epoch in range(start_epoch, t.num_epochs):
-        epoch_start = time.perf_counter()
-        state, train_loss = run.train_epoch(state, train_step, train_source, epoch)
-        run.train_seconds += time.perf_counter() - epoch_start
-        result = evaluation.with_targets(config, evaluator(par.eval_params(state), val_source))
-        step = run_lib.host_step(par, state)
-        result.update(epoch=epoch + 1, step=step, train_loss=train_loss,
-                      epoch_seconds=time.perf_counter() - epoch_start,
-                      train_seconds=run.train_seconds)
-        pictures = result.pop('pictures', {})
-        reporter.scalars(step, {k: v for k, v in result.items() if k not in ('epoch', 'step')},
-                         prefix='val/')
-        reporter.images(step, pictures, prefix='val/generated_')
-        if (epoch + 1) % t.histogram_every_epochs == 0:
-          # On every process: eval_params gathers across processes (the reporter writes on 0).
-          reporter.histograms(step, par.eval_params(state))
-        reporter.history({'kind': 'epoch', **result})
-        reporter.write_history()
-        if main_process:
-          print(reporting.epoch_summary(epoch + 1, t.num_epochs, result), flush=True)
-
-        value = result.get(best_metric, math.nan)
-        run.stopper.update(value)
-        stopped = None
-        if run.stopper.should_stop:
-          stopped = (f'Early stopping: {best_metric} did not improve for '
-                     f'{run.stopper.patience} epochs.')
-        elif t.stop_when_targets_met and result.get('targets_score') == 1.0:
-          stopped = 'All Phase 1 targets met; stopping (train.stop_when_targets_met).'
-        run.save(state, epoch + 1, 0, metrics={best_metric: value}, stopped=stopped)
-        run.stop_if_signalled(state)
-        if stopped:
-          if main_process:
-            print(stopped)
-          break
-  except BaseException:
-    # Commit the saves already started, so the last good checkpoint is whole; a failure to do so
-    # is logged, not raised over the error that got us here.
+  def fit(self) -> dict:
+    """The epochs from the restored one, then the best checkpoint's evaluation (returned)."""
+    self._announce()
+    train_step = self.par.train_step(graphdef=self.graphdef, tx=self.tx,
+                                     loss_spec=step_lib.LossSpec.from_config(self.config),
+                                     abstract_state=self.abstract_state)
+    evaluator = evaluation.Evaluator(self.config, self.graphdef, self.val_source, par=self.par)
     try:
-      ckpt.close()
-    except CheckpointError as e:
-      logging.error('%s', e)
-    reporter.abandon()
-    raise
-  ckpt.close()
-  reporter.close()
-  report = evaluation.evaluate_checkpoint(config, workdir, which='best')
-  if main_process:
-    print(evaluation.summary(report))
-  return report
+      # Several hosts: SIGTERM stays with jax.distributed's preemption notifier, which Orbax's
+      # preemption sync (reached_preemption) reads; a Python handler would replace it.
+      with faults.StopSignals(faults.STOP_SIGNALS if jax.process_count() == 1 else
+                              (signal.SIGINT,)) as signals:
+        self.run.signals = signals
+        for epoch in range(self.start_epoch, self.config.train.num_epochs):
+          if self._epoch(epoch, train_step, evaluator):
+            break
+    except BaseException:
+      # Commit the saves already started, so the last good checkpoint is whole; a failure to do
+      # so is logged, not raised over the error that got us here.
+      try:
+        self.ckpt.close()
+      except CheckpointError as e:
+        logging.error('%s', e)
+      self.reporter.abandon()
+      raise
+    self.ckpt.close()
+    self.reporter.close()
+    report = evaluation.evaluate_checkpoint(self.config, self.workdir, which='best')
+    if self.main_process:
+      print(evaluation.summary(report))
+    return report
 
+  def _epoch(self, epoch: int, train_step, evaluator) -> bool:
+    """Trains one epoch, evaluates, logs and checkpoints it; True when training should stop."""
+    run, par, t = self.run, self.par, self.config.train
+    epoch_start = time.perf_counter()
+    self.state, train_loss = run.train_epoch(self.state, train_step, self.train_source, epoch)
+    run.train_seconds += time.perf_counter() - epoch_start
+    result = evaluation.with_targets(self.config,
+                                     evaluator(par.eval_params(self.state), self.val_source))
+    step = run_lib.host_step(par, self.state)
+    result.update(epoch=epoch + 1, step=step, train_loss=train_loss,
+                  epoch_seconds=time.perf_counter() - epoch_start, train_seconds=run.train_seconds)
+    self._log_epoch(epoch, step, result)
+    value = result.get(self.best_metric, math.nan)
+    run.stopper.update(value)
+    stopped = None
+    if run.stopper.should_stop:
+      stopped = (f'Early stopping: {self.best_metric} did not improve for '
+                 f'{run.stopper.patience} epochs.')
+    elif t.stop_when_targets_met and result.get('targets_score') == 1.0:
+      stopped = 'All Phase 1 targets met; stopping (train.stop_when_targets_met).'
+    run.save(self.state, epoch + 1, 0, metrics={self.best_metric: value}, stopped=stopped)
+    run.stop_if_signalled(self.state)
+    if stopped and self.main_process:
+      print(stopped)
+    return stopped is not None
+
+  def _log_epoch(self, epoch: int, step: int, result: dict) -> None:
+    """The epoch's evaluation to TensorBoard (scalars, pictures, histograms), the history and
+    the console."""
+    reporter, t = self.reporter, self.config.train
+    pictures = result.pop('pictures', {})
+    reporter.scalars(step, {k: v for k, v in result.items() if k not in ('epoch', 'step')},
+                     prefix='val/')
+    reporter.images(step, pictures, prefix='val/generated_')
+    if (epoch + 1) % t.histogram_every_epochs == 0:
+      # On every process: eval_params gathers across processes (the reporter writes on 0).
+      reporter.histograms(step, self.par.eval_params(self.state))
+    reporter.history({'kind': 'epoch', **result})
+    reporter.write_history()
+    if self.main_process:
+      print(reporting.epoch_summary(epoch + 1, t.num_epochs, result), flush=True)

@@ -103,6 +103,30 @@ class Run:
         self.ckpt.wait_until_finished()
       raise faults.Preempted(self.stop_reason, host_step(self.par, state), self.ckpt.directory)
 
+  def _pull(self, step: int, metrics, epoch: int, bar, meter: dict) -> None:
+    """A finished step's metrics to the host: the non-finite counter, the epoch's loss, the
+    progress bar, and every train.log_every_steps (or on a skipped step) the logs."""
+    t = self.config.train
+    metrics = self.par.metrics_to_host(metrics)
+    nonfinite = bool(metrics.pop('nonfinite'))
+    self.nonfinite.update(step, nonfinite)
+    if not nonfinite:
+      self.loss_sum += float(metrics['loss'])
+      self.loss_count += 1
+    meter['tokens'] += int(metrics.pop('tokens'))
+    rate = meter['tokens'] / max(time.perf_counter() - meter['start'], 1e-9)
+    bar.set_postfix(loss=f'{float(metrics["loss"]):.4f}', tok_s=f'{rate:,.0f}', refresh=False)
+    bar.update(1)
+    if nonfinite:
+      logging.warning('Step %d skipped: non-finite loss or gradient (%d in a row, %d in all).',
+                      step, self.nonfinite.consecutive, self.nonfinite.total)
+    if step % t.log_every_steps == 0 or nonfinite:
+      opt_step = (step - 1) // t.accumulate_grad_batches
+      metrics.update(learning_rate=float(self.schedule(opt_step)), tokens_per_second=rate,
+                     nonfinite_steps=self.nonfinite.total)
+      self.reporter.scalars(step, metrics, prefix='train/')
+      self.reporter.history({'kind': 'train', 'step': step, 'epoch': epoch + 1, **metrics})
+
   def train_epoch(self, state, train_step, source, epoch):
     """One pass over the shuffled training split (the rest of it, after a mid-epoch resume).
     Returns (state, mean train loss over the epoch's finite steps).
@@ -118,30 +142,9 @@ class Run:
     bar = reporting.progress_bar(self.steps_per_epoch, desc=f'Epoch {epoch + 1}/{t.num_epochs}',
                                  disable=self.par.process_index != 0)
     bar.update(self.epoch_step)
-    tokens, pending = 0, None
-    start = time.perf_counter()
-
-    def pull(step, metrics):
-      nonlocal tokens
-      metrics = self.par.metrics_to_host(metrics)
-      nonfinite = bool(metrics.pop('nonfinite'))
-      self.nonfinite.update(step, nonfinite)
-      if not nonfinite:
-        self.loss_sum += float(metrics['loss'])
-        self.loss_count += 1
-      tokens += int(metrics.pop('tokens'))
-      rate = tokens / max(time.perf_counter() - start, 1e-9)
-      bar.set_postfix(loss=f'{float(metrics["loss"]):.4f}', tok_s=f'{rate:,.0f}', refresh=False)
-      bar.update(1)
-      if nonfinite:
-        logging.warning('Step %d skipped: non-finite loss or gradient (%d in a row, %d in all).',
-                        step, self.nonfinite.consecutive, self.nonfinite.total)
-      if step % t.log_every_steps == 0 or nonfinite:
-        opt_step = (step - 1) // t.accumulate_grad_batches
-        metrics.update(learning_rate=float(self.schedule(opt_step)), tokens_per_second=rate,
-                       nonfinite_steps=self.nonfinite.total)
-        self.reporter.scalars(step, metrics, prefix='train/')
-        self.reporter.history({'kind': 'train', 'step': step, 'epoch': epoch + 1, **metrics})
+    pending, start = None, time.perf_counter()
+    meter = {'tokens': 0, 'start': start}
+    pull = lambda step, metrics: self._pull(step, metrics, epoch, bar, meter)
 
     step = host_step(self.par, state)
     for batch in batches:
