@@ -25,7 +25,6 @@ import functools
 
 import jax
 import ml_collections
-import numpy as np
 from flax import jax_utils, nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -33,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from phase1_jax.config import ConfigError
 from phase1_jax.inference import decoding
+from phase1_jax.training import placement
 from phase1_jax.training import step as step_lib
 
 MESH_AXES = ('data', 'fsdp')
@@ -248,29 +248,10 @@ class DataParallel:
     return call
 
   def _replicate(self, x):
-    """An array (a PRNG key too) copied onto every device of the mesh."""
-    if self.process_count == 1 or not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return self._to_global(x, self.replicated)
-    # Several processes: device_put refuses a key for devices of other processes; its raw data
-    # (the same on every process) becomes a global array and is wrapped again.
-    return jax.random.wrap_key_data(self._to_global(jax.random.key_data(x), self.replicated),
-                                    impl=jax.random.key_impl(x))
+    return placement.replicate(x, self.replicated, self.process_count)
 
   def _to_global(self, tree, shardings):
-    """A tree (host arrays, or device arrays) as global arrays with `shardings` (a tree, or one
-    for all leaves); arrays already so placed are kept. On several processes every process
-    holds the whole of each host array (each reads every eval batch; eval_params gathers)."""
-    if self.process_count == 1:
-      return jax.device_put(tree, shardings)
-    if isinstance(shardings, jax.sharding.Sharding):
-      shardings = jax.tree.map(lambda _: shardings, tree)
-
-    def one(x, sharding):
-      if isinstance(x, jax.Array) and x.sharding == sharding:
-        return x
-      x = np.asarray(x)
-      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-    return jax.tree.map(one, tree, shardings)
+    return placement.to_global(tree, shardings, self.process_count)
 
   def metrics_to_host(self, metrics) -> dict:
     # pmap returns one (equal, psum'd) copy per device.
