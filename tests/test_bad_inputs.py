@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from support import REPO
 
 from phase1_jax import config as config_lib
 from phase1_jax.data import prepare

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 import pytest
-from conftest import REPO
+from support import REPO
 
 from phase1_jax import config as config_lib
 from phase1_jax.config import ConfigError, base_config

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SEQ, TINY, JittedModel
 from flax import nnx
+from support import SEQ, TINY, JittedModel
 
 from phase1_jax.inference import decoding
 

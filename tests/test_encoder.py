@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, SEQ, TINY, JittedModel, make_tiny, materialize
 from flax import nnx
+from support import REPO, SEQ, TINY, JittedModel, make_tiny, materialize
 from test_decoding import BOS, NEVER, PAD, cached_decode, reference_decode
 
 from phase1_jax import config as config_lib

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO
+from support import REPO
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from phase1_jax import config as config_lib

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SEQ, TINY
+from support import SEQ, TINY
 
 from phase1_jax import config as config_lib
 from phase1_jax.inference import decoding

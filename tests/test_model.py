@@ -10,8 +10,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PATCHES, SEQ, TINY, JittedModel, make_tiny, materialize
 from flax import nnx
+from support import PATCHES, SEQ, TINY, JittedModel, make_tiny, materialize
 
 from phase1_jax.model import layers
 from phase1_jax.model.decoder import DecoderLayer, MultiHeadAttention, SharedDecoderBackbone
@@ -440,7 +440,8 @@ def test_detail_hidden_and_weight_give_the_logits(tiny_batch, tied):
   split = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a, detail_logits=False))(state, *args)
   assert 'detail_logits' not in split and ('detail_bias' in split) == (not tied)
   logits = jnp.einsum('btd,vd->btv', split['detail_hidden'], split['detail_weight'])
-  logits = logits + split.get('detail_bias', 0.0)
+  if 'detail_bias' in split:
+    logits = logits + split['detail_bias'][None, None, :]
   np.testing.assert_allclose(logits, full['detail_logits'], rtol=1e-5, atol=1e-5)
   for k in ('semantic_logits', 'element_logits'):
     np.testing.assert_allclose(split[k], full[k], rtol=1e-6, atol=1e-6)
