@@ -63,4 +63,4 @@ class ElementTypeClassifier(nnx.Module):
     weights_BxExT = jax.nn.softmax(scores_BxExT, axis=-1).astype(self.dtype)
     pooled_BxExD = jnp.einsum('bet,btd->bed', weights_BxExT, h_BxTxD)
     return jnp.einsum('bed,ed->be', pooled_BxExD, self.readout_ExD[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32) + self.bias_E[...]
+                      preferred_element_type=jnp.float32) + self.bias_E[...][None, :]

@@ -45,11 +45,11 @@ def column_sum(x_NxO, num_parts: int = 32):
 @jax.custom_vjp
 def add_bias(y_NxO, bias_O):
   """y + bias, with the bias gradient taken by column_sum."""
-  return y_NxO + bias_O
+  return y_NxO + bias_O[None, :]
 
 
 def _add_bias_fwd(y_NxO, bias_O):
-  return y_NxO + bias_O, None
+  return y_NxO + bias_O[None, :], None
 
 
 def _add_bias_bwd(_, g_NxO):
@@ -62,16 +62,16 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 @jax.custom_vjp
 def scale_and_shift(x_NxD, scale_D, shift_D):
   """x * scale + shift, with the scale and shift gradients taken by column_sum."""
-  return x_NxD * scale_D + shift_D
+  return x_NxD * scale_D[None, :] + shift_D[None, :]
 
 
 def _scale_and_shift_fwd(x_NxD, scale_D, shift_D):
-  return x_NxD * scale_D + shift_D, (x_NxD, scale_D)
+  return x_NxD * scale_D[None, :] + shift_D[None, :], (x_NxD, scale_D)
 
 
 def _scale_and_shift_bwd(residuals, g_NxD):
   x_NxD, scale_D = residuals
-  return (g_NxD * scale_D, column_sum(g_NxD * x_NxD).astype(scale_D.dtype),
+  return (g_NxD * scale_D[None, :], column_sum(g_NxD * x_NxD).astype(scale_D.dtype),
           column_sum(g_NxD).astype(scale_D.dtype))
 
 
@@ -125,7 +125,7 @@ def logits_matmul(x_NxD, w_VxD, bias_V=None):
     logits_NxV = _float32_logits(x_NxD, w_VxD)
   else:
     logits_NxV = _half_logits_matmul(x_NxD, w_VxD)
-  return logits_NxV if bias_V is None else logits_NxV + bias_V.astype(jnp.float32)
+  return logits_NxV if bias_V is None else logits_NxV + bias_V.astype(jnp.float32)[None, :]
 
 
 def _float32_logits(x_NxD, w_VxD):
