@@ -1,13 +1,9 @@
 """Screenshots and laid-out DOMs of local HTML pages, with Playwright + Chromium, offline.
 
-The only module of the package that starts a browser; Playwright is optional and imported lazily.
-Pages load from a fake origin (ORIGIN/<rel_path>). One route handler serves every request to that
-origin from regular files inside html_dir (realpath-checked, so `..`, %2f and symlinks cannot
-escape; missing -> 404) and aborts every other request (other scheme or host, a path outside
-html_dir, a later main-frame navigation such as a meta refresh), counting it in `blocked`. As a
-second wall, Chromium resolves no host names and sends any connection that is not routed to a
-dead proxy, so nothing reaches the network even where routing does not apply (preconnects,
-WebSockets to IP literals, WebRTC). file:// URLs are refused by Chromium itself from an http page.
+With its helpers render_browser.py (finding, launching and killing Chromium) and
+render_sandbox.py (the offline sandbox: which requests a page may make, what they are served),
+the only modules of the package that start a browser; Playwright is optional and imported lazily.
+Pages load from a fake origin and nothing reaches the network (render_sandbox.py says how).
 
 Same page, same pixels: fixed viewport, device scale 1, animations, transitions and caret
 blinking disabled by injected CSS, reduced motion, fonts awaited. JavaScript is off by default.
@@ -20,40 +16,35 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import functools
 import json
-import mimetypes
 import os
 import pathlib
-import shutil
-import signal
-import subprocess
-import sys
 import threading
-import urllib.parse
 
-ORIGIN = 'http://pages.invalid'
+from phase1_jax.data import render_browser, render_sandbox
+
+# Re-exported: callers and tests use these names from render (tests patch check_available here,
+# which Renderer looks up here too).
+from phase1_jax.data.render_browser import (  # noqa: F401
+  BROWSER_NAMES,
+  INSTALL,
+  LAUNCH_ARGS,
+  RenderUnavailable,
+  _descendants,
+  check_available,
+)
+from phase1_jax.data.render_sandbox import MAX_FILE_BYTES, ORIGIN  # noqa: F401
+
 VIEWPORT_HEIGHT = 768       # CSS px; the screenshot itself runs down the full page
 RECYCLE_EVERY = 100         # pages per browser context (bounds the browser's per-context memory)
 RESTART_EVERY = 400         # pages per browser process: what a browser accumulates is bounded too
-MAX_FILE_BYTES = 64 << 20   # larger files are not served (404)
 HUNG_EXTRA_S = 10.0         # a render still busy this long after its load timeout is killed
-INSTALL = ("pip install -e '.[render]' and apt-get install chromium (or playwright install "
-           "chromium), then pass --browser /usr/bin/chromium")
-BROWSER_NAMES = ('chromium', 'chromium-browser', 'google-chrome')
-# On top of Playwright's own switches (no background networking, component updates, sync, default
-# apps or first-run; --no-sandbox, which running as root needs).
-LAUNCH_ARGS = (
-    '--host-resolver-rules=MAP * ~NOTFOUND', '--proxy-server=http://127.0.0.1:9',
-    '--proxy-bypass-list=<-loopback>', '--force-webrtc-ip-handling-policy=disable_non_proxied_udp',
-    '--disable-domain-reliability', '--no-pings', '--disable-gpu', '--font-render-hinting=none')
 
 STILL_CSS = ('*,*::before,*::after{animation:none!important;transition:none!important;'
              'caret-color:transparent!important}')
 # Settles the page and annotates it (RenderedPage states the box and text rules); returns
 # {html, height, texts}.
 SETTLE_AND_ANNOTATE = (pathlib.Path(__file__).with_name('render_annotate.js')).read_text()
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +76,13 @@ class RenderError(Exception):
   """One page failed; str(e) is the reason."""
 
 
-class RenderUnavailable(Exception):
-  """Playwright or the browser is missing; the message says how to install them."""
-
-
 @dataclasses.dataclass
 class RenderedPage:
   """A rendered page.
 
   png: screenshot, spec.width x height. height: captured CSS px, min(page height, max_height);
   the page height is the document's scroll height, so at least the 768 px viewport.
-  blocked: requests aborted (see the module docstring).
+  blocked: requests aborted (render_sandbox.py says which).
   html: documentElement.outerHTML after load, each visible element with data-p1-box="x y w h"
   (rounded CSS px, page coordinates), the attribute absent on the others. Visible: the element
   passes checkVisibility() with opacity and visibility checked (display:none, visibility:hidden
@@ -118,69 +105,11 @@ class RenderedPage:
   text_blocks: tuple[TextBlock, ...] = ()
 
 
-@functools.lru_cache(maxsize=1)
-def _playwright_chromium() -> str | None:
-  """Playwright's downloaded Chromium, if any (asked once, in a subprocess: a driver started
-  here would clash with a Renderer's)."""
-  code = ('from playwright.sync_api import sync_playwright\n'
-          'with sync_playwright() as p: print(p.chromium.executable_path)')
-  try:
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return out if out and os.path.isfile(out) else None
-
-
-def check_available(spec: RenderSpec) -> str:
-  """The browser executable render will use, or RenderUnavailable (one line). Bounded in time."""
-  try:
-    import playwright.sync_api  # noqa: F401
-  except ImportError:
-    raise RenderUnavailable(f'playwright is not installed: {INSTALL}') from None
-  if spec.browser is not None:
-    candidates = [spec.browser]
-  else:
-    candidates = [_playwright_chromium()] + [shutil.which(name) for name in BROWSER_NAMES]
-  for path in filter(None, candidates):
-    if os.path.isfile(path) and os.access(path, os.X_OK):
-      try:
-        subprocess.run([path, '--version'], capture_output=True, timeout=30, check=True)
-        return path
-      except (OSError, subprocess.SubprocessError):
-        if spec.browser is not None:
-          raise RenderUnavailable(f'--browser {path} does not run: {INSTALL}') from None
-  where = f'--browser {spec.browser}: no such executable' if spec.browser else 'no Chromium found'
-  raise RenderUnavailable(f'{where}: {INSTALL}')
-
-
 def _read_file(path: str) -> bytes:
-  """The body served for one request (a seam the safety tests watch)."""
+  """The body served for one request (a seam the safety tests watch: the sandbox reads through
+  this name, looked up here at each request)."""
   with open(path, 'rb') as f:
     return f.read()
-
-
-class _Driver:
-  """The Playwright driver of this thread, shared: the sync API allows one per thread."""
-  local = threading.local()
-
-  @classmethod
-  def acquire(cls):
-    from playwright.sync_api import sync_playwright
-    if getattr(cls.local, 'users', 0) == 0:
-      cls.local.playwright = sync_playwright().start()
-      cls.local.users = 0
-    cls.local.users += 1
-    return cls.local.playwright
-
-  @classmethod
-  def release(cls) -> None:
-    cls.local.users -= 1
-    if cls.local.users == 0:
-      try:
-        cls.local.playwright.stop()
-      except Exception:
-        pass
 
 
 class Renderer:
@@ -195,9 +124,10 @@ class Renderer:
       raise ValueError(f'html_dir {html_dir}: not a folder')
     self.spec = spec
     self.browser_path = check_available(spec)
+    self._sandbox = render_sandbox.Sandbox(self.root, read_file=lambda path: _read_file(path))
     self._pw = self._browser = self._context = self._page = self._cdp = None
-    self._browser_pid = self._target = None
-    self._pages_in_context = self._pages_in_browser = self._blocked = self._navigations = 0
+    self._browser_pid = None
+    self._pages_in_context = self._pages_in_browser = 0
     self._hung = False
 
   def __enter__(self) -> Renderer:
@@ -210,21 +140,15 @@ class Renderer:
   def start(self) -> None:
     """Launch the browser (render calls this when needed)."""
     self.close()
-    self._pw = _Driver.acquire()
+    self._pw = render_browser.Driver.acquire()
     self._pages_in_browser = 0
-    self._browser = self._pw.chromium.launch(
-        executable_path=self.browser_path, headless=True, args=list(LAUNCH_ARGS), timeout=60_000)
-    try:
-      info = self._browser.new_browser_cdp_session().send('SystemInfo.getProcessInfo')
-      self._browser_pid = next(p['id'] for p in info['processInfo'] if p['type'] == 'browser')
-    except Exception:  # no watchdog without the pid; rendering still works
-      self._browser_pid = None
+    self._browser, self._browser_pid = render_browser.launch(self._pw, self.browser_path)
 
   def close(self) -> None:
     """Close the page, context and browser, release the driver; never raises."""
     self._drop(self._page, self._context, self._browser)
     if self._pw is not None:
-      _Driver.release()
+      render_browser.Driver.release()
     self._pw = self._browser = self._context = self._page = self._cdp = None
 
   @staticmethod
@@ -244,8 +168,7 @@ class Renderer:
           viewport={'width': self.spec.width, 'height': VIEWPORT_HEIGHT}, device_scale_factor=1,
           java_script_enabled=self.spec.javascript, service_workers='block',
           reduced_motion='reduce', accept_downloads=False, locale='en-US', timezone_id='UTC')
-      self._context.route('**/*', self._route)
-      self._context.route_web_socket('**/*', self._block_web_socket)
+      self._sandbox.install(self._context)
       self._pages_in_context, self._page = 0, None
     if self._page is None:
       self._page = self._context.new_page()
@@ -254,55 +177,22 @@ class Renderer:
     self._pages_in_context += 1
     self._pages_in_browser += 1
 
-  def _block_web_socket(self, ws) -> None:
-    self._blocked += 1
-    ws.close()
-
-  def _local_path(self, url: str) -> str | None:
-    """The real path inside html_dir that url names, or None (other origin, or escapes)."""
-    parts = urllib.parse.urlsplit(url)
-    if f'{parts.scheme}://{parts.netloc}' != ORIGIN:
-      return None
-    path = os.path.realpath(os.path.join(self.root, urllib.parse.unquote(parts.path).lstrip('/')))
-    return path if path.startswith(self.root + os.sep) else None
-
-  def _route(self, route, request) -> None:
-    """Serve ORIGIN from html_dir; abort everything else (counted in blocked)."""
-    try:
-      path = self._local_path(request.url)
-      if request.is_navigation_request() and request.frame.parent_frame is None:
-        self._navigations += 1  # the page asked for, once; not a meta refresh or link after
-        path = path if self._navigations == 1 and path == self._target else None
-      if path is None:
-        self._blocked += 1
-        route.abort('aborted')  # 'aborted' leaves a failed navigation without an error page
-      elif os.path.isfile(path) and os.path.getsize(path) <= MAX_FILE_BYTES:
-        content_type = mimetypes.guess_type(path)[0] or 'application/octet-stream'
-        route.fulfill(status=200, body=_read_file(path), content_type=content_type)
-      else:
-        route.fulfill(status=404, body=b'', content_type='text/plain')
-    except Exception:  # the page is gone, or the file vanished: never serve, never raise
-      with contextlib.suppress(Exception):
-        route.abort('aborted')
-
   def _kill_browser(self) -> None:
     """Watchdog: SIGKILL the browser and its helpers, so that a hung call returns (with an error:
     a killed renderer alone leaves CDP calls waiting). render starts a new browser."""
     self._hung = True
-    for pid in _descendants(self._browser_pid) + [self._browser_pid]:
-      with contextlib.suppress(OSError, TypeError):
-        os.kill(pid, signal.SIGKILL)
+    render_browser.kill_tree(self._browser_pid)
 
   def render(self, rel_path: str) -> RenderedPage:
     """Render html_dir/rel_path; RenderError (with the reason) when it fails."""
     from playwright.sync_api import Error, TimeoutError
-    url = f'{ORIGIN}/{urllib.parse.quote(rel_path.replace(os.sep, "/").lstrip("/"))}'
-    self._target = self._local_path(url)
-    if self._target is None:
+    url = render_sandbox.page_url(rel_path)
+    target = render_sandbox.local_path(self.root, url)
+    if target is None:
       raise RenderError(f'{rel_path}: outside html_dir')
-    if not os.path.isfile(self._target):
+    if not os.path.isfile(target):
       raise RenderError(f'{rel_path}: no such file')
-    self._blocked = self._navigations = 0
+    self._sandbox.start(target)
     self._hung = False
     watchdog = threading.Timer(self.spec.timeout_s * 2 + HUNG_EXTRA_S, self._kill_browser)
     watchdog.daemon = True
@@ -340,7 +230,7 @@ class Renderer:
         'format': 'png', 'captureBeyondViewport': True, 'optimizeForSpeed': True,
         'clip': {'x': 0, 'y': 0, 'width': self.spec.width, 'height': height, 'scale': 1}})
     return RenderedPage(png=base64.b64decode(shot['data']), html=settled['html'],
-                        height=height, blocked=self._blocked,
+                        height=height, blocked=self._sandbox.blocked,
                         text_blocks=_text_blocks(settled['texts'], self.spec.width, height))
 
   def _evaluate_isolated(self, expression: str):
@@ -373,19 +263,3 @@ def _text_blocks(texts: list, width: int, height: int) -> tuple[TextBlock, ...]:
     if box[2] > 0 and box[3] > 0:
       blocks.append(TextBlock(text, box, tuple(min(255, max(0, round(c))) for c in rgb)))
   return tuple(sorted(blocks, key=lambda b: (b.box[1], b.box[0])))
-
-
-def _descendants(pid: int | None) -> list[int]:
-  """The processes below pid (from /proc; [] elsewhere, or for None)."""
-  if pid is None or not os.path.isdir('/proc'):
-    return []
-  children: dict[int, list[int]] = {}
-  for name in filter(str.isdigit, os.listdir('/proc')):
-    with contextlib.suppress(OSError, ValueError, IndexError), open(f'/proc/{name}/stat') as f:
-      children.setdefault(int(f.read().rsplit(')', 1)[1].split()[1]), []).append(int(name))
-  found, todo = [], [pid]
-  while todo:
-    below = children.get(todo.pop(), [])
-    found += below
-    todo += below
-  return found
