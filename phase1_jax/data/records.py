@@ -25,81 +25,48 @@ and always:
 FilePages reads a split through grain's ArrayRecordDataSource (random access, never whole into
 memory) and returns exactly SyntheticPages' example dict, padded or cut to the configured sizes;
 a pixel page's features are Pix2Struct's flattened patches (see to_example).
+
+This module writes and reads; record_format.py defines the fields and codes one record, and
+record_checks.py validates dataset.json and the shards (their names are importable from here).
 """
 from __future__ import annotations
 
 import json
 import os
 
-import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
 from phase1_jax.data import synthetic
+from phase1_jax.data.record_checks import check_shard, corrupt, decode_at, read_metadata
 
-# Version 2 added pixel records (dataset.json `input`); version 1 directories still read.
-FORMAT, VERSION = 'phase1_jax.page_records', 2
-READABLE_VERSIONS = (1, 2)
-METADATA_FILE, TOKENIZER_FILE = 'dataset.json', 'tokenizer.json'
-INPUT_KINDS = ('features', 'pixels')
-# The array fields of each input kind, then the labels every record holds.
-INPUT_FIELDS = {'features': {'features': 'float16'},
-                'pixels': {'patches': 'uint8', 'patch_positions': 'int16'}}
-LABEL_FIELDS = {'tokens': 'int32', 'semantic_labels': 'int8', 'element_labels': 'uint8'}
-# Fields a record of an input kind may hold besides array_fields(kind).
-OPTIONAL_FIELDS = {'features': {}, 'pixels': {'patch_labels': 'int8'}}
+# The format lives in record_format.py; its names are re-exported here, where callers use them.
+from phase1_jax.data.record_format import (  # noqa: F401
+  ARRAY_FIELDS,
+  FIELD_SHAPES,
+  FORMAT,
+  INPUT_FIELDS,
+  INPUT_KINDS,
+  KNOWN_FIELDS,
+  LABEL_FIELDS,
+  METADATA_FILE,
+  OPTIONAL_FIELDS,
+  PIXEL_ARRAY_FIELDS,
+  READABLE_VERSIONS,
+  TOKENIZER_FILE,
+  VERSION,
+  DatasetError,
+  array_fields,
+  decode_record,
+  encode_record,
+  input_kind,
+  record_kind,
+)
 
-
-def array_fields(kind: str = 'features') -> dict[str, str]:
-  """{field: dtype} of a record of input `kind` (INPUT_KINDS), in the order records list them."""
-  return INPUT_FIELDS[kind] | LABEL_FIELDS
-
-
-ARRAY_FIELDS = array_fields('features')        # a features record (what version 1 holds)
-PIXEL_ARRAY_FIELDS = array_fields('pixels')    # a pixel record
-KNOWN_FIELDS = ARRAY_FIELDS | PIXEL_ARRAY_FIELDS | OPTIONAL_FIELDS['pixels']
-FIELD_SHAPES = {'features': ['num_patches', 'feature_dim'],
-                'patches': ['num_patches', 'patch_pixels'], 'patch_positions': ['num_patches', 2],
-                'patch_labels': ['num_patches', 2],
-                'tokens': ['num_tokens'], 'semantic_labels': ['num_tokens'],
-                'element_labels': ['num_element_types']}
-
-
-class DatasetError(ValueError):
-  """A prepared dataset directory or record is unusable; one line naming the file or record.
-  (pipeline.DataError is this class: the CLIs catch it.)"""
-
-
-def record_kind(page: dict) -> str:
-  """The input kind of a page dict or decoded record: 'pixels' if it holds patches."""
-  kind = 'pixels' if 'patches' in page else 'features'
-  for name in array_fields(kind):
-    if name not in page:
-      raise KeyError(f'{name!r} (a {kind} record holds {", ".join(array_fields(kind))})')
-  return kind
-
-
-def encode_record(page: dict) -> bytes:
-  """One page dict (array_fields(kind) arrays + 'source_id') -> record bytes."""
-  out = {'source_id': str(page['source_id'])}
-  kind = record_kind(page)
-  fields = array_fields(kind) | {k: v for k, v in OPTIONAL_FIELDS[kind].items() if k in page}
-  for name, dtype in fields.items():
-    a = np.ascontiguousarray(page[name], dtype=dtype)
-    out[name] = {'dtype': dtype, 'shape': list(a.shape), 'data': a.tobytes()}
-  return msgpack.packb(out, use_bin_type=True)
-
-
-def decode_record(data: bytes) -> dict:
-  """Record bytes -> page dict of the array fields it holds (either input kind)."""
-  raw = msgpack.unpackb(data, raw=False)
-  page = {'source_id': raw['source_id']}
-  for name in KNOWN_FIELDS:
-    if name in raw:
-      f = raw[name]
-      page[name] = np.frombuffer(f['data'], dtype=f['dtype']).reshape(f['shape'])
-  record_kind(page)
-  return page
+# A split whose shards total at most this many bytes is read whole when opened (about 0.2 s per
+# 100 MB from the page cache), so a garbled record is named before anything compiles. Larger
+# splits check each shard's first and last record; a bad record elsewhere is named when read.
+VERIFY_ALL_BYTES = 128 << 20
 
 
 class ShardWriter:
@@ -136,80 +103,6 @@ def write_metadata(directory: str, metadata: dict):
   with open(tmp, 'w') as f:
     json.dump(metadata, f, indent=1)
   os.replace(tmp, os.path.join(directory, METADATA_FILE))
-
-
-def read_metadata(directory: str, complete: bool = False) -> dict:
-  """dataset.json of a prepared directory, checked for what the loader reads (the splits'
-  shards), the types of the other keys it holds and, with `complete`, that it holds every key a
-  training config reads: a damaged file is named in one line, not by a KeyError later."""
-  path = os.path.join(directory, METADATA_FILE)
-  try:
-    with open(path) as f:
-      meta = json.load(f)
-  except FileNotFoundError:
-    raise DatasetError(f'{path}: not found (prepare the directory with '
-                       'python -m phase1_jax.data.prepare)') from None
-  except (OSError, ValueError) as e:
-    raise DatasetError(f'{path}: unreadable ({e})') from None
-  if not isinstance(meta, dict):
-    raise DatasetError(f'{path}: holds a JSON {type(meta).__name__}, expected an object')
-  if meta.get('format') != FORMAT or meta.get('version') not in READABLE_VERSIONS:
-    raise DatasetError(f'{path}: format {meta.get("format")!r} version {meta.get("version")!r}, '
-                       f'expected {FORMAT!r} version {" or ".join(map(str, READABLE_VERSIONS))}')
-  kind = input_kind(meta)
-  if kind not in INPUT_KINDS:
-    raise DatasetError(f'{path}: input {kind!r}, expected one of {", ".join(INPUT_KINDS)}')
-  for key in ('patch_size', 'max_patches') if kind == 'pixels' else ():
-    value = meta.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise DatasetError(f'{path}: {key} {value!r}, a pixel dataset needs a positive integer')
-  _check_fields(path, meta, complete)
-  for split in ('train', 'val'):
-    for shard in meta['splits'][split]['shards']:
-      if not os.path.isfile(os.path.join(directory, shard)):
-        raise DatasetError(f'{os.path.join(directory, shard)}: shard listed in {path} is missing')
-  return meta
-
-
-def _is_count(value, least: int = 0) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-# dataset.json keys the configs read: (what each must be, its check).
-_METADATA_FIELDS = {
-    'vocab_size': ('a positive integer', lambda v: _is_count(v, 1)),
-    'feature_dim': ('a positive integer', lambda v: _is_count(v, 1)),
-    'semantic_classes': ('a list of names', lambda v: isinstance(v, list)),
-    'element_types': ('a list of names', lambda v: isinstance(v, list)),
-    'element_open_tag_ids': ('a list of token ids',
-                             lambda v: isinstance(v, list) and all(map(_is_count, v))),
-}
-
-
-def _check_fields(path: str, meta: dict, complete: bool) -> None:
-  """Raises DatasetError naming the first ill-typed key of dataset.json `meta`, or a missing
-  one: `splits` (the loader's), or with `complete` any _METADATA_FIELDS and record count."""
-  for key, (want, ok) in _METADATA_FIELDS.items():
-    if key not in meta and complete and key != 'element_open_tag_ids':   # pipeline names it
-      raise DatasetError(f'{path}: no {key!r} (a prepared dataset.json has it)')
-    if key in meta and not ok(meta[key]):
-      raise DatasetError(f'{path}: {key} {meta[key]!r:.60} is not {want}')
-  if not isinstance(meta.get('splits'), dict):
-    raise DatasetError(f'{path}: no \'splits\' object (a prepared dataset.json lists the train '
-                       'and val shards there)')
-  for split in ('train', 'val'):
-    entry = meta['splits'].get(split)
-    ok = (isinstance(entry, dict) and isinstance(entry.get('shards'), list) and
-          all(isinstance(s, str) for s in entry['shards']))
-    count = entry.get('num_records') if ok else None
-    if not ok or (count is None and complete) or not (count is None or _is_count(count)):
-      raise DatasetError(f'{path}: splits.{split} {entry!r:.60} is not {{"num_records": N, '
-                         '"shards": [paths]}')
-
-
-def input_kind(meta: dict) -> str:
-  """dataset.json's input kind: 'features' when it names none (version 1)."""
-  return meta.get('input', 'features')
 
 
 def page_features(page: dict, num_patches: int) -> np.ndarray:
@@ -263,63 +156,6 @@ def to_example(page: dict, *, max_seq_len: int, num_patches: int,
   }
 
 
-# A split whose shards total at most this many bytes is read whole when opened (about 0.2 s per
-# 100 MB from the page cache), so a garbled record is named before anything compiles. Larger
-# splits check each shard's first and last record; a bad record elsewhere is named when read.
-VERIFY_ALL_BYTES = 128 << 20
-_READ_BATCH = 64
-
-
-def _corrupt(path: str, index: int, error: Exception) -> DatasetError:
-  return DatasetError(f'{path}: record {index} is corrupt ({error})')
-
-
-def _decoded(path: str, index: int, data: bytes) -> dict:
-  try:
-    return decode_record(data)
-  except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
-    raise _corrupt(path, index, e) from None
-
-
-def _check_records(reader, path: str, indices) -> None:
-  """Reads and decodes `indices` of an open shard in batches; a failed batch is read again one
-  record at a time, to name the bad one."""
-  for start in range(0, len(indices), _READ_BATCH):
-    batch = list(indices[start:start + _READ_BATCH])
-    try:
-      datas = reader.read(batch)
-    except RuntimeError:
-      datas = None
-    for i, index in enumerate(batch):
-      try:
-        data = reader.read([index])[0] if datas is None else datas[i]
-      except RuntimeError as e:
-        raise _corrupt(path, index, e) from None
-      _decoded(path, index, data)
-
-
-def check_shard(path: str, every_record: bool = False) -> int:
-  """Opens one ArrayRecord shard and decodes its first and last records (all of them with
-  `every_record`); returns its record count. Raises DatasetError naming the file, and the
-  record when one is bad: a truncated, overwritten or garbled shard fails here, in one line,
-  instead of inside the data loader's threads."""
-  try:
-    reader = array_record_module.ArrayRecordReader(path)
-  except (RuntimeError, OSError, ValueError) as e:
-    raise DatasetError(f'{path}: not a readable ArrayRecord shard ({e})') from None
-  try:
-    if not reader.ok():
-      raise DatasetError(f'{path}: not a readable ArrayRecord shard (truncated or overwritten)')
-    n = reader.num_records()
-    _check_records(reader, path, range(n) if every_record else sorted({0, n - 1} - {-1}))
-    return n
-  finally:
-    try:
-      reader.close()
-    except RuntimeError:   # a failed reader's close repeats its (empty) error
-      pass
-
-
 class FilePages:
   """Random-access source of a prepared split: `pages[i]` is SyntheticPages' example dict. Its
   shards are checked when it is opened (check_shard: every record of a small split)."""
@@ -352,8 +188,8 @@ class FilePages:
     try:
       data = self._source[index]
     except RuntimeError as e:     # Riegeli: a chunk's hash or framing is wrong
-      raise _corrupt(path, local, e) from None
-    return _decoded(path, local, data)
+      raise corrupt(path, local, e) from None
+    return decode_at(path, local, data)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return to_example(self.record(int(index)), max_seq_len=self.max_seq_len,
