@@ -7,30 +7,30 @@
 A page's input is its screenshot (`--render`: Chromium through Playwright, cut into patches
 Pix2Struct-style) or the user's features (`--features_dir`, <page path without suffix>.npy of
 [patches, dim]); its targets come from its HTML (html_pages.py). Two streaming passes keep memory
-bounded: (1) render / parse every page (parallel workers) into a spill file of msgpack entries,
-(2) assemble.py trains the BPE and writes the records. The output appears only when complete:
-the run writes into OUT.incomplete and renames it. Scale out with `--num_shards K --shard_index
-i` (each run, on any machine sharing OUT, does pass 1 for its pages), then `--merge`.
+bounded: (1) convert.py renders / parses every page (parallel workers) into a spill file of
+msgpack entries, (2) assemble.py trains the BPE and writes the records. The output appears only
+when complete: the run writes into OUT.incomplete and renames it. Scale out with `--num_shards K
+--shard_index i` (each run, on any machine sharing OUT, does pass 1 for its pages), then
+`--merge`.
 A page that cannot be read, parsed or rendered is skipped and reported, never fatal.
 """
 from __future__ import annotations
 
-import functools
 import json
-import multiprocessing
 import os
 import shutil
 import sys
-import time
 import zlib
 
-import msgpack
-import numpy as np
-import tqdm
 from absl import app, flags
 
-from phase1_jax.data import assemble, bpe, html_labels, html_pages, patches, render, render_pool
+from phase1_jax.data import assemble, bpe, html_labels, render
 from phase1_jax.data.assemble import PARTS_DIR, PrepareError, merge
+
+# Pass 1 lives in convert.py; prepare() converts through the name _converted here (tests replace
+# it to make a part fail).
+from phase1_jax.data.convert import converted as _converted
+from phase1_jax.data.convert import remove_part, write_part
 
 HTML_SUFFIXES = ('.html', '.htm')
 CHARS_PER_TOKEN_CAP = 8    # markup is cut at this many characters per stored token
@@ -47,127 +47,6 @@ def find_pages(html_dir: str) -> list[str]:
   if not found:
     raise PrepareError(f'--html_dir {html_dir}: no {"/".join(HTML_SUFFIXES)} files in it')
   return sorted(found)
-
-
-def _entry(rel: str, page: html_pages.ParsedPage, inputs: dict) -> dict:
-  classes = page.char_classes_N
-  starts = np.concatenate([[0], np.flatnonzero(np.diff(classes)) + 1])
-  runs = [[int(n), int(classes[s])] for s, n in zip(starts, np.diff([*starts, len(classes)]),
-                                                      strict=True)]
-  return {'id': rel, 'markup': page.markup, 'runs': runs, 'truncated': page.truncated,
-          'hash': assemble.markup_hash(page.markup), **inputs}
-
-
-def _features(features_dir: str, rel: str) -> dict:
-  path = os.path.join(features_dir, os.path.splitext(rel)[0] + '.npy')
-  try:
-    a = np.load(path)
-  except (OSError, ValueError) as e:
-    raise html_pages.PageError(f'features {path} unreadable ({e})') from None
-  if a.ndim != 2 or not a.size:
-    raise html_pages.PageError(f'features {path}: need a 2-D [patches, dim] array, got {a.shape}')
-  a = a.astype(np.float16)
-  if not np.isfinite(a).all():
-    raise html_pages.PageError(f'features {path}: not finite in float16 (|x| <= 65504)')
-  return {'features': a.tobytes(), 'num_patches': len(a), 'dim': int(a.shape[1])}
-
-
-def _parse_job(job) -> dict:
-  """Worker of the features path: one page -> its spill entry, or {'id', 'skipped': reason}."""
-  html_dir, rel, features_dir, scheme, max_chars = job
-  try:
-    with open(os.path.join(html_dir, rel), 'rb') as f:
-      page = html_pages.parse_page(f.read(), scheme=scheme, max_chars=max_chars)
-    return _entry(rel, page, _features(features_dir, rel))
-  except OSError as e:
-    return {'id': rel, 'skipped': f'unreadable ({e.strerror or e})'}
-  except html_pages.PageError as e:
-    return {'id': rel, 'skipped': str(e)}
-  except Exception as e:  # noqa: BLE001 - a parser bug on one odd page must not end the run
-    return {'id': rel, 'skipped': f'parse failed ({type(e).__name__}: {e})'}
-
-
-def _rendered_entry(rel, shot, *, scheme, max_chars, patch_size, max_patches) -> dict:
-  """A rendered page -> its spill entry (its DOM's visible part as target, its pixels as input).
-  Runs in the render worker that made the screenshot."""
-  try:
-    page = html_pages.parse_page(shot.html, scheme=scheme, rendered=True,
-                                 max_height=shot.height, max_chars=max_chars)
-  except html_pages.PageError as e:
-    return {'id': rel, 'skipped': str(e), 'blocked': shot.blocked}
-  except Exception as e:  # noqa: BLE001 - a parser bug on one odd page must not end the run
-    return {'id': rel, 'skipped': f'parse failed ({type(e).__name__}: {e})',
-            'blocked': shot.blocked}
-  image_HxWx3 = patches.decode_png(shot.png)
-  patches_PxD, positions_Px2 = patches.to_patches(image_HxWx3, patch_size=patch_size,
-                                                  max_patches=max_patches)
-  labels_Px2 = patches.patch_labels(page.boxes_Nx6, positions_Px2, height=image_HxWx3.shape[0],
-                                    width=image_HxWx3.shape[1])
-  return {**_entry(rel, page, {'patches': patches_PxD.tobytes(),
-                               'positions': positions_Px2.astype(np.int16).tobytes(),
-                               'patch_labels': labels_Px2.tobytes(),
-                               'num_patches': len(patches_PxD)}), 'blocked': shot.blocked}
-
-
-def _converted(html_dir, rels, *, features_dir, render_spec, scheme, max_chars, patch_size,
-               max_patches, workers):
-  """Yields each page's spill entry or {'id', 'skipped'} (pass 1)."""
-  if render_spec is not None:
-    convert = functools.partial(_rendered_entry, scheme=scheme, max_chars=max_chars,
-                                patch_size=patch_size, max_patches=max_patches)
-    for rel, entry in render_pool.render_pages(html_dir, rels, render_spec, workers=workers,
-                                               convert=convert):
-      yield {'id': rel, 'skipped': entry} if isinstance(entry, str) else entry
-    return
-  jobs = [(html_dir, rel, features_dir, scheme, max_chars) for rel in rels]
-  if workers > 1:
-    ctx = multiprocessing.get_context('spawn')   # fork is unsafe once jax has started threads
-    with ctx.Pool(workers) as pool:
-      yield from pool.imap(_parse_job, jobs, chunksize=16)
-  else:
-    yield from map(_parse_job, jobs)
-
-
-def _write_part(out_parts, index, count, html_dir, rels, settings, progress) -> dict:
-  """Pass 1 for `rels`: the spill file and its summary, written atomically into out_parts."""
-  os.makedirs(out_parts, exist_ok=True)
-  name = os.path.join(out_parts, f'part-{index:05d}-of-{count:05d}')
-  kept, skipped, blocked, dims = 0, [], 0, set()
-  start = time.perf_counter()
-  with open(name + '.spill.tmp', 'wb') as spill:
-    entries = _converted(html_dir, rels, **settings)
-    for r in tqdm.tqdm(entries, total=len(rels), desc='Converting', disable=not progress,
-                       unit='page'):
-      blocked += r.pop('blocked', 0)
-      if 'skipped' in r:
-        skipped.append({'path': r['id'], 'reason': r['skipped']})
-        continue
-      dims.add(r.pop('dim', None))
-      spill.write(msgpack.packb(r, use_bin_type=True))
-      kept += 1
-  seconds = time.perf_counter() - start
-  if len(dims) > 1:
-    os.remove(name + '.spill.tmp')
-    raise PrepareError(f'--features_dir {settings["features_dir"]}: feature widths differ '
-                       f'between pages ({sorted(dims)})')
-  part = {'index': index, 'count': count, 'pages_found': len(rels), 'pages_kept': kept,
-          'skipped': skipped, 'requests_blocked': blocked, 'seconds': seconds,
-          'feature_dim': dims.pop() if dims else None}
-  os.replace(name + '.spill.tmp', name + '.spill')
-  with open(name + '.json.tmp', 'w') as f:
-    json.dump(part, f)
-  os.replace(name + '.json.tmp', name + '.json')
-  return part
-
-
-def _remove_part(parts_dir: str, index: int, count: int) -> None:
-  """Deletes what a failed run of part `index` wrote (its settings, its spill, temporaries), so
-  --merge never sees half of it."""
-  name = os.path.join(parts_dir, f'part-{index:05d}-of-{count:05d}')
-  for path in (os.path.join(parts_dir, f'settings-{index:05d}.json'), name + '.spill',
-               name + '.spill.tmp', name + '.json', name + '.json.tmp'):
-    if os.path.exists(path):
-      os.remove(path)
 
 
 def _check_args(html_dir, out, *, vocab_size, val_fraction, features_dir, render_spec, patch_size,
@@ -239,8 +118,9 @@ def prepare(html_dir: str, out: str, *, vocab_size: int = 8000, val_fraction: fl
     os.makedirs(os.path.join(work, PARTS_DIR), exist_ok=True)
     with open(os.path.join(work, PARTS_DIR, f'settings-{shard_index:05d}.json'), 'w') as f:
       json.dump(info, f)
-    part = _write_part(os.path.join(work, PARTS_DIR), shard_index, num_shards, html_dir, rels,
-                       settings, progress)
+    part = write_part(os.path.join(work, PARTS_DIR), shard_index, num_shards,
+                      _converted(html_dir, rels, **settings), total=len(rels),
+                      features_dir=features_dir, progress=progress)
     if num_shards > 1:
       print(f'Part {shard_index} of {num_shards}: {part["pages_kept"]} pages converted, '
             f'{len(part["skipped"])} skipped; run --merge --out {out} when all parts are done')
@@ -255,7 +135,7 @@ def prepare(html_dir: str, out: str, *, vocab_size: int = 8000, val_fraction: fl
     if num_shards == 1:
       shutil.rmtree(work, ignore_errors=True)
     else:                   # the other parts in OUT stay
-      _remove_part(os.path.join(work, PARTS_DIR), shard_index, num_shards)
+      remove_part(os.path.join(work, PARTS_DIR), shard_index, num_shards)
     raise
   print(assemble.summary_text(metadata))
   return metadata
