@@ -73,3 +73,15 @@ class JittedModel:
 def make_tiny(**overrides):
   from phase1_jax.model.phase1 import Phase1Decoder
   return Phase1Decoder(**{**TINY, **overrides}, rngs=nnx.Rngs(0))
+
+
+def skip_module_without_browser() -> None:
+  """Skips the calling test module (at import) when Playwright or a Chromium is missing: the
+  rendering tests are optional where the render extra is not installed."""
+  import pytest
+  pytest.importorskip('playwright.sync_api', reason='playwright not installed (optional: render)')
+  from phase1_jax.data import render
+  try:
+    render.check_available(render.RenderSpec())
+  except render.RenderUnavailable as e:
+    pytest.skip(f'no browser to render with: {e}', allow_module_level=True)

@@ -9,17 +9,14 @@ import shutil
 
 import numpy as np
 import pytest
+from support import skip_module_without_browser
 
 from phase1_jax import config as config_lib
 from phase1_jax import config_validation
 from phase1_jax.data import bpe, patches, pipeline, prepare, records, render, synthetic_html
 from phase1_jax.training import loop
 
-pytest.importorskip('playwright.sync_api', reason='playwright not installed (optional: render)')
-try:
-  render.check_available(render.RenderSpec())
-except render.RenderUnavailable as e:
-  pytest.skip(f'no browser to render with: {e}', allow_module_level=True)
+skip_module_without_browser()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = render.RenderSpec(width=480, max_height=900, timeout_s=20)

@@ -3,15 +3,12 @@ baselines CLI on a tiny rendered dataset. Skipped when Playwright or Chromium is
 from __future__ import annotations
 
 import pytest
+from support import skip_module_without_browser
 
 from phase1_jax import render_metrics, visual_metrics
 from phase1_jax.data import render
 
-pytest.importorskip('playwright.sync_api', reason='playwright not installed (optional: render)')
-try:
-  render.check_available(render.RenderSpec())
-except render.RenderUnavailable as e:
-  pytest.skip(f'no browser to render with: {e}', allow_module_level=True)
+skip_module_without_browser()
 
 SPEC = render.RenderSpec(width=480, max_height=900, timeout_s=20)
 PAGE = ('<header><h1>Pricing plans</h1></header><nav><a href="#">Home</a> <a href="#">Blog</a>'

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from support import skip_module_without_browser
 
 from phase1_jax import config as config_lib
 from phase1_jax import render_metrics, visual_metrics
@@ -15,11 +16,7 @@ from phase1_jax.config import ConfigError
 from phase1_jax.data import records, render
 from phase1_jax.inference import visual_evaluation
 
-pytest.importorskip('playwright.sync_api', reason='playwright not installed (optional: render)')
-try:
-  render.check_available(render.RenderSpec())
-except render.RenderUnavailable as e:
-  pytest.skip(f'no browser to render with: {e}', allow_module_level=True)
+skip_module_without_browser()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = render.RenderSpec(width=480, max_height=900, timeout_s=20)
