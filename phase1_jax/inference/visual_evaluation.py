@@ -75,11 +75,13 @@ class JudgeSession:
   def __init__(self, judge: PageJudge):
     self.judge, self.samples = judge, min(judge.settings.samples, len(judge.source))
     self.start = time.perf_counter()
+    self.num_references = 0 if judge.references is not None else self.samples
+    # Read before the workers start: a bad record fails here with nothing to stop.
+    references = [judge.markup(judge.source.record(i)['tokens'])
+                  for i in range(self.num_references)]
     self.stream = render_metrics.MarkupStream(judge.settings.spec,
                                               workers=judge.settings.workers)
-    self.num_references = 0 if judge.references is not None else self.samples
-    self.stream.add([judge.markup(judge.source.record(i)['tokens'])
-                     for i in range(self.num_references)])
+    self.stream.add(references)
     self.generated = 0
 
   def add(self, token_ids: Sequence[Sequence[int]]) -> None:
