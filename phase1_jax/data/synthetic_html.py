@@ -147,4 +147,5 @@ if __name__ == '__main__':
   flags.DEFINE_integer('seed', 0, 'Seed of the pages (page i depends on seed and i only).')
   flags.DEFINE_integer('width', 1024, 'Viewport width in CSS px the pages are laid out for.')
   flags.mark_flags_as_required(['out', 'num_pages'])
-  app.run(main)
+  from phase1_jax.config_validation import parse_flags
+  app.run(main, flags_parser=parse_flags)   # --help exits 0, a bad flag is one line
