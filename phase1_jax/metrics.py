@@ -165,7 +165,7 @@ def aligned_semantic_counts(gen_ids_T, gen_pred_T, ref_ids_T, ref_labels_T,
   return int(hit_M.sum()), int(ref_mask_T.sum())
 
 
-def _before_eos(row_T: np.ndarray, eos_id: int | None) -> int:
+def length_before_eos(row_T: np.ndarray, eos_id: int | None) -> int:
   """Length of row_T before its first eos_id (all of it without one, or when eos_id is None)."""
   if eos_id is None:
     return len(row_T)
@@ -182,7 +182,7 @@ def _aligned_batch_counts(gen_ids, gen_pred, ref_ids, ref_labels, ref_mask, *,
     raise ValueError(f'page counts differ: {[len(r) for r in rows]}')
   correct = total = 0
   for g_ids, g_pred, r_ids, r_labels, r_mask in zip(*rows, strict=True):
-    g, r = _before_eos(g_ids, eos_id), _before_eos(r_ids, eos_id)
+    g, r = length_before_eos(g_ids, eos_id), length_before_eos(r_ids, eos_id)
     c, t = aligned_semantic_counts(g_ids[:g], g_pred[:g], r_ids[:r], r_labels[:r], r_mask[:r])
     correct, total = correct + c, total + t
   return correct, total

@@ -118,9 +118,8 @@ class Evaluator:
         tokens_BxT = out['tokens'][:real]
         finished_B = (tokens_BxT == vocab.EOS_ID).any(-1)
         if session is not None:
-          ends_B = np.where(finished_B, (tokens_BxT == vocab.EOS_ID).argmax(-1),
-                            tokens_BxT.shape[1])
-          session.add([row[:end].tolist() for row, end in zip(tokens_BxT, ends_B, strict=True)])
+          session.add([row[:metrics_lib.length_before_eos(row, vocab.EOS_ID)].tolist()
+                       for row in tokens_BxT])
         hyps += strings(tokens_BxT)
         unfinished += int((~finished_B).sum())
         refs += strings(batch['targets'][:real])
@@ -129,8 +128,9 @@ class Evaluator:
                                    batch['semantic_labels'][:real], batch['semantic_mask'][:real],
                                    eos_id=vocab.EOS_ID)
       visual, pictures = session.result() if session is not None else ({}, {})
-    scores = {f'{k}_generated': v for k, v in acc.result().items() if k.startswith('element_')}
-    scores['semantic_accuracy_generated'] = acc.result()['semantic_accuracy_generated']
+    generated = acc.result()
+    scores = {f'{k}_generated': v for k, v in generated.items() if k.startswith('element_')}
+    scores['semantic_accuracy_generated'] = generated['semantic_accuracy_generated']
     out = {'bleu': metrics_lib.bleu(hyps, refs), **scores, 'generated_pages': len(hyps),
            'generated_unfinished': unfinished, 'decode_seconds': decode_seconds, **visual,
            'bleu_decode_seconds': time.perf_counter() - start}
