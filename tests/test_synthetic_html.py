@@ -145,3 +145,23 @@ def test_cli(tmp_path):
   assert again.returncode != 0
   assert again.stderr.strip().splitlines() == [
       f'synthetic_html: --out {tmp_path / "p"}: exists and is not an empty directory']
+
+
+def test_chrome_text_is_conventional_and_in_order():
+  """Nav and footer links, header/form/search buttons and form fields take the conventional words
+  of CHROME_TEXT in its order; content text does not."""
+  seen = 0
+  for i in range(60):
+    doc = lxml.html.fromstring(synthetic_html.page_html(i, 3))
+    for (kind, element), choices in synthetic_html.CHROME_TEXT.items():
+      tag = {'search': 'form[@role="search"]'}.get(kind, kind)
+      path = {'link': 'a', 'button': 'button', 'input': 'input[@type="text"]'}[element]
+      for sec in doc.xpath(f'//body/{tag}|//body/div/{tag}'):
+        if kind == 'form' and sec.get('role'):
+          continue
+        texts = [(el.get('placeholder') if element == 'input' else el.text_content()).lower()
+                 for el in sec.xpath(f'./{path}')]
+        ranks = [choices.index(t) for t in texts if t in choices]
+        assert ranks == sorted(set(ranks)), (i, kind, element, texts)
+        seen += len(ranks)
+  assert seen > 200

@@ -31,6 +31,7 @@ from phase1_jax.data.synthetic_html_assets import (
 # (callers use the label sets and the lexicon from here).
 from phase1_jax.data.synthetic_html_elements import (  # noqa: F401
   BARS,
+  CHROME_TEXT,
   DARKS,
   ELEMENT_TYPES,
   ELEMENTS,

@@ -48,6 +48,25 @@ ICONS = ('<circle cx="12" cy="12" r="9"/>', '<rect x="4" y="4" width="16" height
          '<path d="M12 21l-8-8a5 5 0 017-7l1 1 1-1a5 5 0 017 7z"/>')
 
 
+# The page chrome speaks the conventional words of real sites, in their conventional order (a nav
+# reads Home ... Contact, a form ends in Submit): which of them a page uses is drawn, their order
+# is not. Content (headings, paragraphs, lists, tables) stays random lexicon words. So part of the
+# text is predictable from what a low-resolution screenshot shows (a nav of four links), as on
+# real pages, and part must be read. (section, element type) -> the ordered choices.
+CHROME_TEXT = {
+    ('nav', 'link'): ('home', 'about', 'features', 'products', 'pricing', 'shop', 'blog', 'news',
+                      'team', 'careers', 'help', 'support', 'faq', 'contact'),
+    ('footer', 'link'): ('about', 'blog', 'careers', 'help', 'faq', 'contact', 'terms',
+                         'privacy policy', 'cookies'),
+    ('header', 'button'): ('get started', 'free trial', 'learn more', 'sign up', 'log in'),
+    ('form', 'input'): ('name', 'email', 'password', 'phone', 'address', 'city', 'country'),
+    ('form', 'button'): ('submit', 'send', 'save', 'continue', 'apply'),
+    ('search', 'button'): ('search', 'filter', 'sort by'),
+}
+CHROME_HTML = {'link': '<a href="#">{}</a>', 'button': '<button>{}</button>',
+               'input': '<input type="text" placeholder="{}">'}
+
+
 def words(r: random.Random, lo: int, hi: int, cap: bool = False) -> str:
   """lo..hi words of LEXICON, capitalised with `cap`."""
   text = ' '.join(r.choice(LEXICON) for _ in range(r.randint(lo, hi)))
@@ -136,11 +155,12 @@ ELEMENTS = {
 
 
 def _fixed(kind: str, r: random.Random) -> tuple[str, list[str], list[str]]:
-  """A section's extra attributes, its leading and its trailing elements."""
+  """A section's extra attributes, its leading elements (HTML) and the types of its trailing
+  ones."""
   if kind == 'header':
     return '', [f'<h1>{words(r, 1, 3, True)}</h1>'], []
   if kind == 'search':
-    return ' role="search"', [ELEMENTS['search_bar'](r)], [ELEMENTS['button'](r)]
+    return ' role="search"', [ELEMENTS['search_bar'](r)], ['button']
   if kind == 'article':
     return '', [f'<h2>{words(r, 1, 3, True)}</h2>', ELEMENTS['paragraph'](r)], []
   if kind == 'region':
@@ -148,7 +168,7 @@ def _fixed(kind: str, r: random.Random) -> tuple[str, list[str], list[str]]:
     return f' aria-label="{title}"', [f'<h2>{title}</h2>'], []
   if kind == 'form':
     head = [f'<h2>{words(r, 1, 3, True)}</h2>'] if r.random() < 0.6 else []
-    return '', head, [ELEMENTS['button'](r)]
+    return '', head, ['button']
   return '', [], []
 
 
@@ -172,6 +192,12 @@ def _section_style(kind: str, r: random.Random) -> str:
   return ';'.join(f'{k}:{v}' for k, v in style.items())
 
 
+def _ordered(r: random.Random, choices: tuple[str, ...], n: int) -> list[str]:
+  """n of choices in their given order (random lexicon words past the last)."""
+  picked = sorted(r.sample(range(len(choices)), min(n, len(choices))))
+  return [choices[i] for i in picked] + [words(r, 1, 2) for _ in range(n - len(picked))]
+
+
 def section(kind: str, r: random.Random) -> str:
   """One landmark section: its fixed elements plus drawn ones, favouring its signature types."""
   favoured, lo, hi = SIGNATURE[kind]
@@ -181,7 +207,11 @@ def section(kind: str, r: random.Random) -> str:
   types = [r.choice(favoured) if r.random() >= OTHER_P else r.choice(pool)
            for _ in range(r.randint(lo, hi))]
   attrs, head, tail = _fixed(kind, r)
-  body = head + [ELEMENTS[t](r) for t in types] + tail
+  types += tail
+  chrome = {t: iter(_ordered(r, CHROME_TEXT[kind, t], types.count(t)))
+            for t in dict.fromkeys(types) if (kind, t) in CHROME_TEXT}
+  body = head + [CHROME_HTML[t].format(next(chrome[t]).capitalize()) if t in chrome
+                 else ELEMENTS[t](r) for t in types]
   tag = {'search': 'form', 'region': 'section'}.get(kind, kind)
   inner = '\n'.join(body)
   return f'<{tag}{attrs} style="{_section_style(kind, r)}">\n{inner}\n</{tag}>'
