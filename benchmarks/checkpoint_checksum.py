@@ -34,6 +34,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax import specs  # noqa: E402
 from phase1_jax.training import checkpoint_compat as compat  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
 from phase1_jax.training.checkpoint import Checkpointer  # noqa: E402
@@ -42,8 +43,8 @@ from phase1_jax.training.checkpoint import Checkpointer  # noqa: E402
 def train_state(name: str):
   """(state, abstract state, extra) of configs/<name>.py, on the default device."""
   config = config_lib.load_file(os.path.join(os.path.dirname(_HERE), 'configs', f'{name}.py'))
-  tx, _ = state_lib.make_optimizer(config, 100)
-  _, state = state_lib.create_train_state(config, tx)
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), 100)
+  _, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   jax.block_until_ready(state)
   return state, jax.eval_shape(lambda: state), {'epoch': 1, 'config': config.to_dict()}
 

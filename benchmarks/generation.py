@@ -34,8 +34,9 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax import specs  # noqa: E402
 from phase1_jax.inference import decoding  # noqa: E402
-from phase1_jax.training import state as state_lib  # noqa: E402
+from phase1_jax.model.phase1 import Phase1Decoder  # noqa: E402
 
 IDS = decoding.TokenIds(bos=1, eos=-1, pad=0)   # eos -1: every page runs to max_len
 
@@ -44,7 +45,7 @@ def build_model(config, kind, max_len, args):
   config.data.max_seq_len = max_len
   config.model.attention.kind = kind
   config.model.attention.window_size = args.window
-  return nnx.split(state_lib.build_model(config, rngs=nnx.Rngs(0)))
+  return nnx.split(Phase1Decoder(specs.model_spec(config), rngs=nnx.Rngs(0)))
 
 
 def timed(fn, repeats):

@@ -25,6 +25,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax import specs  # noqa: E402
 from phase1_jax.data import pipeline  # noqa: E402
 from phase1_jax.training import parallel  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
@@ -44,8 +45,8 @@ def layouts(devices: int):
 def measure(config, name, overrides, batches, repeats):
   for k, v in overrides.items():
     config.parallel[k] = v
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=100)
-  graphdef, state = state_lib.create_train_state(config, tx)
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=100)
+  graphdef, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   loss_spec = step_lib.LossSpec.from_config(config)
   if name == 'single':
     step = parallel.jit_train_step(graphdef=graphdef, tx=tx, loss_spec=loss_spec)

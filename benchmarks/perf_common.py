@@ -172,12 +172,13 @@ def compile_train_step(config, batch, *, one_device: bool = False):
   """
   from flax import nnx
 
+  from phase1_jax import specs
   from phase1_jax.model.phase1 import count_params
   from phase1_jax.training import parallel
   from phase1_jax.training import state as state_lib
   from phase1_jax.training import step as step_lib
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=1000)
-  graphdef, state = state_lib.create_train_state(config, tx)
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=1000)
+  graphdef, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   loss_spec = step_lib.LossSpec.from_config(config)
   params = count_params(nnx.merge(graphdef, state.params['model']))
   if one_device or jax.device_count() == 1:

@@ -36,8 +36,8 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax import specs  # noqa: E402
 from phase1_jax.training import host  # noqa: E402
-from phase1_jax.training import state as state_lib  # noqa: E402
 
 VARIANTS = {
     'float32_unrolled': {'model.compute_dtype': 'float32', 'model.scan_layers': False},
@@ -87,7 +87,7 @@ def run_variant(config, batch, one_device):
   return {'compiled': compiled, 'state': state, 'batch': placed, 'times': [],
           'row': {**info, 'xla_flops': xla_flops and xla_flops * info['devices'],
                   **perf_common.memory_bytes(compiled),
-                  'compute_dtype': str(state_lib.compute_dtype(config.model.compute_dtype)),
+                  'compute_dtype': specs.compute_dtype(config.model.compute_dtype),
                   'scan_layers': config.model.scan_layers, 'remat': config.model.remat,
                   'logits_chunk_pages': config.loss.logits_chunk_pages}}
 

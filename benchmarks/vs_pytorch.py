@@ -40,6 +40,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax import specs  # noqa: E402
 from phase1_jax.data import vocab  # noqa: E402
 from phase1_jax.training import host  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
@@ -88,7 +89,8 @@ def torch_runner(config, autocast_bf16, batch, jax_params):
 
 def initial_params(config):
   """The initial weights every contestant starts from (create_train_state is seeded by config)."""
-  _, initial = state_lib.create_train_state(config, state_lib.make_optimizer(config, 1000)[0])
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), 1000)
+  _, initial = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   return initial.params['model']
 
 

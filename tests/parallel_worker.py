@@ -23,7 +23,7 @@ jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.jax_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 from phase1_jax import config as config_lib  # noqa: E402
-from phase1_jax import config_validation  # noqa: E402
+from phase1_jax import config_validation, specs  # noqa: E402
 from phase1_jax.data import pipeline  # noqa: E402
 from phase1_jax.inference import evaluation as evaluation_lib  # noqa: E402
 from phase1_jax.training import parallel  # noqa: E402
@@ -52,8 +52,8 @@ def batches(config, n):
 
 
 def setup(config):
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=8)
-  graphdef, state = state_lib.create_train_state(config, tx)
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=8)
+  graphdef, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   return tx, graphdef, state
 
 

@@ -70,9 +70,17 @@ class JittedModel:
     return _forward(self.graphdef, self.state, features, feature_mask, inputs, dropout_key)
 
 
+def tiny_spec(**overrides):
+  """TINY as a ModelSpec; `dtype` may be given as a jnp dtype."""
+  from phase1_jax.model.spec import ModelSpec
+  if 'dtype' in overrides:
+    overrides['dtype'] = jnp.dtype(overrides['dtype']).name
+  return ModelSpec(**{**TINY, **overrides})
+
+
 def make_tiny(**overrides):
   from phase1_jax.model.phase1 import Phase1Decoder
-  return Phase1Decoder(**{**TINY, **overrides}, rngs=nnx.Rngs(0))
+  return Phase1Decoder(tiny_spec(**overrides), rngs=nnx.Rngs(0))
 
 
 def skip_module_without_browser() -> None:

@@ -9,11 +9,12 @@ import pytest
 from flax import nnx
 
 from phase1_jax import config as config_lib
-from phase1_jax import config_validation
+from phase1_jax import config_validation, specs
 from phase1_jax.data import pipeline
 from phase1_jax.inference.decoding import greedy_decode, greedy_decode_reference
 from phase1_jax.model import attention
 from phase1_jax.model.phase1 import Phase1Decoder
+from phase1_jax.model.spec import ModelSpec
 from phase1_jax.training import parallel
 from phase1_jax.training import state as state_lib
 from phase1_jax.training import step as step_lib
@@ -30,8 +31,8 @@ def test_a_few_training_steps_with_each_kind(kind):
   config.model.attention.block_size = 4
   config.model.attention.top_k = 2
   config_validation.validate(config)
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=6)
-  graphdef, state = state_lib.create_train_state(config, tx)
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=6)
+  graphdef, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
                                  loss_spec=step_lib.LossSpec.from_config(config))
   source = pipeline.make_source(config, 'train')
@@ -45,11 +46,10 @@ def test_a_few_training_steps_with_each_kind(kind):
 
 
 def _model(kind, **options):
-  return Phase1Decoder(vocab_size=48, num_semantic_classes=5, num_element_types=6, feature_dim=8,
-                       max_seq_len=20, d_model=32, num_heads=4, num_layers=3, num_unique_layers=2,
-                       mlp_dim=64, attention_kind=kind,
-                       attention_options=attention.kind_options(kind, **options),
-                       rngs=nnx.Rngs(3))
+  return Phase1Decoder(ModelSpec(
+      vocab_size=48, num_semantic_classes=5, num_element_types=6, feature_dim=8, max_seq_len=20,
+      d_model=32, num_heads=4, num_layers=3, num_unique_layers=2, mlp_dim=64,
+      attention=attention.AttentionSpec.of(kind, **options)), rngs=nnx.Rngs(3))
 
 
 DECODE_CASES = [

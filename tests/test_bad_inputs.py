@@ -30,6 +30,7 @@ import pytest
 from support import REPO
 
 from phase1_jax import config as config_lib
+from phase1_jax import specs
 from phase1_jax.data import prepare
 from phase1_jax.training import state as state_lib
 from phase1_jax.training.checkpoint import Checkpointer
@@ -171,11 +172,12 @@ def add_altered_step(workdir: Path, *, none_good: bool = False):
   overwritten in place are not a reliable way). `none_good`: step 8 gets step 16's, too."""
   config = config_lib.load_file(CONFIGS / 'tiny.py')
   best = config.checkpoint.best_metric
-  tx, _ = state_lib.make_optimizer(config, TINY_STEP)
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), TINY_STEP)
   directory = workdir / 'checkpoints'
   with Checkpointer(directory, async_save=False, best_metric=best,
                     best_mode=config_lib.METRIC_MODES[best]) as ckpt:
-    state, extra = ckpt.restore(TINY_STEP, state_lib.abstract_train_state(config, tx))
+    target = state_lib.abstract_train_state(specs.model_spec(config), tx)
+    state, extra = ckpt.restore(TINY_STEP, target)
     value = json.loads((directory / str(TINY_STEP) / 'metrics' / 'metrics').read_text())[best]
     better = value + (1 if config_lib.METRIC_MODES[best] == 'max' else -1)
     ckpt.save(2 * TINY_STEP, state.replace(params=jax.tree.map(lambda x: x + 1, state.params)),

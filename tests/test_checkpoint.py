@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from phase1_jax import specs
 from phase1_jax.training import checkpoint as checkpoint_lib
 from phase1_jax.training import checkpoint_compat as compat
 from phase1_jax.training.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
@@ -411,8 +412,8 @@ def test_evaluate_and_generate_refuse_an_altered_best_step(tmp_path):
   from phase1_jax.inference import generation
   from phase1_jax.training import state as state_lib
   config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
-  tx, _ = state_lib.make_optimizer(config, 8)
-  _, state = state_lib.create_train_state(config, tx)
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), 8)
+  _, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   workdir = tmp_path / 'run'
   best = config.checkpoint.best_metric   # step 8 is the best, 16 the latest
   good, bad = (1.0, 2.0) if config_lib.METRIC_MODES[best] == 'min' else (2.0, 1.0)

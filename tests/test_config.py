@@ -7,10 +7,10 @@ import pytest
 from support import REPO
 
 from phase1_jax import config as config_lib
+from phase1_jax import specs
 from phase1_jax.config import ConfigError, base_config
 from phase1_jax.config_validation import validate
 from phase1_jax.data import vocab
-from phase1_jax.training import state as state_lib
 
 
 def load_config_file(name, *args):
@@ -159,13 +159,13 @@ def test_scan_layers_auto_unrolls_shallow_stacks_and_explicit_values_stand():
   config = base_config()
   assert config.model.scan_layers is None
   validate(config)
-  limit = state_lib.MAX_AUTO_UNROLLED_LAYERS
-  assert [state_lib.scan_layers(None, n) for n in (1, limit, limit + 1)] == [False, False, True]
+  limit = specs.MAX_AUTO_UNROLLED_LAYERS
+  assert [specs.scan_layers(None, n) for n in (1, limit, limit + 1)] == [False, False, True]
   for value in (True, False):
     config.model.scan_layers = value
     validate(config)
     for n in (1, limit + 1):
-      assert state_lib.scan_layers(config.model.scan_layers, n) is value
+      assert specs.scan_layers(config.model.scan_layers, n) is value
 
 
 def _wrong_value(value):

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from phase1_jax import specs
 from phase1_jax.model import attention, cpu_attention
-from phase1_jax.training import state as state_lib
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='a CPU kernel')
 
@@ -130,7 +130,7 @@ def test_a_failed_build_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypa
 
 
 def test_auto_kind_is_fused_cpu_with_a_compiler_and_dense_without(monkeypatch):
-  assert state_lib.attention_kind('auto') == 'fused_cpu'
-  assert state_lib.attention_kind('window') == 'window'
+  assert specs.attention_kind('auto') == 'fused_cpu'
+  assert specs.attention_kind('window') == 'window'
   monkeypatch.setenv('CXX', 'no-such-compiler-phase1')
-  assert state_lib.attention_kind('auto') == 'dense'
+  assert specs.attention_kind('auto') == 'dense'

@@ -14,13 +14,15 @@ from support import REPO, SEQ, TINY, JittedModel, make_tiny, materialize
 from test_decoding import BOS, NEVER, PAD, cached_decode, reference_decode
 
 from phase1_jax import config as config_lib
+from phase1_jax import specs
 from phase1_jax.config import ConfigError, base_config
 from phase1_jax.config_validation import validate
 from phase1_jax.data import pipeline, records
 from phase1_jax.inference import decoding
 from phase1_jax.model import cpu_attention
+from phase1_jax.model.attention import AttentionSpec
 from phase1_jax.model.encoder import PatchEncoder, patch_feature_dim, standardize
-from phase1_jax.training import state as state_lib
+from phase1_jax.model.phase1 import Phase1Decoder
 
 PS, ROWS, COLS = 2, 2, 4                 # patches of 2 x 2 px on a 2 x 4 grid
 P, F = ROWS * COLS, patch_feature_dim(PS)
@@ -71,8 +73,8 @@ def abstract_apply(module, *args):
 
 
 def make_encoder(kind='dense', num_layers=2, dtype=jnp.float32):
-  return PatchEncoder(**ENC, num_layers=num_layers, dtype=dtype, attention_kind=kind,
-                      rngs=nnx.Rngs(0))
+  return PatchEncoder(**ENC, num_layers=num_layers, dtype=dtype,
+                      attention=AttentionSpec.of(kind, window_size=4), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize('num_layers', [0, 2])
@@ -91,7 +93,7 @@ def test_encoder_shapes_dtypes_params_float32(num_layers, dtype):
 
 
 def test_encoder_attention_kind_is_the_cross_attention_kind():
-  kind = lambda k: nnx.eval_shape(lambda: make_encoder(k)).attention_kind
+  kind = lambda k: nnx.eval_shape(lambda: make_encoder(k)).attention.kind
   assert [kind(k) for k in ('dense', 'dot_product', 'fused_cpu', 'window')] == [
       'dense', 'dot_product', 'fused_cpu', 'dense']
 
@@ -437,7 +439,7 @@ def test_pixel_configs_read_the_dataset_and_build(tmp_path, name, d_model, encod
   assert config.model.num_element_types == 9
   assert (config.model.d_model, config.model.encoder_layers) == (d_model, encoder_layers)
   if name == 'pixels_small':
-    model = nnx.eval_shape(lambda: state_lib.build_model(config, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Phase1Decoder(specs.model_spec(config), rngs=nnx.Rngs(0)))
     assert len(model.patch_encoder.layers) == encoder_layers
     assert model.patch_encoder.row_embed.embedding.shape == (96, d_model)
   # Without a directory the defaults stand (and validate() names data.path).

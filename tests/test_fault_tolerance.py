@@ -24,6 +24,7 @@ from support import REPO
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from phase1_jax import config as config_lib
+from phase1_jax import specs
 from phase1_jax.data import pipeline
 from phase1_jax.inference import evaluation
 from phase1_jax.training import faults, loop, parallel
@@ -53,10 +54,10 @@ def make_config(**overrides):
 
 def final_state(config, workdir):
   """(step, state) of the newest checkpoint in `workdir`."""
-  tx, _ = state_lib.make_optimizer(config, STEPS_PER_EPOCH)
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), STEPS_PER_EPOCH)
   with Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
     step = ckpt.latest_step()
-    state, _ = ckpt.restore(step, state_lib.abstract_train_state(config, tx))
+    state, _ = ckpt.restore(step, state_lib.abstract_train_state(specs.model_spec(config), tx))
   return step, jax.device_get(state)
 
 
@@ -170,8 +171,8 @@ def test_nonfinite_step_changes_nothing(accumulate):
   accumulator) bit-identical and is flagged; with it skipped, the run continues as if the batch
   had not been there (dropout off: masks depend on the step number)."""
   config = make_config(**{'train.accumulate_grad_batches': accumulate, 'model.dropout_rate': 0.0})
-  tx, _ = state_lib.make_optimizer(config, STEPS_PER_EPOCH)
-  graphdef, state = state_lib.create_train_state(config, tx)
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), STEPS_PER_EPOCH)
+  graphdef, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
                                  loss_spec=step_lib.LossSpec.from_config(config))
   source = pipeline.make_source(config, 'train')
@@ -246,8 +247,9 @@ def test_sigterm_saves_current_step_and_resume_is_exact(tmp_path, hook_batches, 
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers restored
   with Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
     assert ckpt.latest_step() == signal_step
-    _, extra = ckpt.restore(signal_step, state_lib.abstract_train_state(
-        config, state_lib.make_optimizer(config, STEPS_PER_EPOCH)[0]))
+    tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), STEPS_PER_EPOCH)
+    _, extra = ckpt.restore(signal_step,
+                            state_lib.abstract_train_state(specs.model_spec(config), tx))
   assert (extra['epoch'], extra['epoch_step']) == divmod(signal_step, STEPS_PER_EPOCH)
   hook_batches(lambda step, batch: batch)
   loop.train_and_evaluate(config, workdir)

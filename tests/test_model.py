@@ -14,13 +14,14 @@ from flax import nnx
 from support import PATCHES, SEQ, TINY, JittedModel, make_tiny, materialize
 
 from phase1_jax.model import layers
+from phase1_jax.model.attention import AttentionSpec
 from phase1_jax.model.decoder import DecoderLayer, MultiHeadAttention, SharedDecoderBackbone
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
 from phase1_jax.model.phase1 import count_params, parameter_report
 
 D, N, MLP, V, C, E = 32, 4, 64, 64, 5, 4
 B, T, S = 2, 8, 6
-LAYER_KW = dict(d_model=D, num_heads=N, mlp_dim=MLP, dropout_rate=0.2, attention_kind='dense')
+LAYER_KW = dict(d_model=D, num_heads=N, mlp_dim=MLP, dropout_rate=0.2, attention=AttentionSpec())
 
 
 def sds(shape, dtype=jnp.float32):
@@ -320,7 +321,7 @@ def test_param_count_is_the_stacked_count():
 def test_parameter_report_consistent():
   l, u = TINY['num_layers'], TINY['num_unique_layers']
   model = nnx.eval_shape(make_tiny)
-  report = parameter_report(model, l, u)
+  report = parameter_report(model)
   total, backbone = count_params(model), count_params(model.backbone)
   per_block = backbone // u
   assert report['params'] == total

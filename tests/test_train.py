@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from phase1_jax import config as config_lib
+from phase1_jax import specs
 from phase1_jax.data import pipeline
 from phase1_jax.training import loop, parallel
 from phase1_jax.training import state as state_lib
@@ -26,8 +27,8 @@ def load_config(name):
 
 def tiny_setup(config, steps_per_epoch):
   """(tx, graphdef, fresh state, jitted train step, first training batches) for `config`."""
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=steps_per_epoch)
-  graphdef, state = state_lib.create_train_state(config, tx)
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=steps_per_epoch)
+  graphdef, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
                                  loss_spec=step_lib.LossSpec.from_config(config))
   source = pipeline.make_source(config, 'train')
@@ -99,13 +100,16 @@ def test_abstract_train_state_is_the_fresh_states_shapes_without_computing_it():
   """What a resuming run and an evaluation build instead of a fresh state: the same graphdef
   (the train step's static argument) and every leaf's shape and dtype, and no array at all."""
   config = load_config('tiny')
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=8)
-  graphdef, state = state_lib.create_train_state(config, tx)
-  abstract_graphdef, abstract = state_lib.create_train_state(config, tx, abstract=True)
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=8)
+  model = specs.model_spec(config)
+  graphdef, state = state_lib.create_train_state(model, tx, seed=config.seed)
+  abstract_graphdef, abstract = state_lib.create_train_state(model, tx, seed=config.seed,
+                                                             abstract=True)
   assert abstract_graphdef == graphdef
   assert all(type(x) is jax.ShapeDtypeStruct for x in jax.tree.leaves(abstract))
   chex.assert_trees_all_equal_shapes_and_dtypes(abstract, state)
-  assert jax.tree.structure(state_lib.abstract_train_state(config, tx)) == jax.tree.structure(state)
+  assert (jax.tree.structure(state_lib.abstract_train_state(model, tx))
+          == jax.tree.structure(state))
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
@@ -116,7 +120,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
   expected = jax.device_get(state)
   with Checkpointer(tmp_path, async_save=False) as ckpt:
     ckpt.save(3, state, extra={'epoch': 0})
-    restored, extra = ckpt.restore(3, state_lib.abstract_train_state(config, tx))
+    restored, extra = ckpt.restore(3, state_lib.abstract_train_state(specs.model_spec(config), tx))
   assert extra == {'epoch': 0}
   chex.assert_trees_all_equal(jax.device_get(restored), expected)
   chex.assert_trees_all_equal_structs(restored, expected)
@@ -202,7 +206,7 @@ def test_gradient_accumulation_updates_every_k_micro_batches():
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), jax.device_get(state.params), start)
   assert max(jax.tree.leaves(moved)) > 1e-3
   config.train.accumulate_grad_batches = 1
-  inner, _ = state_lib.make_optimizer(config, steps_per_epoch=8)
+  inner, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=8)
   mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, grads(b1), grads(b2))
   _, want_state = inner.update(mean_grads, inner.init(start), start)
   mu = lambda s: optax.tree_utils.tree_get(s, 'mu')

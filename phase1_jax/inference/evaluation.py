@@ -12,7 +12,7 @@ import numpy as np
 
 from phase1_jax import baselines as baselines_lib
 from phase1_jax import config as config_lib
-from phase1_jax import config_validation
+from phase1_jax import config_validation, specs
 from phase1_jax import metrics as metrics_lib
 from phase1_jax.data import pipeline, vocab
 from phase1_jax.inference import decoding, visual_evaluation
@@ -156,9 +156,10 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str 
   mode shards them over the mesh as in training, so a model too big for one device loads;
   pmap mode puts them on this process's first device. Pass the same `par` to Evaluator."""
   par = par or parallel.DataParallel(config)   # layout errors before any file is read
-  tx, _ = state_lib.make_optimizer(config, pipeline.steps_per_epoch(
+  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), pipeline.steps_per_epoch(
       pipeline.make_source(config, 'train'), config.train.batch_size))
-  graphdef, abstract_state = state_lib.create_train_state(config, tx, abstract=True)
+  graphdef, abstract_state = state_lib.create_train_state(
+      specs.model_spec(config), tx, seed=config.seed, abstract=True)
   best = config.checkpoint.best_metric
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt_dir):

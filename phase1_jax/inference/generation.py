@@ -16,11 +16,10 @@ import ml_collections
 import numpy as np
 
 from phase1_jax import config as config_lib
-from phase1_jax import config_validation
+from phase1_jax import config_validation, specs
 from phase1_jax.data import bpe, pipeline, records, vocab
 from phase1_jax.inference import decoding, evaluation
 from phase1_jax.training import parallel, reporting
-from phase1_jax.training import state as state_lib
 
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'schemas',
                            'generation.schema.json')
@@ -159,7 +158,7 @@ def generate_pages(config: ml_collections.ConfigDict, workdir: str, *, num_sampl
       **dataclasses.asdict(settings),
       'seed': config.decode.seed, 'element_threshold': config.eval.element_threshold,
       'checkpoint_step': step,
-      'attention_kind': state_lib.attention_kind(config.model.attention.kind),
+      'attention_kind': specs.attention_kind(config.model.attention.kind),
   }
   decode = markup_decoder(config)
   rng = jax.random.key(config.decode.seed)

@@ -25,10 +25,14 @@ O(T*S)): the reference the sparse kinds are tested against. Arguments a kind doe
 a ValueError rather than being ignored, so a config cannot silently run a kind it did not mean;
 `kind_options` picks the ones a kind takes.
 
+`AttentionSpec` is one resolved attention as a value (kind + options, checked once when built):
+the model's layers hold it and call it in place of `attend`.
+
 Causal with T < S: query i sits at key position i + S - T (the last T positions), in every kind.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import jax
@@ -155,7 +159,7 @@ def _check_kind(kind):
     raise ValueError(f'attention kind {kind!r}: must be one of {", ".join(KINDS)}')
 
 
-def _check_options(kind, causal, options):
+def _check_options(kind, options):
   for name, value in options.items():
     if value is not None and name not in _OPTIONS[kind]:
       raise ValueError(f'{name}={value!r}: not used by attention kind {kind!r} '
@@ -168,9 +172,46 @@ def _check_options(kind, causal, options):
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
                               or value < low):
       raise ValueError(f'{name}={value!r}: must be an int >= {low}')
-  if kind in SPARSE_KINDS and not causal:
-    raise ValueError(f'causal=False: attention kind {kind!r} is causal self-attention only; '
-                     "use 'dense' or 'dot_product' for cross-attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """One resolved attention (never 'auto'): a kind and the options it takes, checked once, here.
+
+  Frozen and hashable, so a module keeps it as static structure and a jitted function closes
+  over it. `spec(q, k, v, kv_mask_BxS, kv_lengths_B=..., causal=...)` is `attend` without
+  re-checking the options at every trace.
+  """
+  kind: str = 'dense'
+  window_size: int | None = None
+  top_k: int | None = None
+  block_size: int | None = None
+
+  def __post_init__(self):
+    _check_kind(self.kind)
+    _check_options(self.kind, self.options())
+
+  @classmethod
+  def of(cls, kind: str, *, window_size=None, top_k=None, block_size=None) -> AttentionSpec:
+    """The spec of `kind` with the options it takes (a config stores all three)."""
+    return cls(kind, **kind_options(kind, window_size=window_size, top_k=top_k,
+                                    block_size=block_size))
+
+  def options(self) -> dict:
+    return {'window_size': self.window_size, 'top_k': self.top_k, 'block_size': self.block_size}
+
+  def bidirectional(self) -> AttentionSpec:
+    """What the cross-attention and the patch encoder run: this kind when it takes key lengths
+    (LENGTH_KINDS), else `dense` (the sparse kinds are causal self-attention only)."""
+    return AttentionSpec(self.kind) if self.kind in LENGTH_KINDS else DENSE
+
+  def __call__(self, q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, kv_lengths_B=None,
+               causal: bool = False):
+    return _dispatch(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, kv_lengths_B=kv_lengths_B,
+                     causal=causal, kind=self.kind, **self.options())
+
+
+DENSE = AttentionSpec()
 
 
 def attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, kv_lengths_B=None,
@@ -184,8 +225,18 @@ def attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS=None, *, kv_lengths_B=No
   kinds): default `sparse_attention.default_block_size(window_size)`.
   """
   _check_kind(kind)
-  _check_options(kind, causal, {'window_size': window_size, 'top_k': top_k,
-                                'block_size': block_size})
+  _check_options(kind, {'window_size': window_size, 'top_k': top_k, 'block_size': block_size})
+  return _dispatch(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, kv_lengths_B=kv_lengths_B,
+                   causal=causal, kind=kind, window_size=window_size, top_k=top_k,
+                   block_size=block_size)
+
+
+def _dispatch(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, *, kv_lengths_B, causal, kind,
+              window_size, top_k, block_size):
+  """`attend` past the option checks: masks, then the kind's implementation."""
+  if kind in SPARSE_KINDS and not causal:
+    raise ValueError(f'causal=False: attention kind {kind!r} is causal self-attention only; '
+                     "use 'dense' or 'dot_product' for cross-attention")
   if kv_lengths_B is not None:
     if kv_mask_BxS is not None:
       raise ValueError('kv_mask_BxS and kv_lengths_B: give one of them, not both')

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phase1_jax.model import kv_cache
-from phase1_jax.model.attention import LENGTH_KINDS, attend
+from phase1_jax.model.attention import DENSE, AttentionSpec
 from phase1_jax.model.layers import Dense, LayerNorm
 
 
@@ -23,7 +23,7 @@ class MultiHeadAttention(nnx.Module):
     self.out = lin(d_model, d_model)
 
   def __call__(self, x_BxTxD, memory_BxSxD=None, kv_mask_BxS=None, *, kv_lengths_B=None,
-               causal: bool = False, kind: str = 'dense', **kind_options):
+               causal: bool = False, attention: AttentionSpec = DENSE):
     b, t, d = x_BxTxD.shape
     if self.cross:
       q_BxTxNxH = self._heads(self.q(x_BxTxD))
@@ -31,8 +31,8 @@ class MultiHeadAttention(nnx.Module):
     else:
       q_BxTxNxH, k_BxSxNxH, v_BxSxNxH = (
           self._heads(y) for y in jnp.split(self.qkv(x_BxTxD), 3, axis=-1))
-    out_BxTxNxH = attend(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS,
-                         kv_lengths_B=kv_lengths_B, causal=causal, kind=kind, **kind_options)
+    out_BxTxNxH = attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS,
+                            kv_lengths_B=kv_lengths_B, causal=causal)
     return self.out(out_BxTxNxH.reshape(b, t, d))
 
   def _heads(self, y):
@@ -46,28 +46,28 @@ class MultiHeadAttention(nnx.Module):
   def cross_step(self, x_BxTxD, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS):
     """Cross-attention against precomputed memory keys/values."""
     b, t, d = x_BxTxD.shape
-    out = attend(self._heads(self.q(x_BxTxD)), k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
+    out = DENSE(self._heads(self.q(x_BxTxD)), k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
     return self.out(out.reshape(b, t, d))
 
-  def self_step(self, x_Bx1xD, cache: dict, pos, index, *, kind: str, options: dict):
+  def self_step(self, x_Bx1xD, cache: dict, pos, index, attention: AttentionSpec):
     """One decoding position `pos` of layer application `index` against the KV cache
     (kv_cache.py), which it returns updated."""
     b, _, d = x_Bx1xD.shape
     q, k, v = (self._heads(y)[:, 0] for y in jnp.split(self.qkv(x_Bx1xD), 3, axis=-1))
-    out_BxNxH, cache = kv_cache.step(cache, q, k, v, pos, index, kind=kind, options=options)
+    out_BxNxH, cache = kv_cache.step(cache, q, k, v, pos, index, attention)
     return self.out(out_BxNxH.reshape(b, 1, d)), cache
 
 
 class DecoderLayer(nnx.Module):
   """x + SelfAttn(LN(x)) -> + CrossAttn(LN(x), memory) -> + MLP(LN(x)); dropout on each branch.
 
-  Tokens and memory are masked by lengths: positions [0, length) are real. Cross-attention runs
-  the `dot_product` or `fused_cpu` kind when self-attention does, `dense` otherwise (the sparse
-  kinds are causal self-attention only).
+  Tokens and memory are masked by lengths: positions [0, length) are real. Self-attention runs
+  `attention`; cross-attention its `bidirectional()` form (the same `dot_product` or `fused_cpu`
+  kind, `dense` otherwise: the sparse kinds are causal self-attention only).
   """
 
   def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, dropout_rate: float, dtype,
-               attention_kind: str, attention_options: dict | None = None, rngs: nnx.Rngs):
+               attention: AttentionSpec, rngs: nnx.Rngs):
     norm = lambda: LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.self_norm, self.cross_norm, self.mlp_norm = norm(), norm(), norm()
     self.self_attn = MultiHeadAttention(d_model, num_heads, cross=False, dtype=dtype, rngs=rngs)
@@ -76,20 +76,17 @@ class DecoderLayer(nnx.Module):
     self.mlp_out = Dense(mlp_dim, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     # No stored RNG: keys come in as arguments so the layer can be scanned and shared.
     self.dropout = nnx.Dropout(dropout_rate)
-    self.attention_kind = attention_kind
-    self.cross_attention_kind = attention_kind if attention_kind in LENGTH_KINDS else 'dense'
-    # Static (hashable) options of the self-attention kind: window_size, top_k, block_size.
-    self.attention_options = tuple(sorted((attention_options or {}).items()))
+    self.attention, self.cross_attention = attention, attention.bidirectional()
 
   def __call__(self, x_BxTxD, token_lengths_B, memory_BxSxD, memory_lengths_B, dropout_key=None):
     deterministic = dropout_key is None
     keys = [None] * 3 if deterministic else list(jax.random.split(dropout_key, 3))
     drop = lambda y, k: self.dropout(y, deterministic=deterministic, rngs=k)
     h = self.self_attn(self.self_norm(x_BxTxD), kv_lengths_B=token_lengths_B, causal=True,
-                       kind=self.attention_kind, **dict(self.attention_options))
+                       attention=self.attention)
     x_BxTxD = x_BxTxD + drop(h, keys[0])
     h = self.cross_attn(self.cross_norm(x_BxTxD), memory_BxSxD, kv_lengths_B=memory_lengths_B,
-                        kind=self.cross_attention_kind)
+                        attention=self.cross_attention)
     x_BxTxD = x_BxTxD + drop(h, keys[1])
     return x_BxTxD + drop(self._mlp(x_BxTxD), keys[2])
 
@@ -100,8 +97,7 @@ class DecoderLayer(nnx.Module):
     """The layer as application `index`, at one position, with the KV cache (no dropout):
     (x_Bx1xD, cache)."""
     h, cache = self.self_attn.self_step(self.self_norm(x_Bx1xD), cache, pos, index,
-                                        kind=self.attention_kind,
-                                        options=dict(self.attention_options))
+                                        self.attention)
     x_Bx1xD = x_Bx1xD + h
     x_Bx1xD = x_Bx1xD + self.cross_attn.cross_step(self.cross_norm(x_Bx1xD), memory_k, memory_v,
                                                    memory_mask_BxS)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phase1_jax.model.attention import LENGTH_KINDS
+from phase1_jax.model.attention import DENSE, AttentionSpec
 from phase1_jax.model.decoder import MultiHeadAttention
 from phase1_jax.model.layers import Dense, Embed, LayerNorm
 
@@ -26,11 +26,11 @@ class EncoderLayer(nnx.Module):
   """x + SelfAttn(LN(x)) -> + MLP(LN(x)), bidirectional; dropout on each branch (as DecoderLayer).
 
   Patches [0, length) are real: the others are never attended (their own rows are computed
-  but meaningless). Attention runs `attention_kind` (a kind that takes lengths, or `dense`).
+  but meaningless). Attention runs `attention` (a kind that takes lengths, or `dense`).
   """
 
   def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, dropout_rate: float, dtype,
-               attention_kind: str, rngs: nnx.Rngs):
+               attention: AttentionSpec, rngs: nnx.Rngs):
     norm = lambda: LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.attn_norm, self.mlp_norm = norm(), norm()
     self.attn = MultiHeadAttention(d_model, num_heads, cross=False, dtype=dtype, rngs=rngs)
@@ -38,14 +38,14 @@ class EncoderLayer(nnx.Module):
     self.mlp_out = Dense(mlp_dim, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     # No stored RNG: keys come in as arguments (as in DecoderLayer).
     self.dropout = nnx.Dropout(dropout_rate)
-    self.attention_kind = attention_kind
+    self.attention = attention
 
   def __call__(self, x_BxPxD, lengths_B, dropout_key=None):
     deterministic = dropout_key is None
     keys = [None] * 2 if deterministic else list(jax.random.split(dropout_key))
     drop = lambda y, k: self.dropout(y, deterministic=deterministic, rngs=k)
     h = self.attn(self.attn_norm(x_BxPxD), kv_lengths_B=lengths_B, causal=False,
-                  kind=self.attention_kind)
+                  attention=self.attention)
     x_BxPxD = x_BxPxD + drop(h, keys[0])
     h = self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x_BxPxD))))
     return x_BxPxD + drop(h, keys[1])
@@ -72,12 +72,13 @@ class PatchEncoder(nnx.Module):
   page of at most max_patches patches has every row and column index below it; larger indices
   are clipped to the last row rather than read out of bounds), then `num_layers` EncoderLayers
   (0: embedding + norm only). Self-attention runs the kind the decoder's cross-attention runs
-  for `attention_kind`: the same kind when it takes lengths (LENGTH_KINDS), else `dense`.
+  with `attention`: its `bidirectional()` form (the same kind when it takes lengths, else
+  `dense`).
   """
 
   def __init__(self, *, patch_size: int, max_patches: int, num_layers: int, d_model: int,
                num_heads: int, mlp_dim: int, dropout_rate: float = 0.0, dtype=jnp.float32,
-               attention_kind: str = 'dense', rngs: nnx.Rngs):
+               attention: AttentionSpec = DENSE, rngs: nnx.Rngs):
     if patch_size < 1 or max_patches < 1 or num_layers < 0:
       raise ValueError(f'PatchEncoder: patch_size={patch_size} and max_patches={max_patches} '
                        f'must be >= 1, num_layers={num_layers} >= 0')
@@ -86,10 +87,10 @@ class PatchEncoder(nnx.Module):
                              param_dtype=jnp.float32, rngs=rngs)
     embed = lambda: Embed(max_patches, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.row_embed, self.col_embed = embed(), embed()
-    self.attention_kind = attention_kind if attention_kind in LENGTH_KINDS else 'dense'
+    self.attention = attention.bidirectional()
     self.layers = nnx.List([
         EncoderLayer(d_model, num_heads, mlp_dim, dropout_rate=dropout_rate, dtype=dtype,
-                     attention_kind=self.attention_kind, rngs=rngs)
+                     attention=self.attention, rngs=rngs)
         for _ in range(num_layers)])
     self.final_norm = LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from phase1_jax.model import sparse_attention
+from phase1_jax.model.attention import AttentionSpec
 
 _NEG = -1e30
 
@@ -33,24 +34,24 @@ def layout(kind: str) -> str:
   return {'window': 'ring', 'window_topk': 'topk'}.get(kind, 'full')
 
 
-def _block_size(options: dict) -> int:
-  return options.get('block_size') or sparse_attention.default_block_size(options['window_size'])
+def _block_size(attention: AttentionSpec) -> int:
+  return attention.block_size or sparse_attention.default_block_size(attention.window_size)
 
 
-def init(kind: str, options: dict, *, num_applications: int, batch: int, max_len: int,
+def init(attention: AttentionSpec, *, num_applications: int, batch: int, max_len: int,
          num_heads: int, head_dim: int, dtype) -> dict:
   """An empty cache for decoding up to `max_len` positions."""
-  length = max_len
+  length, kind = max_len, attention.kind
   if layout(kind) == 'ring':
-    length = min(options['window_size'], max_len)
+    length = min(attention.window_size, max_len)
   elif layout(kind) == 'topk':
-    length = math.ceil(max_len / _block_size(options)) * _block_size(options)
+    length = math.ceil(max_len / _block_size(attention)) * _block_size(attention)
   zeros = jnp.zeros((num_applications, batch, length, num_heads, head_dim), dtype)
   cache = {'k': zeros, 'v': zeros}
   if layout(kind) == 'topk':
     cache['q_sum'] = jnp.zeros((num_applications, batch, num_heads, head_dim), jnp.float32)
     cache['selected'] = jnp.zeros(
-        (num_applications, batch, num_heads, length // _block_size(options)), bool)
+        (num_applications, batch, num_heads, length // _block_size(attention)), bool)
   return cache
 
 
@@ -71,10 +72,10 @@ def _set_row(x, index, value):
   return jax.lax.dynamic_update_index_in_dim(x, value.astype(x.dtype), index, axis=0)
 
 
-def step(cache: dict, q_BxNxH, k_BxNxH, v_BxNxH, pos, index, *, kind: str, options: dict):
+def step(cache: dict, q_BxNxH, k_BxNxH, v_BxNxH, pos, index, attention: AttentionSpec):
   """Application `index` at position `pos`: writes its key/value and attends its query over its
   cache. Returns (out_BxNxH, cache)."""
-  kind_layout = layout(kind)
+  kind_layout = layout(attention.kind)
   length = cache['k'].shape[2]
   row = pos % length if kind_layout == 'ring' else pos
   write = lambda c, x: jax.lax.dynamic_update_slice(
@@ -83,26 +84,26 @@ def step(cache: dict, q_BxNxH, k_BxNxH, v_BxNxH, pos, index, *, kind: str, optio
   rows_L = jnp.arange(length)
   if kind_layout == 'full':
     visible_L = rows_L <= pos
-    if options.get('window_size') is not None:   # a window on dense: the reference's band mask
-      visible_L &= rows_L > pos - options['window_size']
+    if attention.window_size is not None:   # a window on dense: the reference's band mask
+      visible_L &= rows_L > pos - attention.window_size
     visible = visible_L[None, None]
   elif kind_layout == 'ring':
     # Row r holds the latest position p <= pos with p % W == r, if any has been written.
     visible = (pos - (pos - rows_L) % length >= 0)[None, None]
   else:
-    cache, visible = _topk_visible(cache, q_BxNxH, pos, index, options)
+    cache, visible = _topk_visible(cache, q_BxNxH, pos, index, attention)
   out = _attend(q_BxNxH, _row(cache['k'], index), _row(cache['v'], index), visible)
   return out, cache
 
 
-def _topk_visible(cache, q_BxNxH, pos, index, options):
+def _topk_visible(cache, q_BxNxH, pos, index, attention: AttentionSpec):
   """Block selection at each block's first position, then the visible rows [B, N, L]: the local
   blocks (causal) and the selected ones."""
-  b = _block_size(options)
+  b = _block_size(attention)
   length = cache['k'].shape[2]
   n = length // b
-  prev = min(math.ceil((options['window_size'] - 1) / b), n - 1)
-  k_eff = min(options['top_k'], max(n - prev - 1, 0))
+  prev = min(math.ceil((attention.window_size - 1) / b), n - 1)
+  k_eff = min(attention.top_k, max(n - prev - 1, 0))
   block = pos // b
   scale = jnp.asarray(q_BxNxH.shape[-1] ** -0.5, q_BxNxH.dtype)
   q32_BxNxH = (q_BxNxH * scale).astype(jnp.float32)

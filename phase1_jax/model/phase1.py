@@ -12,10 +12,12 @@ from phase1_jax.model.decoder import SharedDecoderBackbone
 from phase1_jax.model.encoder import PatchEncoder, patch_feature_dim
 from phase1_jax.model.heads import DualGenerationHeads, ElementTypeClassifier
 from phase1_jax.model.layers import Dense, Embed, LayerNorm
+from phase1_jax.model.spec import ModelSpec
 
 
 class Phase1Decoder(nnx.Module):
-  """Reads fused page features and writes markup, per-token semantics and element types.
+  """Reads fused page features and writes markup, per-token semantics and element types; its
+  structure is `spec` (model/spec.py).
 
   __call__(features_BxPxF, feature_mask_BxP, inputs_BxT, dropout_key=None) -> dict with
     detail_logits_BxTxV, semantic_logits_BxTxC, element_logits_BxE (all float32). With
@@ -34,54 +36,45 @@ class Phase1Decoder(nnx.Module):
   the valid patches only, in training and in decoding alike. With `patch_labels`, a linear
   patch head on the memory adds patch_logits_BxPx(C+E+2) (valid patches first: see
   valid_patches_first), which losses.patch_label_loss scores. patch_size = 0: fused features
-  through one Dense (`feature_proj`), as before (same parameters, same numerics).
+  through one Dense (`feature_proj`).
   """
 
-  def __init__(self, *, vocab_size: int, num_semantic_classes: int, num_element_types: int,
-               feature_dim: int, max_seq_len: int, d_model: int, num_heads: int, num_layers: int,
-               num_unique_layers: int, mlp_dim: int, dropout_rate: float = 0.0,
-               dtype=jnp.float32, attention_kind: str = 'dense',
-               attention_options: dict | None = None, tie_detail_head: bool = True,
-               scan_layers: bool = True, remat: bool = False,
-               remat_policy: str = 'nothing_saveable', pad_id: int = 0,
-               patch_size: int = 0, max_patches: int = 0, encoder_layers: int = 0,
-               patch_labels: bool = False, rngs: nnx.Rngs):
-    self.pad_id, self.dtype = pad_id, dtype
-    embed = lambda n: Embed(n, d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-    self.token_embed, self.position_embed = embed(vocab_size), embed(max_seq_len)
-    norm = lambda: LayerNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-    if patch_size:
-      if feature_dim != patch_feature_dim(patch_size):
-        raise ValueError(f'feature_dim={feature_dim}: must be 2 + 3 * patch_size**2 = '
-                         f'{patch_feature_dim(patch_size)} for patch_size={patch_size}')
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    self.spec = spec
+    s, dtype = spec, spec.compute_dtype
+    self.pad_id, self.dtype = s.pad_id, dtype
+    embed = lambda n: Embed(n, s.d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.token_embed, self.position_embed = embed(s.vocab_size), embed(s.max_seq_len)
+    norm = lambda: LayerNorm(s.d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    if s.patch_size:
+      if s.feature_dim != patch_feature_dim(s.patch_size):
+        raise ValueError(f'feature_dim={s.feature_dim}: must be 2 + 3 * patch_size**2 = '
+                         f'{patch_feature_dim(s.patch_size)} for patch_size={s.patch_size}')
       self.patch_encoder = PatchEncoder(
-          patch_size=patch_size, max_patches=max_patches, num_layers=encoder_layers,
-          d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate,
-          dtype=dtype, attention_kind=attention_kind, rngs=rngs)
+          patch_size=s.patch_size, max_patches=s.max_patches, num_layers=s.encoder_layers,
+          d_model=s.d_model, num_heads=s.num_heads, mlp_dim=s.mlp_dim,
+          dropout_rate=s.dropout_rate, dtype=dtype, attention=s.attention, rngs=rngs)
     else:
       self.patch_encoder = None
-      self.feature_proj = Dense(feature_dim, d_model, dtype=dtype, param_dtype=jnp.float32,
+      self.feature_proj = Dense(s.feature_dim, s.d_model, dtype=dtype, param_dtype=jnp.float32,
                                 rngs=rngs)
       self.memory_norm = norm()
     self.final_norm = norm()
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = nnx.Dropout(s.dropout_rate)
     self.backbone = SharedDecoderBackbone(
-        num_layers=num_layers, num_unique_layers=num_unique_layers, scan=scan_layers, remat=remat,
-        remat_policy=remat_policy,
-        d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate,
-        dtype=dtype, attention_kind=attention_kind, attention_options=attention_options,
+        num_layers=s.num_layers, num_unique_layers=s.num_unique_layers, scan=s.scan_layers,
+        remat=s.remat, remat_policy=s.remat_policy, d_model=s.d_model, num_heads=s.num_heads,
+        mlp_dim=s.mlp_dim, dropout_rate=s.dropout_rate, dtype=dtype, attention=s.attention,
         rngs=rngs)
-    self.attention_kind = attention_kind
-    self.attention_options = tuple(sorted((attention_options or {}).items()))
-    self.heads = DualGenerationHeads(d_model, vocab_size, num_semantic_classes,
-                                     tied=tie_detail_head, dtype=dtype, rngs=rngs)
-    self.element_classifier = ElementTypeClassifier(d_model, num_element_types, dtype=dtype,
+    self.heads = DualGenerationHeads(s.d_model, s.vocab_size, s.num_semantic_classes,
+                                     tied=s.tie_detail_head, dtype=dtype, rngs=rngs)
+    self.element_classifier = ElementTypeClassifier(s.d_model, s.num_element_types, dtype=dtype,
                                                     rngs=rngs)
     # Training signal for the encoder: each patch's section class and element type (+ 'none'),
     # from the rendered boxes (losses.patch_label_loss).
-    self.patch_head = (Dense(d_model, num_semantic_classes + num_element_types + 2, dtype=dtype,
-                             param_dtype=jnp.float32, rngs=rngs)
-                       if patch_labels and self.patch_encoder is not None else None)
+    self.patch_head = (Dense(s.d_model, s.num_semantic_classes + s.num_element_types + 2,
+                             dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                       if s.patch_labels and self.patch_encoder is not None else None)
 
   def encode_memory(self, features_BxPxF, lengths_B=None, dropout_key=None):
     """The decoder's memory [batch, patches, d_model]: projected, normalized features, or the
@@ -141,9 +134,8 @@ class Phase1Decoder(nnx.Module):
       extra['memory_mask'] = prefix_mask(lengths_B, p)
     memory_kv = self.backbone.memory_kv(memory_BxPxD)
     _, b, _, n, h = memory_kv[0].shape
-    cache = kv_cache.init(self.attention_kind, dict(self.attention_options),
-                          num_applications=self.backbone.num_layers, batch=b, max_len=max_len,
-                          num_heads=n, head_dim=h, dtype=self.dtype)
+    cache = kv_cache.init(self.spec.attention, num_applications=self.backbone.num_layers,
+                          batch=b, max_len=max_len, num_heads=n, head_dim=h, dtype=self.dtype)
     return {'memory_kv': memory_kv, 'cache': cache, **extra}
 
   def decode_step(self, tokens_B, pos, decode_state, feature_mask_BxP):
@@ -176,9 +168,10 @@ def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def parameter_report(model: Phase1Decoder, num_layers: int, num_unique_layers: int) -> dict:
+def parameter_report(model: Phase1Decoder) -> dict:
   """Parameters of this model against 'no sharing' (one block per application) and against
   'two separate decoders' (one unshared decoder per generation head, as without a shared trunk)."""
+  num_layers, num_unique_layers = model.spec.num_layers, model.spec.num_unique_layers
   total = count_params(model)
   backbone = count_params(model.backbone)
   per_block = backbone // num_unique_layers

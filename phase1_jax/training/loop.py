@@ -14,7 +14,7 @@ from absl import logging
 from flax import nnx
 
 from phase1_jax import config as config_lib
-from phase1_jax import config_validation
+from phase1_jax import config_validation, specs
 from phase1_jax.data import pipeline
 from phase1_jax.inference import evaluation, visual_evaluation
 from phase1_jax.model.phase1 import parameter_report
@@ -29,11 +29,6 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
   """experiments/<exp_name>_<YYYYmmdd_HHMMSS>, as in the seed."""
   stamp = datetime.datetime.now().strftime('%Y%m%d_%H%M%S')
   return os.path.join('experiments', f'{config.exp_name}_{stamp}')
-
-
-def _model_report(config, graphdef, params) -> dict:
-  model = nnx.merge(graphdef, params['model'])
-  return parameter_report(model, config.model.num_layers, config.model.num_unique_layers)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
@@ -68,9 +63,10 @@ class Trainer:
     self.val_source = pipeline.make_source(config, 'val')
     visual_evaluation.RenderEvalSpec.from_config(config)   # no browser: one line, now
     steps_per_epoch = pipeline.steps_per_epoch(self.train_source, config.train.batch_size)
-    self.tx, schedule = state_lib.make_optimizer(config, steps_per_epoch)
-    self.graphdef, self.abstract_state = state_lib.create_train_state(config, self.tx,
-                                                                      abstract=True)
+    self.model_spec = specs.model_spec(config)
+    self.tx, schedule = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch)
+    self.graphdef, self.abstract_state = state_lib.create_train_state(
+        self.model_spec, self.tx, seed=config.seed, abstract=True)
     self.best_metric = best = config.checkpoint.best_metric
     self.ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
                              max_to_keep=config.checkpoint.max_to_keep, best_metric=best,
@@ -103,7 +99,8 @@ class Trainer:
         self.par.restore_target(self.abstract_state), data_iterator=epoch_batches,
         expect_config=config_lib.architecture(self.config))
     if restored is None:
-      return self.par.place_state(state_lib.create_train_state(self.config, self.tx)[1]), {}, None
+      fresh = state_lib.create_train_state(self.model_spec, self.tx, seed=self.config.seed)[1]
+      return self.par.place_state(fresh), {}, None
     step, state, extra = restored
     logging.info('Resumed from %s step %d (epoch %d, step %d in it).', self.ckpt.directory, step,
                  extra['epoch'], extra.get('epoch_step', 0))
@@ -113,16 +110,15 @@ class Trainer:
     """config.json, model_parameters.json, and the device and model line."""
     config, par = self.config, self.par
     self.reporter.write_json('config.json', config.to_dict())
-    params_info = _model_report(config, self.graphdef, self.abstract_state.params)
+    params_info = parameter_report(nnx.merge(self.graphdef, self.abstract_state.params['model']))
     self.reporter.write_json('model_parameters.json', params_info)
     if not self.main_process:
       return
-    m = config.model
-    layers = 'scanned' if state_lib.scan_layers(m.scan_layers, m.num_layers) else 'unrolled'
+    m = self.model_spec
+    layers = 'scanned' if m.scan_layers else 'unrolled'
     print(f'Device: {jax.default_backend()} ({jax.device_count()} devices, {par.mode} over '
           f'{par.num_devices}, {jax.process_count()} processes; '
-          f'{state_lib.compute_dtype(m.compute_dtype).name} compute, layers {layers}, '
-          f'{state_lib.attention_kind(m.attention.kind)} attention)  '
+          f'{m.dtype} compute, layers {layers}, {m.attention.kind} attention)  '
           f'Model parameters: '
           f'{params_info["params"]:,} ({params_info["reduction_vs_two_decoders"]:.0%} fewer than '
           f'two separate decoders, {params_info["reduction_vs_no_sharing"]:.0%} fewer than no '

@@ -1,16 +1,17 @@
-"""TrainState (params + optimizer state + step + RNG) and the optimizer, built from the config."""
+"""TrainState (params + optimizer state + step + RNG) and the optimizer, built from specs."""
 from __future__ import annotations
+
+import dataclasses
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
 from phase1_jax.losses import TASKS
-from phase1_jax.model import attention, cpu_attention
 from phase1_jax.model.phase1 import Phase1Decoder
+from phase1_jax.model.spec import ModelSpec
 
 
 @flax.struct.dataclass
@@ -28,80 +29,45 @@ class TrainState:
   rng: jax.Array
 
 
-def compute_dtype(name: str):
-  """'auto' is bfloat16 on GPU/TPU and float32 on CPU (XLA:CPU has no fast bf16 matmul)."""
-  if name == 'auto':
-    name = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
-  return jnp.dtype(name)
-
-
-def attention_kind(name: str) -> str:
-  """'auto': `fused_cpu` on a CPU with a C++ compiler (its kernel is built on first use; the
-  train step measured 1.15-1.17x `dense`), `dense` on a CPU without one, `dot_product` on a
-  GPU/TPU (cuDNN's fused attention on a GPU)."""
-  if name != 'auto':
-    return name
-  if jax.default_backend() != 'cpu':
-    return 'dot_product'
-  return 'fused_cpu' if cpu_attention.compiler_available() else 'dense'
-
-
-# The deepest stack that auto unrolls: the unrolled step measured faster on CPU (4 applications)
-# and on a GPU (6); its compile time grows with depth (CPU: 1.6-1.9x from 2 to 12 applications).
-MAX_AUTO_UNROLLED_LAYERS = 12
-
-
-def scan_layers(value: bool | None, num_layers: int) -> bool:
-  """None (auto): unrolled up to MAX_AUTO_UNROLLED_LAYERS applications, scanned beyond."""
-  return num_layers > MAX_AUTO_UNROLLED_LAYERS if value is None else value
-
-
-def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Phase1Decoder:
-  """The decoder the config describes; with pixel input (data.patch_size > 0) it reads
-  data.max_patches patches per page through an encoder of model.encoder_layers layers."""
-  m, d = config.model, config.data
-  kind = attention_kind(m.attention.kind)
-  return Phase1Decoder(
-      vocab_size=m.vocab_size, num_semantic_classes=m.num_semantic_classes,
-      num_element_types=m.num_element_types, feature_dim=config.data.feature_dim,
-      max_seq_len=config.data.max_seq_len, d_model=m.d_model, num_heads=m.num_heads,
-      num_layers=m.num_layers, num_unique_layers=m.num_unique_layers, mlp_dim=m.mlp_dim,
-      dropout_rate=m.dropout_rate, dtype=compute_dtype(m.compute_dtype),
-      attention_kind=kind, attention_options=attention.kind_options(
-          kind, window_size=m.attention.window_size, top_k=m.attention.top_k,
-          block_size=m.attention.block_size or None),
-      tie_detail_head=m.tie_detail_head,
-      scan_layers=scan_layers(m.scan_layers, m.num_layers), remat=m.remat,
-      remat_policy=m.remat_policy, patch_size=d.patch_size,
-      max_patches=d.max_patches if d.patch_size else 0, encoder_layers=m.encoder_layers,
-      patch_labels=config.loss.patch_weight > 0, rngs=rngs)
-
-
 def _decay_mask(params):
   """Weight decay on matrices (kernels, embeddings) only: not on biases, norms, loss weights."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """AdamW with global-norm clipping on a warmup-cosine schedule (config.train's fields)."""
+  learning_rate: float
+  num_epochs: int
+  warmup_steps: int = 0
+  end_learning_rate_ratio: float = 0.1
+  weight_decay: float = 0.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  grad_clip_norm: float = 1.0
+  accumulate_grad_batches: int = 1
+
+
+def make_optimizer(spec: OptimizerSpec, steps_per_epoch: int):
   """(tx, schedule): clip -> AdamW on a warmup-cosine schedule, accumulated over
   `accumulate_grad_batches` micro-batches. The schedule counts optimizer updates."""
-  t = config.train
-  total = max(1, steps_per_epoch * t.num_epochs // t.accumulate_grad_batches)
+  total = max(1, steps_per_epoch * spec.num_epochs // spec.accumulate_grad_batches)
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.learning_rate, warmup_steps=min(t.warmup_steps, total - 1),
-      decay_steps=total, end_value=t.learning_rate * t.end_learning_rate_ratio)
+      init_value=0.0, peak_value=spec.learning_rate, warmup_steps=min(spec.warmup_steps, total - 1),
+      decay_steps=total, end_value=spec.learning_rate * spec.end_learning_rate_ratio)
   tx = optax.chain(
-      optax.clip_by_global_norm(t.grad_clip_norm),
-      optax.adamw(schedule, b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay,
+      optax.clip_by_global_norm(spec.grad_clip_norm),
+      optax.adamw(schedule, b1=spec.adam_b1, b2=spec.adam_b2, weight_decay=spec.weight_decay,
                   mask=_decay_mask))
-  if t.accumulate_grad_batches > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=t.accumulate_grad_batches)
+  if spec.accumulate_grad_batches > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=spec.accumulate_grad_batches)
   return tx, schedule
 
 
-def create_train_state(config: ml_collections.ConfigDict, tx, *,
+def create_train_state(model: ModelSpec, tx, *, seed: int,
                        abstract: bool = False) -> tuple[nnx.GraphDef, TrainState]:
-  """A fresh state from config.seed. Returns the model's graphdef (static) and the state.
+  """A fresh state of the model `model` describes, from `seed`. Returns the model's graphdef
+  (static) and the state.
 
   With `abstract`, the state's shapes and dtypes only (jax.ShapeDtypeStruct leaves): nothing is
   initialized or allocated. A run that resumes, or an evaluation, needs only that (the restore
@@ -109,10 +75,9 @@ def create_train_state(config: ml_collections.ConfigDict, tx, *,
   device memory while the checkpoint's are read.
   """
   def fresh():
-    model = build_model(config, rngs=nnx.Rngs(config.seed))
-    graphdef, model_params = nnx.split(model, nnx.Param)
+    graphdef, model_params = nnx.split(Phase1Decoder(model, rngs=nnx.Rngs(seed)), nnx.Param)
     params = {'model': model_params, 'loss_log_vars': jnp.zeros((len(TASKS),), jnp.float32)}
-    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1))
+    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
     return graphdef, TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                                 rng=rng)
 
@@ -120,6 +85,6 @@ def create_train_state(config: ml_collections.ConfigDict, tx, *,
   return jax.eval_shape(fresh) if abstract else fresh()
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, tx) -> TrainState:
+def abstract_train_state(model: ModelSpec, tx, *, seed: int = 0) -> TrainState:
   """Shapes and dtypes of the state, without allocating it (the restore target)."""
-  return create_train_state(config, tx, abstract=True)[1]
+  return create_train_state(model, tx, seed=seed, abstract=True)[1]
