@@ -93,7 +93,7 @@ def _row_logits(h_NxD, weight_VxD, bias_V, ids_K):
   rows (a small matmul; its gradient never touches an N x V array)."""
   logits_NxK = jnp.einsum('nd,kd->nk', h_NxD, weight_VxD[ids_K],
                           preferred_element_type=jnp.float32)
-  return logits_NxK if bias_V is None else logits_NxK + bias_V.astype(jnp.float32)[ids_K]
+  return logits_NxK if bias_V is None else logits_NxK + bias_V.astype(jnp.float32)[ids_K][None, :]
 
 
 def _page_terms(lse_N, picked_N, tags_NxE, pages: int, t: int):

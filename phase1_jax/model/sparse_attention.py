@@ -155,7 +155,7 @@ def _chunk_parts(prev, g, c, k_pad, v_pad, ok_pad, allowed, k_sel, v_sel, ok_sel
   window = lambda x: jax.lax.dynamic_slice_in_dim(x, c * g, g + prev, axis=0)
   local = lambda x, axis: jnp.concatenate([x[j:j + g] for j in range(prev + 1)], axis=axis)
   ok_local = local(window(ok_pad), 2)[:, :, None, None, :]
-  parts = [(local(window(k_pad), 3), local(window(v_pad), 3), allowed & ok_local)]
+  parts = [(local(window(k_pad), 3), local(window(v_pad), 3), allowed[None, None, None] & ok_local)]
   if k_sel.shape[3]:
     parts.append((k_sel, v_sel, ok_sel[:, :, :, None, :]))
   return parts
