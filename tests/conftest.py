@@ -22,6 +22,8 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 # rounding differs from path to path by about 1e-3: on an H100, 41 of them failed for that alone.
 # So tests run float32 matmuls in full precision on every backend (CPU's default already is).
 jax.config.update('jax_default_matmul_precision', 'highest')
+# Implicit rank promotion ([B,T] op [T]) hides shape bugs: broadcasting must be explicit.
+jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 
 @pytest.fixture(scope='session')

@@ -237,7 +237,8 @@ def chunked_case(seed, bias, scale=1.0):
 def as_full_logits(outputs):
   full = {k: v for k, v in outputs.items() if not k.startswith('detail_')}
   logits = jnp.einsum('btd,vd->btv', outputs['detail_hidden'], outputs['detail_weight'])
-  full['detail_logits'] = logits + outputs.get('detail_bias', 0.0)
+  bias = outputs.get('detail_bias')
+  full['detail_logits'] = logits if bias is None else logits + bias[None, None, :]
   return full
 
 
@@ -448,7 +449,7 @@ def test_detail_terms_from_states_match_log_softmax_with_gradients():
   g_nll, g_tags = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, t), (b, t, 4)))
 
   def reference(h, w, bias):
-    lp = jax.nn.log_softmax(jnp.einsum('btd,vd->btv', h, w) + bias)
+    lp = jax.nn.log_softmax(jnp.einsum('btd,vd->btv', h, w) + bias[None, None, :])
     return -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0], lp[..., tag_ids]
 
   def ours(h, w, bias):
