@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from phase1_jax import specs
 from phase1_jax.data import pipeline
-from phase1_jax.inference import evaluation, generation
+from phase1_jax.inference import evaluation
 
 SHOWN = ('val_loss', 'val_loss_detail', 'token_accuracy', 'element_f1', 'element_f1_macro',
          'semantic_accuracy')
@@ -39,11 +40,12 @@ def main():
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--checkpoint', default='best', choices=('best', 'latest'))
   args = parser.parse_args()
-  config = generation.load_config(args.workdir)
+  config = specs.load_run_config(args.workdir)
   config.eval.bleu_samples = 0
-  graphdef, params, step, _ = evaluation.load_trained(config, args.workdir, which=args.checkpoint)
-  evaluate = evaluation.Evaluator(config, graphdef)
-  source = pipeline.make_source(config, 'val')
+  graphdef, params, step, _ = evaluation.load_trained(specs.run_spec(config), args.workdir,
+                                                      which=args.checkpoint)
+  evaluate = evaluation.Evaluator(specs.eval_spec(config), graphdef)
+  source = pipeline.make_source(specs.data_spec(config), 'val')
   out = {'checkpoint_step': int(step), 'pages': len(source)}
   for name, src in (('own_input', source), ('another_pages_input', SwappedInputs(source))):
     result = evaluate(params, src)

@@ -37,6 +37,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax import specs  # noqa: E402
 from phase1_jax.training import host  # noqa: E402
 
 # name -> (lhs shape, rhs shape, contraction) over the whole batch; the leading dim of lhs (and of
@@ -112,7 +113,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=30)
   args = parser.parse_args()
   config = config_lib.load_file(args.config)
-  cpu_devices = host.prepare(config)
+  cpu_devices = host.prepare(specs.host_spec(config))
   import torch
   rng = np.random.default_rng(0)
   rows = {}

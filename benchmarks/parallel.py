@@ -29,7 +29,6 @@ from phase1_jax import specs  # noqa: E402
 from phase1_jax.data import pipeline  # noqa: E402
 from phase1_jax.training import parallel  # noqa: E402
 from phase1_jax.training import state as state_lib  # noqa: E402
-from phase1_jax.training import step as step_lib  # noqa: E402
 
 
 def layouts(devices: int):
@@ -47,12 +46,12 @@ def measure(config, name, overrides, batches, repeats):
     config.parallel[k] = v
   tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=100)
   graphdef, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
-  loss_spec = step_lib.LossSpec.from_config(config)
+  loss_spec = specs.loss_spec(config)
   if name == 'single':
     step = parallel.jit_train_step(graphdef=graphdef, tx=tx, loss_spec=loss_spec)
     place, state = (lambda b: b), jax.device_put(state, jax.devices()[0])
   else:
-    par = parallel.DataParallel(config)
+    par = parallel.DataParallel(specs.mesh_spec(config))
     step = par.train_step(graphdef=graphdef, tx=tx, loss_spec=loss_spec,
                           abstract_state=jax.eval_shape(lambda: state))
     place, state = par.place_batch, par.place_state(state)
@@ -84,7 +83,7 @@ def main():
   parser.add_argument('--out-dir', default='benchmarks/results')
   args = parser.parse_args()
   config = config_lib.load_file(args.config)
-  source = pipeline.make_source(config, 'train')
+  source = pipeline.make_source(specs.data_spec(config), 'train')
   it = pipeline.train_iterator(source, batch_size=config.train.batch_size, seed=0, epoch=0)
   batches = [next(it) for _ in range(4)]
   devices = jax.device_count()

@@ -57,8 +57,9 @@ def apply_overrides(config, overrides: dict):
 
 def first_batch(config) -> dict:
   """The first training batch of `config`'s dataset (seed 0, epoch 0), as numpy arrays."""
+  from phase1_jax import specs
   from phase1_jax.data import pipeline
-  source = pipeline.make_source(config, 'train')
+  source = pipeline.make_source(specs.data_spec(config), 'train')
   batch = next(pipeline.train_iterator(source, batch_size=config.train.batch_size, seed=0,
                                        epoch=0))
   return {k: np.asarray(v) for k, v in batch.items()}
@@ -176,10 +177,9 @@ def compile_train_step(config, batch, *, one_device: bool = False):
   from phase1_jax.model.phase1 import count_params
   from phase1_jax.training import parallel
   from phase1_jax.training import state as state_lib
-  from phase1_jax.training import step as step_lib
   tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=1000)
   graphdef, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
-  loss_spec = step_lib.LossSpec.from_config(config)
+  loss_spec = specs.loss_spec(config)
   params = count_params(nnx.merge(graphdef, state.params['model']))
   if one_device or jax.device_count() == 1:
     device = jax.devices()[0]
@@ -187,7 +187,7 @@ def compile_train_step(config, batch, *, one_device: bool = False):
     state, batch = jax.device_put(state, device), jax.device_put(batch, device)
     layout, devices = 'one device', 1
   else:
-    par = parallel.DataParallel(config)
+    par = parallel.DataParallel(specs.mesh_spec(config))
     step = par.train_step(graphdef=graphdef, tx=tx, loss_spec=loss_spec,
                           abstract_state=jax.eval_shape(lambda: state))
     state, batch = par.place_state(state), par.place_batch(batch)

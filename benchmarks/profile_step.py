@@ -45,6 +45,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import perf_common  # noqa: E402
 
 from phase1_jax import config as config_lib  # noqa: E402
+from phase1_jax import specs  # noqa: E402
 from phase1_jax.training import host  # noqa: E402
 
 _GEMM_KERNEL = re.compile(r'gemm|nvjet|xmma|cutlass|cublas|cudnn|fmha', re.I)
@@ -157,7 +158,7 @@ def main():
   args = parser.parse_args()
   config = perf_common.apply_overrides(config_lib.load_file(args.config),
                                        perf_common.parse_sets(args.set))
-  host.prepare(config, split_cpu=not args.one_device)
+  host.prepare(specs.host_spec(config), split_cpu=not args.one_device)
   batch = perf_common.first_batch(config)
   compiled, state, placed, info = perf_common.compile_train_step(config, batch,
                                                                  one_device=args.one_device)

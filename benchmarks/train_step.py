@@ -128,7 +128,7 @@ def main():
   base = perf_common.apply_overrides(config_lib.load_file(args.config), sets)
   # As the train CLI does: before JAX starts, keep freed host memory (host.py) and split a CPU
   # host into the config's devices.
-  cpu_devices = host.prepare(base, split_cpu=not args.one_device)
+  cpu_devices = host.prepare(specs.host_spec(base), split_cpu=not args.one_device)
   backend = jax.default_backend()
   names = (args.variants or DEFAULT_VARIANTS.get(backend, DEFAULT_VARIANTS['gpu'])).split(',')
   per_timing = args.steps_per_timing or DEFAULT_STEPS_PER_TIMING.get(backend, 10)
@@ -165,7 +165,7 @@ def main():
              'backend': backend, 'host_cpu': perf_common.host_cpu(),
              'device_count': jax.device_count(),
              'cpu_devices': cpu_devices,
-             'keep_freed_host_memory': host.keeps_freed_memory(base),
+             'keep_freed_host_memory': host.keeps_freed_memory(specs.host_spec(base)),
              'jax_version': jax.__version__, 'batch_size': base.train.batch_size,
              'seq_len': base.data.max_seq_len, 'positions_per_batch': positions,
              'real_tokens_per_batch': int(batch['target_mask'].sum()),

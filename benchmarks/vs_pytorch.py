@@ -158,7 +158,7 @@ def main():
   config.parallel.keep_freed_host_memory = not args.jax_malloc_defaults
   # As the train CLI does: before JAX starts, keep freed host memory and split a CPU host into
   # the config's devices.
-  cpu_devices = host.prepare(config)
+  cpu_devices = host.prepare(specs.host_spec(config))
   overrides = perf_common.parse_sets(args.set)
 
   batch = perf_common.first_batch(config)

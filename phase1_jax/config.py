@@ -202,7 +202,7 @@ def _checkpoint() -> ml_collections.ConfigDict:
 
 
 # Fields of earlier versions, with what replaced them. A saved run's config.json may hold them:
-# training-only settings, dropped when it is read back (generation.load_config).
+# training-only settings, dropped when it is read back (specs.load_run_config).
 RETIRED_FIELDS = {
     'loss.vocab_chunk_size': 'use loss.logits_chunk_pages (pages of logits at a time, e.g. 2)',
 }

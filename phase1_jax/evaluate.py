@@ -32,14 +32,15 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every file operation at INFO
     logging.set_verbosity(logging.WARNING)
-  from phase1_jax.inference.generation import InputError, load_config
+  from phase1_jax import specs
   try:
-    config = _CONFIG.value if _CONFIG.value is not None else load_config(_WORKDIR.value)
+    config = (_CONFIG.value if _CONFIG.value is not None
+              else specs.load_run_config(_WORKDIR.value))
     for name, flag in _EVAL.items():
       if flag.value is not None:
         config.eval[name] = flag.value
     config_validation.validate(config)
-  except (ConfigError, InputError, OSError) as e:
+  except (ConfigError, OSError) as e:
     sys.exit(f'error: {e}')
   evaluate(config, _WORKDIR.value, _CHECKPOINT.value)
 
@@ -47,11 +48,13 @@ def main(argv):
 def evaluate(config, workdir, which='best'):
   """Evaluates a validated config's checkpoint; the stack (JAX, Orbax: seconds to import) is
   imported only now, so a bad flag or config fails in a fraction of a second."""
+  from phase1_jax import specs
   from phase1_jax.data.pipeline import DataError
   from phase1_jax.inference.evaluation import evaluate_checkpoint, summary
   from phase1_jax.training.checkpoint import CheckpointError
   try:
-    print(summary(evaluate_checkpoint(config, workdir, which=which)))
+    run = specs.run_spec(config, validated=True)
+    print(summary(evaluate_checkpoint(run, workdir, which=which)))
   except (ConfigError, CheckpointError, DataError,
           OSError) as e:  # user errors, an unwritable results file (faults.WriterError): one line
     sys.exit(f'error: {e}')

@@ -40,19 +40,21 @@ flags.mark_flag_as_required('workdir')
 def main(argv):
   """Imports the stack (JAX, Orbax: seconds) only once the flags parsed: a bad one fails fast."""
   del argv
+  from phase1_jax import specs
   from phase1_jax.data.pipeline import DataError
-  from phase1_jax.inference.generation import InputError, generate_pages, load_config
+  from phase1_jax.inference.generation import InputError, generate_pages
   from phase1_jax.training.checkpoint import CheckpointError
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every file operation at INFO
     logging.set_verbosity(logging.WARNING)
   try:
-    config = _CONFIG.value if _CONFIG.value is not None else load_config(_WORKDIR.value)
+    config = (_CONFIG.value if _CONFIG.value is not None
+              else specs.load_run_config(_WORKDIR.value))
     for name, flag in _DECODE.items():
       if flag.value is not None:
         config.decode[name] = flag.value
-    path, pages = generate_pages(config, _WORKDIR.value, num_samples=_NUM_SAMPLES.value,
-                                 output=_OUTPUT.value, features_path=_FEATURES.value,
-                                 which=_CHECKPOINT.value)
+    path, pages = generate_pages(
+        specs.run_spec(config), _WORKDIR.value, num_samples=_NUM_SAMPLES.value,
+        output=_OUTPUT.value, features_path=_FEATURES.value, which=_CHECKPOINT.value)
   except (ConfigError, CheckpointError, DataError, InputError,
           OSError) as e:  # user errors, a missing file, a full disk (faults.WriterError): one line
     sys.exit(f'error: {e}')

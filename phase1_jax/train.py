@@ -35,13 +35,14 @@ def main(argv):
 def train(config, workdir):
   """Trains a validated config. The training stack (JAX, Orbax, grain: seconds to import) is
   imported only now, so a bad flag or config fails in a fraction of a second."""
+  from phase1_jax import specs
   from phase1_jax.data.pipeline import DataError
   from phase1_jax.training import host
   from phase1_jax.training.checkpoint import CheckpointError
   from phase1_jax.training.loop import train_and_evaluate
   try:
-    host.prepare(config)   # before anything starts JAX's backends
-    train_and_evaluate(config, workdir)
+    host.prepare(specs.host_spec(config))   # before anything starts JAX's backends
+    train_and_evaluate(config, workdir, validated=True)
   except faults.Preempted as e:  # checkpoint committed; a distinct status says "resubmit me"
     print(f'preempted: {e}', file=sys.stderr)
     sys.exit(faults.PREEMPTED_EXIT_CODE)

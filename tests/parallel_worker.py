@@ -46,7 +46,7 @@ def tiny(mode='jit', fsdp=1, data=0):
 
 
 def batches(config, n):
-  source = pipeline.make_source(config, 'train')
+  source = pipeline.make_source(specs.data_spec(config), 'train')
   it = pipeline.train_iterator(source, batch_size=config.train.batch_size, seed=0, epoch=0)
   return [next(it) for _ in range(n)]
 
@@ -61,7 +61,7 @@ def run_single(config, data):
   """The reference: one device, plain jit."""
   tx, graphdef, state = setup(config)
   step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
-                                 loss_spec=step_lib.LossSpec.from_config(config))
+                                 loss_spec=specs.loss_spec(config))
   state = jax.device_put(state, jax.devices()[0])
   losses = []
   for batch in data:
@@ -71,11 +71,11 @@ def run_single(config, data):
 
 
 def run_parallel(config, data, state=None, tx=None, graphdef=None):
-  par = parallel.DataParallel(config)
+  par = parallel.DataParallel(specs.mesh_spec(config))
   if state is None:
     tx, graphdef, state = setup(config)
   abstract = jax.eval_shape(lambda: state)
-  step = par.train_step(graphdef=graphdef, tx=tx, loss_spec=step_lib.LossSpec.from_config(config),
+  step = par.train_step(graphdef=graphdef, tx=tx, loss_spec=specs.loss_spec(config),
                         abstract_state=abstract)
   state = par.place_state(state)
   losses = []
@@ -169,12 +169,12 @@ def checkpoint(directory):
         jax.eval_shape(lambda: fresh))
     restored, _ = ckpt.restore(2, single_target)
   step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
-                                 loss_spec=step_lib.LossSpec.from_config(tiny()))
+                                 loss_spec=specs.loss_spec(tiny()))
   out['one_device_step'] = int(restored.step)
   _, metrics = step(restored, data[2])
   out['one_device'] = [float(metrics['loss'])]
   mesh_4x2 = tiny(data=4, fsdp=2)
-  par_4x2 = parallel.DataParallel(mesh_4x2)
+  par_4x2 = parallel.DataParallel(specs.mesh_spec(mesh_4x2))
   _, state_4x2, losses = run_parallel(mesh_4x2, data[2:], *_restored(mesh_4x2, directory,
                                                                     par_4x2))
   out['mesh_4x2'] = losses
@@ -198,10 +198,11 @@ def errors():
     config = tiny(**{k: v for k, v in overrides.items() if not k.endswith('batch_size')})
     config.train.batch_size = overrides.get('batch_size', config.train.batch_size)
     config.eval.batch_size = overrides.get('eval_batch_size', config.eval.batch_size)
-    out[name] = _config_error(parallel.DataParallel, config)
+    out[name] = _config_error(lambda c: parallel.DataParallel(specs.mesh_spec(c)), config)
   # The last config's eval batch: named before any checkpoint is looked for (no such workdir).
-  out['eval_batch_load'] = _config_error(evaluation_lib.load_trained, config,
-                                         os.path.join(REPO, 'no_such_workdir'))
+  out['eval_batch_load'] = _config_error(
+      lambda c, w: evaluation_lib.load_trained(specs.run_spec(c), w), config,
+      os.path.join(REPO, 'no_such_workdir'))
   return out
 
 
@@ -230,10 +231,12 @@ def evaluation(directory):
   for name, layout in (('mesh_2x4', dict(fsdp=4)), ('mesh_1x1', dict(data=1)),
                        ('one_device', None)):
     cfg = tiny(**(layout or dict(data=1)))
-    par = parallel.DataParallel(cfg)
-    graphdef, params, step, _ = evaluation_lib.load_trained(cfg, workdir, par=par)
-    source = pipeline.make_source(cfg, 'val')
-    evaluate = evaluation_lib.Evaluator(cfg, graphdef, source, par=par if layout else None)
+    par = parallel.DataParallel(specs.mesh_spec(cfg))
+    graphdef, params, step, _ = evaluation_lib.load_trained(specs.run_spec(cfg), workdir,
+                                                            par=par)
+    source = pipeline.make_source(specs.data_spec(cfg), 'val')
+    evaluate = evaluation_lib.Evaluator(specs.eval_spec(cfg), graphdef, source,
+                                        par=par if layout else None)
     if layout is None:
       params = jax.device_put(params, jax.devices()[0])
     metrics[name] = {k: float(v) for k, v in evaluate(params, source).items() if k not in TIMES}

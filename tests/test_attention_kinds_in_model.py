@@ -17,7 +17,6 @@ from phase1_jax.model.phase1 import Phase1Decoder
 from phase1_jax.model.spec import ModelSpec
 from phase1_jax.training import parallel
 from phase1_jax.training import state as state_lib
-from phase1_jax.training import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = attention.KINDS
@@ -34,8 +33,8 @@ def test_a_few_training_steps_with_each_kind(kind):
   tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=6)
   graphdef, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
-                                 loss_spec=step_lib.LossSpec.from_config(config))
-  source = pipeline.make_source(config, 'train')
+                                 loss_spec=specs.loss_spec(config))
+  source = pipeline.make_source(specs.data_spec(config), 'train')
   batches = list(pipeline.train_iterator(source, batch_size=8, seed=0, epoch=0))[:2]
   losses = []
   for i in range(6):

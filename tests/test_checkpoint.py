@@ -432,5 +432,5 @@ def test_evaluate_and_generate_refuse_an_altered_best_step(tmp_path):
                       r'differs from the saved data \(corrupt or altered\)', lines[0]), lines
   assert not os.path.exists(workdir / 'evaluation_results.json')
   with pytest.raises(CheckpointError, match=rf'^{workdir}/checkpoints/8: step 8 fails'):
-    generation.generate_pages(config, str(workdir), num_samples=1)
+    generation.generate_pages(specs.run_spec(config), str(workdir), num_samples=1)
   assert not os.path.exists(workdir / 'generations.jsonl')

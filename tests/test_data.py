@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from phase1_jax import specs
 from phase1_jax.config import base_config
 from phase1_jax.data import pipeline, synthetic, vocab
 
@@ -342,13 +343,13 @@ def test_make_source_from_config():
   config.data.val_samples = 7
   config.data.max_seq_len = 40
   config.model.num_element_types = 12
-  checked = pipeline.make_source(config, 'val')
+  checked = pipeline.make_source(specs.data_spec(config), 'val')
   assert isinstance(checked, pipeline.CheckedSource) and checked.name == 'synthetic val split'
   src = checked.source
   assert len(src) == 7 and src.split == 'val' and src.seed == config.data.seed
   assert src.spec.max_seq_len == 40 and src.spec.num_element_types == 12
   assert src.spec.grid_rows * src.spec.grid_cols == src[0]['features'].shape[0]
-  assert len(pipeline.make_source(config, 'train')) == config.data.train_samples
+  assert len(pipeline.make_source(specs.data_spec(config), 'train')) == config.data.train_samples
 
 
 class _OneBadRecord:
@@ -375,7 +376,7 @@ def test_malformed_record_names_source_and_index(fault, match):
   grain's threaded prefetching, before it reaches a batch."""
   config = base_config()
   config.data.train_samples = 24
-  good = pipeline.make_source(config, 'train')
+  good = pipeline.make_source(specs.data_spec(config), 'train')
   bad = int(np.random.default_rng().integers(24))
   src = pipeline.CheckedSource(_OneBadRecord(good.source, bad, fault), 'pages.bin', good.fields)
   with pytest.raises(pipeline.DataError, match=rf'^pages\.bin\[{bad}\]: {match}'):

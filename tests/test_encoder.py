@@ -341,14 +341,14 @@ def test_pixel_dataset_reads_through_the_pipeline(tmp_path):
   config = base_config()
   config.data.update(name='files', path=str(tmp_path), patch_size=PS, max_patches=P,
                      feature_dim=F, max_seq_len=16)
-  assert pipeline.num_patches(config) == P
-  source = pipeline.make_source(config, 'train')
+  assert specs.data_spec(config).num_patches == P
+  source = pipeline.make_source(specs.data_spec(config), 'train')
   for i, page in enumerate(pages):
     ex = source[i]
     assert ex['features'].shape == (P, F)
     np.testing.assert_array_equal(ex['feature_mask'], np.arange(P) < min(len(page['patches']), P))
   config.data.update(patch_size=0, max_patches=0)
-  assert pipeline.num_patches(config) == config.data.grid_rows * config.data.grid_cols
+  assert specs.data_spec(config).num_patches == config.data.grid_rows * config.data.grid_cols
 
 
 def test_metadata_versions_and_input_kinds(tmp_path):

@@ -29,7 +29,6 @@ from phase1_jax.data import pipeline
 from phase1_jax.inference import evaluation
 from phase1_jax.training import faults, loop, parallel
 from phase1_jax.training import state as state_lib
-from phase1_jax.training import step as step_lib
 from phase1_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
 
 # The run every test here repeats: tiny model, 3 epochs x 8 steps, no BLEU decoding (compiles).
@@ -174,8 +173,8 @@ def test_nonfinite_step_changes_nothing(accumulate):
   tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), STEPS_PER_EPOCH)
   graphdef, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
-                                 loss_spec=step_lib.LossSpec.from_config(config))
-  source = pipeline.make_source(config, 'train')
+                                 loss_spec=specs.loss_spec(config))
+  source = pipeline.make_source(specs.data_spec(config), 'train')
   seed = int(np.random.default_rng().integers(1000))
   b1, b2, b3 = list(pipeline.train_iterator(source, batch_size=8, seed=seed, epoch=0))[:3]
   clean, _ = step(jax.tree.map(jnp.copy, state), b1)
@@ -304,7 +303,7 @@ from absl import app
 from phase1_jax import config_validation, train
 from phase1_jax.training import faults, loop
 
-def interrupted_twice(config, workdir):   # Ctrl-C twice while training, outside a save
+def interrupted_twice(config, workdir, **kwargs):   # Ctrl-C twice while training, outside a save
   with faults.StopSignals():
     signal.raise_signal(signal.SIGINT)
     signal.raise_signal(signal.SIGINT)
@@ -335,7 +334,7 @@ def test_incompatible_checkpoint_is_named(reference, field, value):
                      rf'trained with {field}=\d+ but the config has {field}={value}$'):
     loop.train_and_evaluate(config, workdir)
   with pytest.raises(CheckpointMismatchError, match=field):
-    evaluation.evaluate_checkpoint(config, workdir)
+    evaluation.evaluate_checkpoint(specs.run_spec(config), workdir)
 
 
 def test_unwritable_workdir_fails_before_anything(tmp_path):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from phase1_jax import config as config_lib
-from phase1_jax import config_validation
+from phase1_jax import config_validation, specs
+from phase1_jax.config import ConfigError
 from phase1_jax.data import pipeline, vocab
 from phase1_jax.inference import generation
 
@@ -69,14 +70,14 @@ def test_cli_beam_search_writes_schema_valid_lines(workdir, tmp_path):
 def test_features_file_decodes_like_the_same_validation_pages(workdir, tmp_path):
   """Pages given as a .npy of the validation split's features (all patches valid there) decode
   to the same records as the split itself; sampling with one seed twice is identical."""
-  config = generation.load_config(workdir)
-  source = pipeline.make_source(config, 'val')
+  config = specs.load_run_config(workdir)
+  source = pipeline.make_source(specs.data_spec(config), 'val')
   pages = [source[i] for i in range(3)]
   assert all(p['feature_mask'].all() for p in pages)
   np.save(tmp_path / 'pages.npy', np.stack([p['features'] for p in pages]).astype(np.float16))
-  from_val, _ = generation.generate_pages(config, workdir, num_samples=3,
+  from_val, _ = generation.generate_pages(specs.run_spec(config), workdir, num_samples=3,
                                           output=str(tmp_path / 'val.jsonl'))
-  from_file, n = generation.generate_pages(config, workdir, num_samples=None,
+  from_file, n = generation.generate_pages(specs.run_spec(config), workdir, num_samples=None,
                                            output=str(tmp_path / 'file.jsonl'),
                                            features_path=str(tmp_path / 'pages.npy'))
   assert n == 3
@@ -88,7 +89,7 @@ def test_features_file_decodes_like_the_same_validation_pages(workdir, tmp_path)
     assert a['settings'] == b['settings']
   assert sum(a['markup'] == b['markup'] for a, b in zip(val, file)) >= 2
   config.decode.strategy, config.decode.temperature, config.decode.seed = 'sample', 1.2, 7
-  runs = [read_lines(generation.generate_pages(config, workdir, num_samples=4,
+  runs = [read_lines(generation.generate_pages(specs.run_spec(config), workdir, num_samples=4,
                                                output=str(tmp_path / f's{i}.jsonl'))[0])
           for i in range(2)]
   assert runs[0] == runs[1]
@@ -123,7 +124,7 @@ def test_config_of_an_older_run_gets_todays_defaults(tmp_path):
   del saved['decode']
   saved['model']['d_model'] = 48
   (tmp_path / 'config.json').write_text(json.dumps(saved))
-  config = generation.load_config(str(tmp_path))
+  config = specs.load_run_config(str(tmp_path))
   assert config.model.d_model == 48 and config.decode.strategy == 'greedy'
   config_validation.validate(config)
 
@@ -134,7 +135,7 @@ def test_config_of_an_older_run_drops_retired_fields(tmp_path):
   saved['loss']['vocab_chunk_size'] = 2048
   del saved['loss']['logits_chunk_pages']
   (tmp_path / 'config.json').write_text(json.dumps(saved))
-  config = generation.load_config(str(tmp_path))
+  config = specs.load_run_config(str(tmp_path))
   assert 'vocab_chunk_size' not in config.loss and config.loss.logits_chunk_pages == 0
   config_validation.validate(config)
 
@@ -143,8 +144,8 @@ def test_config_of_an_older_run_drops_retired_fields(tmp_path):
                                         ('{"model": 3}', 'not a training config')])
 def test_damaged_config_json_is_one_line(tmp_path, text, words):
   (tmp_path / 'config.json').write_text(text)
-  with pytest.raises(generation.InputError, match=words) as info:
-    generation.load_config(str(tmp_path))
+  with pytest.raises(ConfigError, match=words) as info:
+    specs.load_run_config(str(tmp_path))
   assert str(info.value).startswith(str(tmp_path / 'config.json')) and '\n' not in str(info.value)
 
 
@@ -152,4 +153,4 @@ def test_damaged_config_json_is_one_line(tmp_path, text, words):
 def test_num_samples_below_one_is_refused_before_anything_loads(tmp_path, n):
   config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
   with pytest.raises(generation.InputError, match=rf'^--num_samples={n}: must be >= 1'):
-    generation.generate_pages(config, str(tmp_path / 'nothing_here'), num_samples=n)
+    generation.generate_pages(specs.run_spec(config), str(tmp_path / 'nothing_here'), num_samples=n)

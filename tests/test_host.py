@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from phase1_jax import config as config_lib
+from phase1_jax import specs
 from phase1_jax.training import host
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,19 +19,21 @@ def test_cpu_device_count(cpu_devices, batch, cores, want):
   """0: the most devices up to the core count that the batch divides by; else as configured."""
   config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
   config.parallel.cpu_devices, config.train.batch_size = cpu_devices, batch
-  assert host.cpu_device_count(config, cores) == want
+  assert host.cpu_device_count(specs.host_spec(config), cores) == want
 
 
 _CONFIGURE = """
 import jax, sys
 from phase1_jax import config as config_lib
+from phase1_jax import specs
 from phase1_jax.training import host
 config = config_lib.load_file('configs/tiny.py')
 config.parallel.cpu_devices = 3
-first = host.configure_cpu_devices(config)
+first = host.configure_cpu_devices(specs.host_spec(config))
 count = jax.device_count()
 config.parallel.cpu_devices = 2
-print('RESULT', first, count, host.configure_cpu_devices(config), jax.device_count())
+again = host.configure_cpu_devices(specs.host_spec(config))
+print('RESULT', first, count, again, jax.device_count())
 """
 
 
@@ -115,4 +118,4 @@ def test_keeps_freed_memory_auto_by_platform(monkeypatch, value, accelerator, wa
   config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
   config.parallel.keep_freed_host_memory = value
   monkeypatch.setattr(host, 'expects_accelerator', lambda: accelerator)
-  assert host.keeps_freed_memory(config) is want
+  assert host.keeps_freed_memory(specs.host_spec(config)) is want

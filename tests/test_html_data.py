@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from phase1_jax import config as config_lib
-from phase1_jax import config_validation
+from phase1_jax import config_validation, specs
 from phase1_jax.data import (
   assemble,
   bpe,
@@ -571,7 +571,7 @@ def test_each_process_reads_its_slice_of_every_global_batch(prepared):
   """Two processes each yield half of every global batch of 4; together they are the global
   batches of one process, page for page (as sets per batch)."""
   config = files_config(prepared[1])
-  source = pipeline.make_source(config, 'train')
+  source = pipeline.make_source(specs.data_spec(config), 'train')
   rows = lambda batch: sorted(tuple(t) for t in batch['targets'])
   whole = [rows(b) for b in pipeline.train_iterator(source, batch_size=4, seed=2, epoch=1)]
   halves = [list(pipeline.train_iterator(source, batch_size=4, seed=2, epoch=1, shard_index=i,
@@ -611,9 +611,10 @@ def test_files_source_through_the_pipeline(prepared):
   _, out, meta, _, _ = prepared
   config = files_config(out)
   config_validation.validate(config)
-  train = pipeline.make_source(config, 'train')
+  train = pipeline.make_source(specs.data_spec(config), 'train')
   assert len(train) == meta['splits']['train']['num_records']
-  assert pipeline.element_open_tag_ids(config) == tuple(meta['element_open_tag_ids'])
+  assert (pipeline.element_open_tag_ids(specs.data_spec(config))
+          == tuple(meta['element_open_tag_ids']))
   batches = list(pipeline.train_iterator(train, batch_size=4, seed=0, epoch=0))
   assert len(batches) == pipeline.steps_per_epoch(train, 4) == len(train) // 4
   t, p = config.data.max_seq_len, config.data.grid_rows * config.data.grid_cols
@@ -695,7 +696,7 @@ def test_trains_and_evaluates_on_prepared_pages(prepared, tmp_path):
     assert np.isfinite(m[k]), k
   # generate on the prepared pages: records valid against the schema, markup decoded by the
   # dataset's BPE (the same text the tokenizer gives for the record's ids).
-  path, n = generation.generate_pages(config, str(tmp_path / 'run'), num_samples=3,
+  path, n = generation.generate_pages(specs.run_spec(config), str(tmp_path / 'run'), num_samples=3,
                                       output=str(tmp_path / 'pages.jsonl'))
   schema = json.load(open(generation.SCHEMA_PATH))
   tokenizer = bpe.load(os.path.join(out, records.TOKENIZER_FILE))

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from phase1_jax import config as config_lib
+from phase1_jax import specs
 from phase1_jax.training import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +106,7 @@ def test_mesh_larger_than_devices_in_process():
   config = config_lib.load_file(os.path.join(REPO, 'configs', 'tiny.py'))
   config.parallel.data = 2
   with pytest.raises(config_lib.ConfigError, match=r'config\.parallel\.data=2: .* 1 present'):
-    parallel.DataParallel(config)
+    parallel.DataParallel(specs.mesh_spec(config))
 
 
 def test_fsdp_larger_than_the_devices_says_what_fits():
@@ -116,7 +117,7 @@ def test_fsdp_larger_than_the_devices_says_what_fits():
   with pytest.raises(config_lib.ConfigError, match=rf'^config\.parallel\.fsdp=8: the mesh needs 8 '
                      rf'devices, {n} present \(fsdp 1 (or .*)?fits; on a CPU host, '
                      r'--config\.parallel\.cpu_devices=8'):
-    parallel.DataParallel(config)
+    parallel.DataParallel(specs.mesh_spec(config))
 
 
 def test_fsdp_spec_picks_the_largest_divisible_axis():

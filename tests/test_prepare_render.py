@@ -12,7 +12,7 @@ import pytest
 from support import skip_module_without_browser
 
 from phase1_jax import config as config_lib
-from phase1_jax import config_validation
+from phase1_jax import config_validation, specs
 from phase1_jax.data import bpe, patches, pipeline, prepare, records, render, synthetic_html
 from phase1_jax.training import loop
 
@@ -124,7 +124,7 @@ def test_patch_weight_needs_patch_labels(rendered, tmp_path):
   config = config_lib.load_file(os.path.join(REPO, 'configs', 'pixels_small.py'), copy)
   config.loss.patch_weight = 1.0
   with pytest.raises(pipeline.DataError, match='dataset.json: its records hold no patch labels'):
-    pipeline.make_source(config, 'train')
+    pipeline.make_source(specs.data_spec(config), 'train')
 
 
 def test_trains_on_pixels(rendered, tmp_path):

@@ -30,8 +30,8 @@ def tiny_setup(config, steps_per_epoch):
   tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=steps_per_epoch)
   graphdef, state = state_lib.create_train_state(specs.model_spec(config), tx, seed=config.seed)
   step = parallel.jit_train_step(graphdef=graphdef, tx=tx,
-                                 loss_spec=step_lib.LossSpec.from_config(config))
-  source = pipeline.make_source(config, 'train')
+                                 loss_spec=specs.loss_spec(config))
+  source = pipeline.make_source(specs.data_spec(config), 'train')
   batches = list(pipeline.train_iterator(source, batch_size=8, seed=0, epoch=0))[:4]
   return tx, graphdef, state, step, batches
 
@@ -191,7 +191,7 @@ def test_gradient_accumulation_updates_every_k_micro_batches():
   config.model.dropout_rate = 0.0
   tx, graphdef, state, step, (b1, b2, *_) = tiny_setup(config, steps_per_epoch=8)
   assert isinstance(tx, optax.MultiSteps)
-  spec = step_lib.LossSpec.from_config(config)
+  spec = specs.loss_spec(config)
   start = jax.device_get(state.params)
 
   def grads(batch):
@@ -227,7 +227,7 @@ def test_chunked_loss_train_step_matches_plain():
     state, metrics = step(state, batch)   # the step donates its input state
     results.append(jax.device_get(metrics))
     evaluate = parallel.jit_eval_step(graphdef=graphdef,
-                                      loss_spec=step_lib.LossSpec.from_config(config))
+                                      loss_spec=specs.loss_spec(config))
     evals.append(jax.device_get(evaluate(state.params, batch)))
   chex.assert_trees_all_close(results[1], results[0], rtol=1e-5, atol=1e-6)
   assert results[0]['grad_norm'] > 0

@@ -11,7 +11,7 @@ import pytest
 from support import skip_module_without_browser
 
 from phase1_jax import config as config_lib
-from phase1_jax import render_metrics, visual_metrics
+from phase1_jax import render_metrics, specs, visual_metrics
 from phase1_jax.config import ConfigError
 from phase1_jax.data import records, render
 from phase1_jax.inference import visual_evaluation
@@ -104,6 +104,6 @@ def test_missing_browser_is_one_line_naming_the_field(dataset, monkeypatch):
     raise render.RenderUnavailable('no Chromium found: install it')
   monkeypatch.setattr(render, 'check_available', unavailable)
   with pytest.raises(ConfigError, match=r'^eval.render_samples=2 renders pages: no Chromium found'):
-    visual_evaluation.RenderEvalSpec.from_config(config)
+    specs.render_eval_spec(config)
   config.eval.render_samples = 0
-  assert visual_evaluation.RenderEvalSpec.from_config(config) is None
+  assert specs.render_eval_spec(config) is None

@@ -9,22 +9,28 @@ disjoint, equal-sized slice of every epoch's order (train.batch_size is then per
 """
 from __future__ import annotations
 
+import dataclasses
+
 import grain
-import ml_collections
 import numpy as np
 
 from phase1_jax.data import records, synthetic, vocab
 
 
-def page_spec(config: ml_collections.ConfigDict) -> synthetic.PageSpec:
-  d, m = config.data, config.model
-  return synthetic.PageSpec(
-      max_seq_len=d.max_seq_len, num_semantic_classes=m.num_semantic_classes,
-      num_element_types=m.num_element_types, grid_rows=d.grid_rows, grid_cols=d.grid_cols,
-      feature_dim=d.feature_dim, feature_noise=d.feature_noise, text_visibility=d.text_visibility,
-      min_sections=d.min_sections, max_sections=d.max_sections,
-      max_elements_per_section=d.max_elements_per_section,
-      max_words_per_element=d.max_words_per_element)
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """Where a run's pages come from and their shapes (specs.data_spec reads config.data).
+  name: 'synthetic' (SyntheticPages of `page`, seeded by `seed`) or 'files' (the prepared
+  directory `path`); num_patches: P per page; patch_labels: the loss trains on patch labels,
+  which a prepared directory must then hold."""
+  name: str
+  page: synthetic.PageSpec
+  num_patches: int
+  path: str = ''
+  seed: int = 0
+  train_samples: int = 0
+  val_samples: int = 0
+  patch_labels: bool = False
 
 
 # One error type for unusable data, whether a prepared directory's files (records.py: dataset.json,
@@ -33,17 +39,10 @@ def page_spec(config: ml_collections.ConfigDict) -> synthetic.PageSpec:
 DataError = records.DatasetError
 
 
-def num_patches(config: ml_collections.ConfigDict) -> int:
-  """P, the patches per page a batch holds: data.max_patches for pixel input (data.patch_size >
-  0), else the layout grid's grid_rows * grid_cols."""
-  d = config.data
-  return d.max_patches if d.patch_size > 0 else d.grid_rows * d.grid_cols
-
-
 def record_spec(spec: synthetic.PageSpec,
                 patches: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """{key: (shape, dtype)} every page record must have (see SyntheticPages): P = `patches`
-  (num_patches(config)), by default the spec's grid_rows * grid_cols; F = spec.feature_dim."""
+  (DataSpec.num_patches), by default the spec's grid_rows * grid_cols; F = spec.feature_dim."""
   t = spec.max_seq_len
   p = spec.grid_rows * spec.grid_cols if patches is None else patches
   i32, f32, b = np.dtype(np.int32), np.dtype(np.float32), np.dtype(bool)
@@ -79,30 +78,28 @@ class CheckedSource:
     return record
 
 
-def make_source(config: ml_collections.ConfigDict, split: str):
+def make_source(data: DataSpec, split: str):
   """The random-access page source of a split ('train' or 'val'), record-checked."""
-  d = config.data
-  if d.name == 'files':
-    if config.loss.patch_weight and not records.read_metadata(d.path).get('patch_labels'):
-      raise DataError(f'{d.path}/{records.METADATA_FILE}: its records hold no patch labels, which '
-                      'loss.patch_weight > 0 trains on (prepare --render writes them; or set '
-                      'loss.patch_weight=0)')
-    return records.FilePages(d.path, split, max_seq_len=d.max_seq_len,
-                             num_patches=num_patches(config))
-  n = {'train': config.data.train_samples, 'val': config.data.val_samples}[split]
-  spec = page_spec(config)
-  pages = synthetic.SyntheticPages(spec, num_samples=n, seed=config.data.seed, split=split)
-  return CheckedSource(pages, f'{config.data.name} {split} split',
-                       record_spec(spec, num_patches(config)))
+  if data.name == 'files':
+    if data.patch_labels and not records.read_metadata(data.path).get('patch_labels'):
+      raise DataError(f'{data.path}/{records.METADATA_FILE}: its records hold no patch labels, '
+                      'which loss.patch_weight > 0 trains on (prepare --render writes them; or '
+                      'set loss.patch_weight=0)')
+    return records.FilePages(data.path, split, max_seq_len=data.page.max_seq_len,
+                             num_patches=data.num_patches)
+  n = {'train': data.train_samples, 'val': data.val_samples}[split]
+  pages = synthetic.SyntheticPages(data.page, num_samples=n, seed=data.seed, split=split)
+  return CheckedSource(pages, f'{data.name} {split} split',
+                       record_spec(data.page, data.num_patches))
 
 
-def element_open_tag_ids(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+def element_open_tag_ids(data: DataSpec) -> tuple[int, ...]:
   """The detail token id of each element type's open tag (the consistency loss reads them): the
   fixed vocabulary's, or the prepared dataset's BPE ids (dataset.json)."""
-  if config.data.name == 'files':
-    ids = records.read_metadata(config.data.path).get('element_open_tag_ids')
+  if data.name == 'files':
+    ids = records.read_metadata(data.path).get('element_open_tag_ids')
     if ids is None:
-      raise DataError(f'{config.data.path}/{records.METADATA_FILE}: no element_open_tag_ids (the '
+      raise DataError(f'{data.path}/{records.METADATA_FILE}: no element_open_tag_ids (the '
                       'consistency loss reads them; prepare writes them)')
     return tuple(ids)
   return vocab.ELEMENT_OPEN_TAG_IDS

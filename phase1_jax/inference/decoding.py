@@ -35,13 +35,6 @@ class DecodeSettings:
   beam_size: int = 4           # beam
   length_penalty: float = 0.6  # beam: score = log_prob / ((5 + length) / 6) ** length_penalty
 
-  @classmethod
-  def from_config(cls, config) -> DecodeSettings:
-    d = config.decode
-    return cls(max_len=d.max_len or config.data.max_seq_len, strategy=d.strategy,
-               temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, beam_size=d.beam_size,
-               length_penalty=d.length_penalty)
-
 
 @dataclasses.dataclass(frozen=True)
 class TokenIds:

@@ -5,14 +5,12 @@ import contextlib
 import dataclasses
 import os
 import time
+from typing import TYPE_CHECKING
 
 import jax
-import ml_collections
 import numpy as np
 
 from phase1_jax import baselines as baselines_lib
-from phase1_jax import config as config_lib
-from phase1_jax import config_validation, specs
 from phase1_jax import metrics as metrics_lib
 from phase1_jax.data import pipeline, vocab
 from phase1_jax.inference import decoding, visual_evaluation
@@ -21,14 +19,11 @@ from phase1_jax.training import state as state_lib
 from phase1_jax.training.checkpoint import Checkpointer
 from phase1_jax.training.step import LossSpec
 
+if TYPE_CHECKING:   # specs imports this module
+  from phase1_jax.specs import RunSpec
+
 SCALAR_KEYS = ('loss', 'loss_detail', 'loss_semantic', 'loss_element', 'loss_consistency')
 OPTIONAL_SCALAR_KEYS = ('loss_patch',)   # with loss.patch_weight > 0
-
-
-def targets(config: ml_collections.ConfigDict) -> dict[str, float]:
-  e = config.eval
-  return {'bleu': e.bleu_target, 'element_f1': e.element_f1_target,
-          'semantic_accuracy': e.semantic_accuracy_target}
 
 
 # The scores that read the model's markup; on a pixel dataset the generated ones are the headline
@@ -37,23 +32,40 @@ HEADLINE_KEYS = ('element_precision', 'element_recall', 'element_f1', 'element_p
                  'element_recall_macro', 'element_f1_macro', 'semantic_accuracy')
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  """config.eval (+ decode, loss): batches of `batch_size`; BLEU and the generated scores on the
+  first `bleu_samples` val pages decoded with `decode` from `decode_seed`; the targets
+  ({metric: value}) the targets_score counts; `generated_headline` (pixel input): element and
+  section scores read the generated markup; `render`: rendered evaluation, or None."""
+  batch_size: int
+  bleu_samples: int
+  element_threshold: float
+  targets: dict = dataclasses.field(compare=False)
+  decode: decoding.DecodeSettings
+  decode_seed: int
+  loss: LossSpec
+  vocab_size: int
+  generated_headline: bool = False
+  render: visual_evaluation.RenderEvalSpec | None = None
+
+
 @dataclasses.dataclass
 class Evaluator:
   """Compiled eval step and greedy decoder for one model graph; call with params.
 
-  `source` (the val split) is needed only for rendered evaluation (eval.render_samples > 0):
+  `source` (the val split) is needed only for rendered evaluation (spec.render):
   its references are rendered once, at the first call. Results hold `pictures` ({name:
   HxWx3}) when pages were rendered; the caller logs and removes them. With `par` the steps are
   compiled for its layout (jit: over its mesh, the params as sharded as in training, each batch
   split over the devices); without, plain jit on the params' devices."""
-  config: ml_collections.ConfigDict
+  spec: EvalSpec
   graphdef: object
   source: object = None
   par: parallel.DataParallel | None = None
 
   def __post_init__(self):
-    c = self.config
-    loss_spec, settings = LossSpec.from_config(c), decoding.DecodeSettings.from_config(c)
+    loss_spec, settings = self.spec.loss, self.spec.decode
     ids = decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID)
     if self.par is None:
       self.eval_step = parallel.jit_eval_step(graphdef=self.graphdef, loss_spec=loss_spec)
@@ -61,14 +73,12 @@ class Evaluator:
     else:   # these take host batches and place them
       self.eval_step = self.par.eval_step(graphdef=self.graphdef, loss_spec=loss_spec)
       self.generate = self.par.generate(graphdef=self.graphdef, settings=settings, ids=ids)
-    self.id_to_token = vocab.id_to_token(c.model.vocab_size)
-    render_spec = visual_evaluation.RenderEvalSpec.from_config(c)
-    self.judge = None if render_spec is None else visual_evaluation.PageJudge(
-        render_spec, self.source)
-    self.generated_headline = bool(c.data.patch_size)
+    self.id_to_token = vocab.id_to_token(self.spec.vocab_size)
+    self.judge = None if self.spec.render is None else visual_evaluation.PageJudge(
+        self.spec.render, self.source)
 
   def __call__(self, params, source) -> dict[str, float]:
-    c = self.config.eval
+    c = self.spec
     acc = metrics_lib.MetricAccumulator(threshold=c.element_threshold)
     sums = dict.fromkeys(SCALAR_KEYS, 0.0)
     token_correct = token_total = pages = 0
@@ -88,14 +98,14 @@ class Evaluator:
     result['token_accuracy'] = token_correct / max(token_total, 1)
     if c.bleu_samples:
       result.update(self.generate_and_score(params, source, c.bleu_samples))
-      if self.generated_headline:
+      if c.generated_headline:
         for k in HEADLINE_KEYS:
           result[f'{k}_teacher_forced'] = result[k]
           result[k] = result[f'{k}_generated']
     return result
 
   def generate_and_score(self, params, source, num_pages: int) -> dict:
-    """Generations (config.decode: greedy by default) of the first `num_pages` pages, scored as a
+    """Generations (spec.decode: greedy by default) of the first `num_pages` pages, scored as a
     user would see them: corpus BLEU (0..1) against the reference markup; element P/R/F1 of
     the classifier and the semantic head's section classes reading the generated markup instead
     of the reference (`*_generated`; sections aligned to the reference tokens, see
@@ -104,12 +114,12 @@ class Evaluator:
     visual metrics of the first eval.render_samples (rendered while the next batch decodes)."""
     start = time.perf_counter()
     hyps, refs, unfinished, decode_seconds = [], [], 0, 0.0
-    acc = metrics_lib.MetricAccumulator(threshold=self.config.eval.element_threshold)
+    acc = metrics_lib.MetricAccumulator(threshold=self.spec.element_threshold)
     strings = lambda t: metrics_lib.tokens_to_strings(
         t, self.id_to_token, eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
-    rng = jax.random.key(self.config.decode.seed)
+    rng = jax.random.key(self.spec.decode_seed)
     with self.judge.session() if self.judge else contextlib.nullcontext() as session:
-      for batch, real in pipeline.eval_batches(source, batch_size=self.config.eval.batch_size,
+      for batch, real in pipeline.eval_batches(source, batch_size=self.spec.batch_size,
                                                limit=num_pages):
         t = time.perf_counter()
         out = jax.device_get(self.generate(params, batch['features'], batch['feature_mask'],
@@ -139,32 +149,32 @@ class Evaluator:
     return out
 
 
-def with_targets(config, result: dict) -> dict:
-  """Adds targets_score and the pass/fail report (needs bleu; skipped without it)."""
-  t = targets(config)
+def with_targets(t: dict, result: dict) -> dict:
+  """Adds the targets_score of the targets `t` (needs bleu; skipped without it)."""
   if all(k in result for k in t):
     result['targets_score'] = metrics_lib.targets_score(result, t)
   return result
 
 
-def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'best',
+def load_trained(run: RunSpec, workdir: str, *, which: str = 'best',
                  par: parallel.DataParallel | None = None):
   """The model graph and trained params of `workdir`'s best (or latest) checkpoint:
   (graphdef, params, step, extra). Falls back to the latest when no best is recorded.
 
-  The params land on the layout `par` (default: DataParallel(config), this host's mesh): jit
+  The params land on the layout `par` (default: DataParallel(run.mesh), this host's mesh): jit
   mode shards them over the mesh as in training, so a model too big for one device loads;
   pmap mode puts them on this process's first device. Pass the same `par` to Evaluator."""
-  par = par or parallel.DataParallel(config)   # layout errors before any file is read
-  tx, _ = state_lib.make_optimizer(specs.optimizer_spec(config), pipeline.steps_per_epoch(
-      pipeline.make_source(config, 'train'), config.train.batch_size))
-  graphdef, abstract_state = state_lib.create_train_state(
-      specs.model_spec(config), tx, seed=config.seed, abstract=True)
-  best = config.checkpoint.best_metric
+  par = par or parallel.DataParallel(run.mesh)   # layout errors before any file is read
+  # The restore target's structure: the optimizer state's does not depend on the schedule's
+  # length, so any step count gives it.
+  tx, _ = state_lib.make_optimizer(run.optimizer, steps_per_epoch=1)
+  graphdef, abstract_state = state_lib.create_train_state(run.model, tx, seed=run.seed,
+                                                          abstract=True)
+  best, best_mode = run.checkpoint.best_metric, run.checkpoint.best_mode
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f'{ckpt_dir}: no checkpoints directory (train first)')
-  with Checkpointer(ckpt_dir, best_metric=best, best_mode=config_lib.METRIC_MODES[best]) as ckpt:
+  with Checkpointer(ckpt_dir, best_metric=best, best_mode=best_mode) as ckpt:
     step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -173,20 +183,20 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, *, which: str 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = par.restore_target(abstract_state) if par.mode == 'jit' else jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
-    state, extra = ckpt.restore(step, target, expect_config=config_lib.architecture(config))
+    state, extra = ckpt.restore(step, target, expect_config=dict(run.architecture))
   return graphdef, state.params, step, extra
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'best'):
+def evaluate_checkpoint(run: RunSpec, workdir: str, *, which: str = 'best'):
   """Restores the best (or latest) checkpoint of `workdir` and evaluates it on the val split.
 
   Writes and returns evaluation_results.json's content.
   """
-  config_validation.validate(config)
-  par = parallel.DataParallel(config)   # the run's layout, checked before anything loads
-  source = pipeline.make_source(config, 'val')
-  graphdef, params, step, extra = load_trained(config, workdir, which=which, par=par)
-  result = with_targets(config, Evaluator(config, graphdef, source, par=par)(params, source))
+  par = parallel.DataParallel(run.mesh)   # the run's layout, checked before anything loads
+  source = pipeline.make_source(run.data, 'val')
+  graphdef, params, step, extra = load_trained(run, workdir, which=which, par=par)
+  targets = run.eval.targets
+  result = with_targets(targets, Evaluator(run.eval, graphdef, source, par=par)(params, source))
   pictures = result.pop('pictures', {})
   report = {
       'checkpoint_step': step,
@@ -194,9 +204,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, whic
       'split': 'val',
       'num_pages': len(source),
       'metrics': result,
-      'targets': metrics_lib.target_report(result, targets(config)) if 'bleu' in result else None,
+      'targets': metrics_lib.target_report(result, targets) if 'bleu' in result else None,
   }
-  baselines = baselines_lib.load(config.data.path) if config.data.name == 'files' else None
+  baselines = baselines_lib.load(run.data.path) if run.data.name == 'files' else None
   if baselines is not None:
     report['baselines'] = baselines
   if jax.process_index() == 0:

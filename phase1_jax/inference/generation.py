@@ -1,4 +1,4 @@
-"""generate_pages(config, workdir): a trained checkpoint -> one JSON object per page (JSON Lines).
+"""generate_pages(run, workdir): a trained checkpoint -> one JSON object per page (JSON Lines).
 
 Each record (the format `schemas/generation.schema.json` defines): the decoded markup and its
 token ids, the sections (runs of tokens with one predicted semantic class, by name), the element
@@ -10,50 +10,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import TYPE_CHECKING
 
 import jax
-import ml_collections
 import numpy as np
 
-from phase1_jax import config as config_lib
-from phase1_jax import config_validation, specs
 from phase1_jax.data import bpe, pipeline, records, vocab
 from phase1_jax.inference import decoding, evaluation
 from phase1_jax.training import parallel, reporting
+
+if TYPE_CHECKING:   # specs imports evaluation, which this module imports
+  from phase1_jax.specs import RunSpec
 
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'schemas',
                            'generation.schema.json')
 
 
 class InputError(ValueError):
-  """A user-supplied input (features file, workdir) is unusable; one line naming it."""
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with: its workdir's config.json over today's defaults (so a
-  run saved before a config section existed still loads), less config.RETIRED_FIELDS."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: no config.json (is {workdir} a training workdir?)')
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise InputError(f'{path}: unreadable ({e})') from None
-  if not isinstance(saved, dict):
-    raise InputError(f'{path}: holds a JSON {type(saved).__name__}, expected the config object')
-  try:
-    for field in config_lib.RETIRED_FIELDS:
-      *sections, name = field.split('.')
-      node = saved
-      for section in sections:
-        node = node.get(section, {})
-      node.pop(name, None)
-    config = config_lib.base_config()
-    config.update(ml_collections.ConfigDict(saved))
-  except (AttributeError, TypeError, KeyError, ValueError) as e:   # a section or value mangled
-    raise InputError(f'{path}: not a training config ({" ".join(str(e).split())})') from None
-  return config
+  """A user-supplied input (a features file, a sample count) is unusable; one line naming it."""
 
 
 class FeatureFile:
@@ -88,13 +62,13 @@ class FeatureFile:
     return {'features': self.features[i], 'feature_mask': np.ones(self.features.shape[1], bool)}
 
 
-def markup_decoder(config: ml_collections.ConfigDict):
+def markup_decoder(data: pipeline.DataSpec, vocab_size: int):
   """token ids (before EOS) -> markup text: the fixed vocabulary's tokens joined by spaces, or
   the prepared dataset's byte-level BPE (data.name='files')."""
-  if config.data.name == 'files':
-    tokenizer = bpe.load(os.path.join(config.data.path, records.TOKENIZER_FILE))
+  if data.name == 'files':
+    tokenizer = bpe.load(os.path.join(data.path, records.TOKENIZER_FILE))
     return lambda ids: bpe.decode(tokenizer, ids)
-  id_to_token = vocab.id_to_token(config.model.vocab_size)
+  id_to_token = vocab.id_to_token(vocab_size)
   return lambda ids: ' '.join(id_to_token[i] for i in ids)
 
 
@@ -133,37 +107,36 @@ def page_records(out: dict, sources: list[str], *, settings: dict, threshold: fl
   return records
 
 
-def generate_pages(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int | None,
+def generate_pages(run: RunSpec, workdir: str, *, num_samples: int | None,
                    output: str | None = None, features_path: str | None = None,
                    which: str = 'best') -> tuple[str, int]:
   """Decodes `num_samples` pages (all if None) of the validation split, or of `features_path`,
-  with the checkpoint `which` of `workdir` and `config.decode`; writes JSON Lines to `output`
+  with the checkpoint `which` of `workdir` and `run.eval.decode`; writes JSON Lines to `output`
   (default `<workdir>/generations.jsonl`). Returns (output path, pages written)."""
   if num_samples is not None and num_samples < 1:
     raise InputError(f'--num_samples={num_samples}: must be >= 1 (leave it out for all pages)')
-  config_validation.validate(config)
   if features_path is not None:
-    source = FeatureFile(features_path, config.data.feature_dim)
+    source = FeatureFile(features_path, run.model.feature_dim)
     source_name = lambda i: f'{source.name}:{i}'
   else:
-    source = pipeline.make_source(config, 'val')
+    source = pipeline.make_source(run.data, 'val')
     source_name = lambda i: f'val:{i}'
-  par = parallel.DataParallel(config)   # the run's layout: params sharded as in training
-  graphdef, params, step, _ = evaluation.load_trained(config, workdir, which=which, par=par)
-  settings = decoding.DecodeSettings.from_config(config)
+  par = parallel.DataParallel(run.mesh)   # the run's layout: params sharded as in training
+  graphdef, params, step, _ = evaluation.load_trained(run, workdir, which=which, par=par)
+  e = run.eval
+  settings = e.decode
   generate = par.generate(   # places the host batches itself
       graphdef=graphdef, settings=settings,
       ids=decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID))
   record_settings = {
       **dataclasses.asdict(settings),
-      'seed': config.decode.seed, 'element_threshold': config.eval.element_threshold,
-      'checkpoint_step': step,
-      'attention_kind': specs.attention_kind(config.model.attention.kind),
+      'seed': e.decode_seed, 'element_threshold': e.element_threshold,
+      'checkpoint_step': step, 'attention_kind': run.model.attention.kind,
   }
-  decode = markup_decoder(config)
-  rng = jax.random.key(config.decode.seed)
+  decode = markup_decoder(run.data, run.model.vocab_size)
+  rng = jax.random.key(e.decode_seed)
   lines, done = [], 0
-  for batch, real in pipeline.eval_batches(source, batch_size=config.eval.batch_size,
+  for batch, real in pipeline.eval_batches(source, batch_size=e.batch_size,
                                            limit=num_samples):
     # Batch keys are fold_in(seed key, first page index): the same seed, batch size and pages
     # give the same samples.
@@ -172,7 +145,7 @@ def generate_pages(config: ml_collections.ConfigDict, workdir: str, *, num_sampl
     out = {k: np.asarray(v)[:real] for k, v in out.items()}
     for record in page_records(out, [source_name(done + i) for i in range(real)],
                                settings=record_settings,
-                               threshold=config.eval.element_threshold, decode=decode):
+                               threshold=e.element_threshold, decode=decode):
       lines.append(json.dumps(record))
     done += real
   output = output or os.path.join(workdir, 'generations.jsonl')

@@ -15,11 +15,9 @@ import os
 import time
 from typing import Sequence
 
-import ml_collections
 import numpy as np
 
 from phase1_jax import render_metrics
-from phase1_jax.config import ConfigError
 from phase1_jax.data import bpe, patches, records, render
 
 PICTURE_HEIGHT = 512   # px of each panel of a TensorBoard picture
@@ -33,24 +31,6 @@ class RenderEvalSpec:
   pictures: int
   workers: int
   spec: render.RenderSpec
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> RenderEvalSpec | None:
-    """None when eval.render_samples is 0; ConfigError (one line) when no browser runs."""
-    e = config.eval
-    if not e.render_samples:
-      return None
-    settings = records.read_metadata(config.data.path).get('render') or {}
-    spec = render.RenderSpec(width=int(settings.get('width', 1024)),
-                             max_height=int(settings.get('max_height', 2048)),
-                             javascript=bool(settings.get('javascript', False)),
-                             browser=e.render_browser or None)
-    try:
-      spec = dataclasses.replace(spec, browser=render.check_available(spec))
-    except render.RenderUnavailable as err:
-      raise ConfigError(f'eval.render_samples={e.render_samples} renders pages: {err} (or set '
-                        '--config.eval.render_samples=0)') from None
-    return cls(e.render_samples, min(e.render_pictures, e.render_samples), e.render_workers, spec)
 
 
 class PageJudge:

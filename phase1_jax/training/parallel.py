@@ -24,7 +24,6 @@ import dataclasses
 import functools
 
 import jax
-import ml_collections
 from flax import jax_utils, nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -39,18 +38,15 @@ MESH_AXES = ('data', 'fsdp')
 PMAP_AXIS = 'batch'
 
 
-def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """`jax.distributed.initialize` when the config asks for several processes. 'auto' lets JAX
-  find the cluster (TPU pods, SLURM, Open MPI); an explicit coordinator serves GPU clusters and
-  the local multi-process test. Must run before anything touches a device."""
-  p = config.parallel
-  if p.distributed == 'off':
-    return
-  if p.distributed == 'auto':
-    jax.distributed.initialize()
-    return
-  jax.distributed.initialize(coordinator_address=p.coordinator_address,
-                             num_processes=p.num_processes, process_id=p.process_id)
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  """The layout: 'pmap' (replicated state) or 'jit' over a data x fsdp mesh (data 0: all the
+  devices fsdp leaves); the global train and eval batch sizes it splits."""
+  batch_size: int
+  eval_batch_size: int
+  mode: str = 'jit'
+  data: int = 0
+  fsdp: int = 1
 
 
 def fsdp_spec(shape, fsdp: int) -> P:
@@ -85,8 +81,8 @@ class DataParallel:
   Validates the layout (and the train and eval batch sizes) against the devices before anything
   compiles (one-line ConfigError)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    p, batch = config.parallel, config.train.batch_size
+  def __init__(self, spec: MeshSpec):
+    p, batch = spec, spec.batch_size
     self.mode = p.mode
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     if batch % self.process_count:
@@ -119,8 +115,8 @@ class DataParallel:
     if batch % (data * p.fsdp):
       raise ConfigError(f'config.train.batch_size={batch}: must be divisible by the '
                         f'data-parallel size data x fsdp = {data * p.fsdp}')
-    if config.eval.batch_size % (data * p.fsdp):   # evaluation splits its batches the same way
-      raise ConfigError(_eval_batch_error(config.eval.batch_size, data, p.fsdp))
+    if p.eval_batch_size % (data * p.fsdp):   # evaluation splits its batches the same way
+      raise ConfigError(_eval_batch_error(p.eval_batch_size, data, p.fsdp))
     self.num_devices = data * p.fsdp
     self.fsdp = p.fsdp
     self.mesh = jax.make_mesh((data, p.fsdp), MESH_AXES, devices=jax.devices()[:data * p.fsdp],

@@ -3,15 +3,40 @@
 and one epoch of steps with its logging, mid-epoch checkpoints and stop signals."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
 from absl import logging
 
-from phase1_jax import config as config_lib
 from phase1_jax.data import pipeline
 from phase1_jax.training import faults, reporting
 from phase1_jax.training.checkpoint import CONFIG_KEY
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """config.train's loop fields (data_seed: the epochs' shuffling seed, config.data.seed)."""
+  batch_size: int
+  num_epochs: int
+  data_seed: int = 0
+  log_every_steps: int = 20
+  histogram_every_epochs: int = 1
+  early_stopping_patience: int = 0
+  stop_when_targets_met: bool = False
+  max_consecutive_nonfinite: int = 0
+  accumulate_grad_batches: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+  """config.checkpoint: the metric that picks the best checkpoint and its direction ('min' or
+  'max'), how many to keep, a mid-epoch save every `every_steps` (0: epoch ends only)."""
+  best_metric: str
+  best_mode: str
+  max_to_keep: int = 3
+  every_steps: int = 0
+  async_save: bool = True
 
 
 class EarlyStopping:
@@ -42,10 +67,10 @@ def host_step(par, state) -> int:
   return int(jax.device_get(par.unreplicate(state.step)))
 
 
-def train_iterator(config, par, source, epoch):
+def train_iterator(train: TrainSpec, par, source, epoch):
   """This process's slice of every global batch of the epoch."""
-  return pipeline.train_iterator(source, batch_size=config.train.batch_size,
-                                 seed=config.data.seed, epoch=epoch,
+  return pipeline.train_iterator(source, batch_size=train.batch_size, seed=train.data_seed,
+                                 epoch=epoch,
                                  shard_index=par.process_index, shard_count=par.process_count)
 
 
@@ -53,12 +78,13 @@ class Run:
   """The loop's host-side state that a checkpoint must carry besides the TrainState: the epoch
   and position in it, the epoch's running loss, early stopping, non-finite counters, time."""
 
-  def __init__(self, config, par, extra, resumed_batches, steps_per_epoch, schedule, ckpt):
-    t = config.train
-    self.config, self.par, self.steps_per_epoch, self.schedule, self.ckpt = (
-        config, par, steps_per_epoch, schedule, ckpt)
-    self.stopper = EarlyStopping(config_lib.METRIC_MODES[config.checkpoint.best_metric],
-                                 t.early_stopping_patience, **extra.get('early_stopping', {}))
+  def __init__(self, spec, par, extra, resumed_batches, steps_per_epoch, schedule, ckpt):
+    """spec: the run's specs.RunSpec (train, checkpoint and the config it saves)."""
+    t = spec.train
+    self.spec, self.par, self.steps_per_epoch, self.schedule, self.ckpt = (
+        spec, par, steps_per_epoch, schedule, ckpt)
+    self.stopper = EarlyStopping(spec.checkpoint.best_mode, t.early_stopping_patience,
+                                 **extra.get('early_stopping', {}))
     self.nonfinite = faults.NonFiniteCounter(t.max_consecutive_nonfinite,
                                              **extra.get('nonfinite', {}))
     self.train_seconds = extra.get('train_seconds', 0.0)
@@ -76,7 +102,7 @@ class Run:
     extra = {'epoch': epoch, 'epoch_step': epoch_step, 'loss_sum': self.loss_sum,
              'loss_count': self.loss_count, 'early_stopping': self.stopper.state(),
              'nonfinite': self.nonfinite.state(), 'train_seconds': self.train_seconds + seconds,
-             'stopped': stopped, CONFIG_KEY: self.config.to_dict()}
+             'stopped': stopped, CONFIG_KEY: dict(self.spec.config)}
     with self.signals.saving():
       self.reporter.flush()
       # The unreplicated state: a checkpoint restores in any parallel mode or mesh.
@@ -106,7 +132,7 @@ class Run:
   def _pull(self, step: int, metrics, epoch: int, bar, meter: dict) -> None:
     """A finished step's metrics to the host: the non-finite counter, the epoch's loss, the
     progress bar, and every train.log_every_steps (or on a skipped step) the logs."""
-    t = self.config.train
+    t = self.spec.train
     metrics = self.par.metrics_to_host(metrics)
     nonfinite = bool(metrics.pop('nonfinite'))
     self.nonfinite.update(step, nonfinite)
@@ -134,8 +160,8 @@ class Run:
     The next step is dispatched before the previous step's metrics are pulled to the host, so the
     device never waits on Python logging.
     """
-    t, every = self.config.train, self.config.checkpoint.every_steps
-    batches = self.resumed_batches or train_iterator(self.config, self.par, source, epoch)
+    t, every = self.spec.train, self.spec.checkpoint.every_steps
+    batches = self.resumed_batches or train_iterator(t, self.par, source, epoch)
     if self.resumed_batches is None:
       self.epoch_step, self.loss_sum, self.loss_count = 0, 0.0, 0
     self.resumed_batches = None

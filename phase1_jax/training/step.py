@@ -9,7 +9,6 @@ import optax
 from flax import nnx
 
 from phase1_jax import detail_loss, losses
-from phase1_jax.data import pipeline
 from phase1_jax.training.state import TrainState
 
 MODEL_INPUTS = ('features', 'feature_mask', 'inputs')
@@ -24,13 +23,6 @@ class LossSpec:
   logits_chunk_pages: int = 0   # > 0: detail logits that many pages at a time (fused_head_loss)
   patch_weight: float = 0.0     # > 0: + this times the patch-label loss (pixel input)
   num_semantic_classes: int = 0
-
-  @classmethod
-  def from_config(cls, config) -> 'LossSpec':
-    weights = tuple((task, config.loss[f'{task}_weight']) for task in losses.TASKS)
-    return cls(config.loss.weighting, weights, pipeline.element_open_tag_ids(config),
-               config.loss.logits_chunk_pages, config.loss.patch_weight,
-               config.model.num_semantic_classes)
 
   def __call__(self, outputs, batch, log_vars_4, axis_name=None):
     total, aux = losses.multitask_loss(
