@@ -1,5 +1,6 @@
 """Shared test setup: persistent XLA compilation cache, full-precision matmuls, and the session
-fixtures (the tiny model and its jitted forward, a finished tiny run, a rendered dataset);
+fixtures (the tiny model and its jitted forward, a finished tiny run, a prepared features dataset,
+a rendered dataset);
 tests/support.py holds the helpers they are built from.
 
 XLA compiles dominate the test time on CPU, so every test that runs the full Phase1Decoder goes
@@ -11,7 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import BATCH, PATCHES, REPO, SEQ, TINY, JittedModel, make_tiny, materialize
+from support import (
+  BATCH,
+  PATCHES,
+  REPO,
+  SEQ,
+  TINY,
+  JittedModel,
+  make_tiny,
+  materialize,
+  write_corpus,
+)
 
 # .jax_cache/ is git-ignored. Cache every compile, however small or fast.
 jax.config.update('jax_compilation_cache_dir', str(REPO / '.jax_cache'))
@@ -80,3 +91,17 @@ def rendered_pixel_dataset(tmp_path_factory) -> str:
   prepare.prepare(root, out, vocab_size=400, val_fraction=0.3, render_spec=spec, patch_size=8,
                   max_patches=96, workers=2, progress=False)
   return out
+
+
+@pytest.fixture(scope='session')
+def prepared(tmp_path_factory):
+  """A prepared features dataset of support.write_corpus's pages (4 records per shard, a fifth
+  val): (html folder, dataset, dataset.json, {relative path: html}, features folder). Shared by
+  the session's tests, which only read it: copy it to change anything."""
+  from phase1_jax.data import prepare
+  root, feats = tmp_path_factory.mktemp('html'), tmp_path_factory.mktemp('features')
+  pages = write_corpus(str(root), features=str(feats))
+  out = str(tmp_path_factory.mktemp('prepared') / 'data')
+  meta = prepare.prepare(str(root), out, vocab_size=320, val_fraction=0.2, workers=1,
+                         features_dir=str(feats), records_per_shard=4, progress=False)
+  return str(root), out, meta, pages, str(feats)

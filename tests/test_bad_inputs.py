@@ -329,7 +329,7 @@ CASES = [
 def corpus_and_dataset(tmp_path_factory):
   """A small HTML corpus with features per page, and the dataset prepare makes of it (several
   shards per split)."""
-  from tests.test_html_data import write_corpus
+  from support import write_corpus
   root = tmp_path_factory.mktemp('bad_inputs')
   write_corpus(str(root / 'pages'), n_pages=40, features=str(root / 'pages' / 'features'))
   prepare.prepare(str(root / 'pages'), str(root / 'dataset'), vocab_size=320, val_fraction=0.2,

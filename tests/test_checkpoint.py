@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import load_config, tiny_setup
 
 from phase1_jax import specs
 from phase1_jax.training import checkpoint as checkpoint_lib
 from phase1_jax.training import checkpoint_compat as compat
+from phase1_jax.training import state as state_lib
 from phase1_jax.training.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -434,3 +436,19 @@ def test_evaluate_and_generate_refuse_an_altered_best_step(tmp_path):
   with pytest.raises(CheckpointError, match=rf'^{workdir}/checkpoints/8: step 8 fails'):
     generation.generate_pages(specs.run_spec(config), str(workdir), num_samples=1)
   assert not os.path.exists(workdir / 'generations.jsonl')
+
+
+# ------------------------------------------------------------- a trained state (the tiny config)
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+  config = load_config('tiny')
+  tx, _, state, step, batches = tiny_setup(config, steps_per_epoch=8)
+  for batch in batches[:3]:
+    state, _ = step(state, batch)
+  expected = jax.device_get(state)
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(3, state, extra={'epoch': 0})
+    restored, extra = ckpt.restore(3, state_lib.abstract_train_state(specs.model_spec(config), tx))
+  assert extra == {'epoch': 0}
+  chex.assert_trees_all_equal(jax.device_get(restored), expected)
+  chex.assert_trees_all_equal_structs(restored, expected)

@@ -36,8 +36,8 @@ def test_small_config_validates():
   assert config.model.d_model == 128 and config.model.num_unique_layers == 2
 
 
-# html.py and pixels*.py need a prepared directory (tests/test_html_data.py validates html.py on
-# one, tests/test_encoder.py the pixel configs on a pixel dataset's dataset.json).
+# html.py and pixels*.py need a prepared directory (tests/test_config_validation.py validates
+# html.py on one, tests/test_encoder.py the pixel configs on a pixel dataset's dataset.json).
 CONFIG_FILES = sorted(p.stem for p in (REPO / 'configs').glob('*.py')
                       if p.stem not in ('__init__', 'html', 'pixels', 'pixels_small'))
 
