@@ -4,13 +4,13 @@ and the final evaluation)."""
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import signal
 import time
 
 import jax
-from absl import logging
 from flax import nnx
 
 from phase1_jax import specs
@@ -21,6 +21,8 @@ from phase1_jax.training import faults, parallel, reporting
 from phase1_jax.training import run as run_lib
 from phase1_jax.training import state as state_lib
 from phase1_jax.training.checkpoint import Checkpointer, CheckpointError
+
+log = logging.getLogger(__name__)
 
 
 def default_workdir(exp_name: str) -> str:
@@ -98,7 +100,7 @@ class Trainer:
       fresh = state_lib.create_train_state(self.spec.model, self.tx, seed=self.spec.seed)[1]
       return self.par.place_state(fresh), {}, None
     step, state, extra = restored
-    logging.info('Resumed from %s step %d (epoch %d, step %d in it).', self.ckpt.directory, step,
+    log.info('Resumed from %s step %d (epoch %d, step %d in it).', self.ckpt.directory, step,
                  extra['epoch'], extra.get('epoch_step', 0))
     return self.par.place_state(state), extra, made.get('batches')
 
@@ -144,7 +146,7 @@ class Trainer:
       try:
         self.ckpt.close()
       except CheckpointError as e:
-        logging.error('%s', e)
+        log.error('%s', e)
       self.reporter.abandon()
       raise
     self.ckpt.close()

@@ -4,14 +4,16 @@ and one epoch of steps with its logging, mid-epoch checkpoints and stop signals.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import jax
-from absl import logging
 
 from phase1_jax.data import pipeline
 from phase1_jax.training import faults, reporting
 from phase1_jax.training.checkpoint import CONFIG_KEY
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +146,7 @@ class Run:
     bar.set_postfix(loss=f'{float(metrics["loss"]):.4f}', tok_s=f'{rate:,.0f}', refresh=False)
     bar.update(1)
     if nonfinite:
-      logging.warning('Step %d skipped: non-finite loss or gradient (%d in a row, %d in all).',
+      log.warning('Step %d skipped: non-finite loss or gradient (%d in a row, %d in all).',
                       step, self.nonfinite.consecutive, self.nonfinite.total)
     if step % t.log_every_steps == 0 or nonfinite:
       opt_step = (step - 1) // t.accumulate_grad_batches
