@@ -9,6 +9,7 @@ Teacher-forced, as training's evaluation (no decoding). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from phase1_jax import specs
@@ -40,12 +41,12 @@ def main():
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--checkpoint', default='best', choices=('best', 'latest'))
   args = parser.parse_args()
-  config = specs.load_run_config(args.workdir)
-  config.eval.bleu_samples = 0
-  graphdef, params, step, _ = evaluation.load_trained(specs.run_spec(config), args.workdir,
-                                                      which=args.checkpoint)
-  evaluate = evaluation.Evaluator(specs.eval_spec(config), graphdef)
-  source = pipeline.make_source(specs.data_spec(config), 'val')
+  run = specs.run_spec(specs.load_run_config(args.workdir))
+  graphdef, params, step, _ = evaluation.load_trained(run, args.workdir, which=args.checkpoint)
+  # Losses only: no decoding, no rendering.
+  losses_only = dataclasses.replace(run.eval, bleu_samples=0, render=None)
+  evaluate = evaluation.Evaluator(losses_only, graphdef)
+  source = pipeline.make_source(run.data, 'val')
   out = {'checkpoint_step': int(step), 'pages': len(source)}
   for name, src in (('own_input', source), ('another_pages_input', SwappedInputs(source))):
     result = evaluate(params, src)
