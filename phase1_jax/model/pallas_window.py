@@ -88,12 +88,27 @@ def _scaled(q_ref, g, rows=slice(None)):
   return q * jnp.asarray(g.scale, q.dtype)
 
 
-def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, g):
+def _band_keys(qb, g):
+  """The kernels' loop over query block qb's band: (start, stop, key block of a step)."""
+  return (*_key_blocks(qb, g, _TRACED), lambda kb: kb)
+
+
+def _band_queries(kb, g):
+  """The dk/dv loop over the query blocks whose band reaches key block kb."""
+  return (*_query_blocks(kb, g, _TRACED), lambda qb: qb)
+
+
+# The kernels loop over the blocks that `visit(program's block, g, *list_refs)` gives; list_refs
+# are extra inputs after the kernel's own (none for the band; pallas_window_topk passes lists).
+def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, *refs, g, visit=_band_keys):
+  *list_refs, o_ref, lse_ref = refs
   qb, length = pl.program_id(1), len_ref[...]
+  start, stop, block = visit(qb, g, *list_refs)
   q = _scaled(q_ref, g)
 
-  def body(kb, carry):
+  def body(step, carry):
     acc, row_max, row_sum = carry
+    kb = block(step)
     rows = pl.ds(kb * g.block_k, g.block_k)
     v = v_ref[rows, :]
     s = _scores(q, k_ref[rows, :], qb, kb, length, g)
@@ -106,33 +121,41 @@ def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, g):
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((g.block_q,), -jnp.inf, jnp.float32),
           jnp.zeros((g.block_q,), jnp.float32))
   # Every program visits >= 1 block (its diagonal), so row_sum > 0: masked scores count too.
-  acc, row_max, row_sum = lax.fori_loop(*_key_blocks(qb, g, _TRACED), body, init)
+  acc, row_max, row_sum = lax.fori_loop(start, stop, body, init)
   o_ref[...] = (acc / row_sum[:, None]).astype(o_ref.dtype)
   lse_ref[...] = row_max + jnp.log(row_sum)
 
 
-def _dq_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, g):
+def _dq_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, g,
+               visit=_band_keys):
+  *list_refs, dq_ref = refs
   qb, length = pl.program_id(1), len_ref[...]
+  start, stop, block = visit(qb, g, *list_refs)
   q, do = _scaled(q_ref, g), do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
 
-  def body(kb, dq):
+  def body(step, dq):
+    kb = block(step)
     rows = pl.ds(kb * g.block_k, g.block_k)
     k = k_ref[rows, :]
     p = jnp.exp(_scores(q, k, qb, kb, length, g) - lse[:, None])
     ds = p * (plgpu.dot(do, v_ref[rows, :], trans_b=True) - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
-  dq = lax.fori_loop(*_key_blocks(qb, g, _TRACED), body, jnp.zeros(q.shape, jnp.float32))
+  dq = lax.fori_loop(start, stop, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * g.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, g):
+def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, g,
+                visit=_band_queries):
+  *list_refs, dk_ref, dv_ref = refs
   kb, length = pl.program_id(1), len_ref[...]
+  start, stop, block = visit(kb, g, *list_refs)
   k, v = k_ref[...], v_ref[...]
 
-  def body(qb, carry):
+  def body(step, carry):
     dk, dv = carry
+    qb = block(step)
     rows = pl.ds(qb * g.block_q, g.block_q)
     q, do = _scaled(q_ref, g, rows), do_ref[rows, :]
     p = jnp.exp(_scores(q, k, qb, kb, length, g) - lse_ref[rows][:, None])
@@ -141,7 +164,7 @@ def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
     return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(*_query_blocks(kb, g, _TRACED), body, (zeros, zeros))
+  dk, dv = lax.fori_loop(start, stop, body, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -191,13 +214,18 @@ def _flash_fwd(q, k, v, lengths, g):
   return out, (q, k, v, lengths, out, lse)
 
 
+def _delta(d_out, out):
+  """sum_j p_ij dp_ij = d_out_i . out_i as [B*N, T] float32: one reduction over H, up front."""
+  batch, t, heads, _ = out.shape
+  delta = jnp.einsum('btnh,btnh->bnt', d_out.astype(jnp.float32), out.astype(jnp.float32))
+  return delta.reshape(batch * heads, t)
+
+
 def _flash_bwd(g, residuals, d_out):
   q, k, v, lengths, out, lse = residuals
   batch, tq, _, hp = q.shape
   tk = k.shape[1]
-  # sum_j p_ij dp_ij = d_out_i . out_i: one reduction over H, done up front.
-  delta = jnp.einsum('btnh,btnh->bnt', d_out.astype(jnp.float32), out.astype(jnp.float32))
-  args = (lengths, q, k, v, d_out, lse, delta.reshape(batch * g.heads, tq))
+  args = (lengths, q, k, v, d_out, lse, _delta(d_out, out))
   whole_q = [_rows(g, tq, hp, True)]
   whole_k = [_rows(g, tk, hp, True)] * 2
   dq = _call(_dq_kernel, g, (batch * g.heads, tq // g.block_q),
@@ -215,7 +243,7 @@ def _flash_bwd(g, residuals, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _check(q, k, v, kv_lengths_B, window_size, block_q, block_k):
+def _check(q, k, v, kv_lengths_B, window_size, **blocks):
   if not q.shape == k.shape == v.shape or q.ndim != 4:
     raise ValueError(f'q, k, v: need equal [B, T, N, H] shapes (self-attention), got '
                      f'{q.shape}, {k.shape}, {v.shape}')
@@ -224,7 +252,7 @@ def _check(q, k, v, kv_lengths_B, window_size, block_q, block_k):
   if isinstance(window_size, bool) or not isinstance(window_size, numbers.Integral) or (
       window_size < 1):
     raise ValueError(f'window_size={window_size!r}: must be an int >= 1')
-  for name, block in (('block_q', block_q), ('block_k', block_k)):
+  for name, block in blocks.items():
     if (isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1
         or block & (block - 1)):
       raise ValueError(f'{name}={block!r}: must be a power of two (Triton tiles)')
@@ -237,7 +265,8 @@ def window_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, *, window_si
   float32, scale H**-0.5; a row with no such key gets the mean of all T values, as in
   dense_attention. Differentiable (reverse mode) in q, k, v. block_q, block_k: powers of two
   (>= 16 on GPU); T is padded to them. interpret=True runs the kernels on CPU."""
-  _check(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size, block_q, block_k)
+  _check(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size, block_q=block_q,
+         block_k=block_k)
   batch, t, heads, h = q_BxTxNxH.shape
   g = _Geometry(t, heads, int(window_size), int(block_q), int(block_k), h ** -0.5, interpret)
   full = kv_lengths_B is None
