@@ -1,6 +1,7 @@
 """What the tests share besides fixtures (tests/conftest.py holds those): the tiny model's
 sizes, random-parameter modules without init compiles, a jitted forward, abstract shape checks,
-the example keys and dtypes, the tiny training setup, and a small HTML corpus with features."""
+the example keys and dtypes, the tiny training setup, a small HTML corpus with features, and the
+attention kernels' comparisons."""
 from __future__ import annotations
 
 import functools
@@ -8,6 +9,7 @@ import os
 import zlib
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,3 +214,74 @@ def files_config(out):
   config.model.num_semantic_classes = len(meta['semantic_classes'])
   config.model.num_element_types = len(meta['element_types'])
   return config
+
+
+# --------------------------------------------------------------------------- attention kernels
+# The Pallas kernel tests (test_pallas_window*.py): [B, T, N, H] inputs, the same tolerances.
+KERNEL_BNH = (2, 2, 8)
+# bfloat16: inputs, kernel and reference all in bf16 (one bf16 rounding of p and of the output
+# is ~4e-3 relative); the two differ in summation order and in where they round.
+KERNEL_TOLERANCE = {jnp.float32: dict(atol=1e-5, rtol=1e-5),
+                    jnp.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def kernel_inputs(t, dtype):
+  """Fresh q, k, v and a cotangent (the gradient of a random linear functional of the output),
+  each [B, t, N, H] of KERNEL_BNH."""
+  b, n, h = KERNEL_BNH
+  rng = np.random.default_rng()
+  return tuple(jnp.asarray(rng.standard_normal((b, t, n, h)), dtype) for _ in range(4))
+
+
+def assert_kernel_matches(out, grads, want_out, want_grads, dtype, t):
+  """Output and gradients of a kernel against its reference: dtypes kept, values within
+  KERNEL_TOLERANCE[dtype] (compared in float32)."""
+  b, n, h = KERNEL_BNH
+  assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+  chex.assert_shape(out, (b, t, n, h))
+  f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+  chex.assert_trees_all_close(f32(out), f32(want_out), **KERNEL_TOLERANCE[dtype])
+  chex.assert_trees_all_close(f32(grads), f32(want_grads), **KERNEL_TOLERANCE[dtype])
+
+
+def assert_reads_only(run, inputs, block, num_blocks, keys_read, queries_reading):
+  """Poisons (NaN) every block a kernel program should not read; its rows must stay exact. A
+  read NaN value block gives 0 * NaN = NaN even where the scores are masked.
+
+  run(q, k, v, cotangent=...) -> (out, (dq, dk, dv)); keys_read(qb) / queries_reading(kb): bool
+  [B or 1, N or 1, num_blocks], the key blocks query block qb reads in the forward and dq, the
+  query blocks whose dk/dv of key block kb reads."""
+  q, k, v, cotangent = inputs
+  clean_out, (clean_dq, clean_dk, clean_dv) = run(q, k, v, cotangent=cotangent)
+
+  def poison(x, keep_BxNxblocks):
+    keep_BxTxN = np.repeat(keep_BxNxblocks, block, axis=2).transpose(0, 2, 1)
+    return jnp.where(jnp.asarray(keep_BxTxN)[..., None], x, jnp.nan)
+
+  for qb in range(num_blocks):
+    rows = slice(qb * block, (qb + 1) * block)
+    keys = keys_read(qb)
+    out, (dq, _, _) = run(q, poison(k, keys), poison(v, keys), cotangent=cotangent)
+    chex.assert_trees_all_close((out[:, rows], dq[:, rows]),
+                                (clean_out[:, rows], clean_dq[:, rows]), atol=1e-6, rtol=1e-6)
+  for kb in range(num_blocks):
+    rows = slice(kb * block, (kb + 1) * block)
+    queries = queries_reading(kb)
+    _, (_, dk, dv) = run(poison(q, queries), k, v, cotangent=poison(cotangent, queries))
+    chex.assert_trees_all_close((dk[:, rows], dv[:, rows]),
+                                (clean_dk[:, rows], clean_dv[:, rows]), atol=1e-6, rtol=1e-6)
+
+
+def assert_lowers_for_triton(attend, kernel_names):
+  """attend(q, k, v, lengths) with its forward and backward exported for CUDA (lowering only, no
+  GPU needed: interpret mode does not run the Triton rules), bfloat16 [2, 100, 2, 24]; every
+  name in kernel_names is a Triton call of the module."""
+  shape = jax.ShapeDtypeStruct((2, 100, 2, 24), jnp.bfloat16)
+  lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+  loss = lambda q, k, v, lengths, c: jnp.sum(attend(q, k, v, lengths).astype(jnp.float32) * c)
+  triton = [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
+  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=['cuda'],
+                               disabled_checks=triton)(shape, shape, shape, lengths, shape)
+  text = exported.mlir_module()
+  for name in kernel_names:
+    assert f'name = "{name}"' in text

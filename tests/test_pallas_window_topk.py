@@ -10,13 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import (
+  KERNEL_BNH,
+  assert_kernel_matches,
+  assert_lowers_for_triton,
+  assert_reads_only,
+  kernel_inputs,
+)
 
 from phase1_jax.model import attention, pallas_window_topk, sparse_attention
 
-B, N, H = 2, 2, 8
-# bfloat16: inputs, kernel and reference all in bf16 (one bf16 rounding of p and of the output
-# is ~4e-3 relative); the two differ in summation order and in where they round.
-TOLERANCE = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+B, N, _ = KERNEL_BNH
 STATIC = ('window_size', 'top_k', 'block_size')
 
 
@@ -58,12 +62,6 @@ def expected_vjp(q, k, v, lengths, cotangent, *, window_size, top_k, block_size)
   return out, vjp(cotangent)
 
 
-def random_inputs(t, dtype):
-  """q, k, v and a cotangent (the gradient of a random linear functional of the output)."""
-  rng = np.random.default_rng()
-  return tuple(jnp.asarray(rng.standard_normal((B, t, N, H)), dtype) for _ in range(4))
-
-
 # (T, window, block, top_k, lengths): window < block (one local block before its own), T not a
 # multiple of the block, window > block, top_k above the eligible blocks (k_eff = 2, and block 3
 # has one), length 0; window > T (nothing selectable: causal); top_k 0 with window 1 (rows past
@@ -82,21 +80,17 @@ DTYPE_CASES = [(jnp.float32, *c) for c in CASES] + [(jnp.bfloat16, *c) for c in 
 
 @pytest.mark.parametrize('dtype, t, window, block, top_k, lengths', DTYPE_CASES)
 def test_matches_reference_forward_and_gradients(dtype, t, window, block, top_k, lengths):
-  q, k, v, cotangent = random_inputs(t, dtype)
+  q, k, v, cotangent = kernel_inputs(t, dtype)
   lengths = jnp.asarray(lengths, jnp.int32)
   kwargs = dict(window_size=window, top_k=top_k, block_size=block)
   out, grads = kernel_vjp(q, k, v, lengths, cotangent, **kwargs)
   want_out, want_grads = expected_vjp(q, k, v, lengths, cotangent, **kwargs)
-  assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
-  chex.assert_shape(out, (B, t, N, H))
-  f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-  chex.assert_trees_all_close(f32(out), f32(want_out), **TOLERANCE[dtype])
-  chex.assert_trees_all_close(f32(grads), f32(want_grads), **TOLERANCE[dtype])
+  assert_kernel_matches(out, grads, want_out, want_grads, dtype, t)
 
 
 def test_without_lengths_equals_full_lengths():
   t = 27
-  q, k, v, _ = random_inputs(t, jnp.float32)
+  q, k, v, _ = kernel_inputs(t, jnp.float32)
   run = lambda lengths: pallas_window_topk.window_topk_attention(
       q, k, v, lengths, window_size=5, top_k=1, block_size=4, interpret=True)
   chex.assert_trees_all_close(run(None), run(jnp.full((B,), t, jnp.int32)), atol=0, rtol=0)
@@ -111,17 +105,16 @@ def selected_vjp(q, k, v, idx, valid, cotangent, *, window_size, block_size):
 
 
 def test_reads_only_window_and_selected_blocks():
-  """With the selection made on clean inputs, poison (NaN) every block a program should not
-  read: its rows stay finite and exact. A read NaN value block gives 0 * NaN = NaN even where the
-  scores are masked."""
+  """With the selection made on clean inputs, every block a program should not read poisoned
+  (NaN): its rows stay finite and exact."""
   t, window, block, top_k = 96, 10, 16, 2
   num, prev = t // block, 1
-  q, k, v, cotangent = random_inputs(t, jnp.float32)
+  inputs = kernel_inputs(t, jnp.float32)
   idx, valid = pallas_window_topk.select_blocks(
-      q, k, jnp.full((B,), t, jnp.int32), window_size=window, top_k=top_k, block_size=block)
+      *inputs[:2], jnp.full((B,), t, jnp.int32), window_size=window, top_k=top_k,
+      block_size=block)
   run = functools.partial(selected_vjp, idx=idx, valid=valid, window_size=window,
                           block_size=block)
-  clean_out, (clean_dq, clean_dk, clean_dv) = run(q, k, v, cotangent=cotangent)
   reads = np.zeros((B, N, num, num), bool)       # [batch, head, query block, key block]
   for qb in range(num):
     reads[:, :, qb, max(qb - prev, 0):qb + 1] = True
@@ -129,23 +122,8 @@ def test_reads_only_window_and_selected_blocks():
     reads[b, n, qb, np.asarray(idx)[b, n, qb, slot]] = True
   assert reads.sum() < B * N * num * (num + 1) // 2    # fewer than the causal blocks
   assert np.asarray(valid).sum(-1).max() == top_k
-
-  def poison(x, keep_BxNxblocks):
-    keep_BxTxN = np.repeat(keep_BxNxblocks, block, axis=2).transpose(0, 2, 1)
-    return jnp.where(jnp.asarray(keep_BxTxN)[..., None], x, jnp.nan)
-
-  for qb in range(num):
-    rows = slice(qb * block, (qb + 1) * block)
-    keys = reads[:, :, qb, :]
-    out, (dq, _, _) = run(q, poison(k, keys), poison(v, keys), cotangent=cotangent)
-    chex.assert_trees_all_close((out[:, rows], dq[:, rows]),
-                                (clean_out[:, rows], clean_dq[:, rows]), atol=1e-6, rtol=1e-6)
-  for kb in range(num):
-    rows = slice(kb * block, (kb + 1) * block)
-    queries = reads[:, :, :, kb]
-    _, (_, dk, dv) = run(poison(q, queries), k, v, cotangent=poison(cotangent, queries))
-    chex.assert_trees_all_close((dk[:, rows], dv[:, rows]),
-                                (clean_dk[:, rows], clean_dv[:, rows]), atol=1e-6, rtol=1e-6)
+  assert_reads_only(run, inputs, block, num, keys_read=lambda qb: reads[:, :, qb, :],
+                    queries_reading=lambda kb: reads[:, :, :, kb])
 
 
 @pytest.mark.parametrize('kwargs, message', [
@@ -164,18 +142,9 @@ def test_bad_arguments(kwargs, message):
 
 
 def test_lowers_for_the_triton_backend():
-  """Interpret mode does not run the Triton lowering (power-of-two tiles, supported ops, scalar
-  loads from the lists): export the forward and backward for CUDA (lowering only, no GPU
-  needed), bfloat16, H padded 24 -> 32, T = 100 padded to 128."""
-  shape = jax.ShapeDtypeStruct((2, 100, 2, 24), jnp.bfloat16)
-  lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
-  attend = lambda q, k, v, lengths: pallas_window_topk.window_topk_attention(
-      q, k, v, lengths, window_size=20, top_k=2, block_size=16)
-  loss = lambda q, k, v, lengths, c: jnp.sum(attend(q, k, v, lengths).astype(jnp.float32) * c)
-  triton = [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
-  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=['cuda'],
-                               disabled_checks=triton)(shape, shape, shape, lengths, shape)
-  text = exported.mlir_module()
-  for name in ('window_topk_attention_fwd', 'window_topk_attention_dq',
-               'window_topk_attention_dkv'):
-    assert f'name = "{name}"' in text
+  """Power-of-two tiles, supported ops and scalar loads from the lists (which interpret mode does
+  not check), H padded 24 -> 32, T = 100 padded to 128."""
+  assert_lowers_for_triton(
+      lambda q, k, v, lengths: pallas_window_topk.window_topk_attention(
+          q, k, v, lengths, window_size=20, top_k=2, block_size=16),
+      ('window_topk_attention_fwd', 'window_topk_attention_dq', 'window_topk_attention_dkv'))
