@@ -2,13 +2,14 @@
 
 `window_topk_attention` equals `sparse_attention.window_topk_attention(q, k, v,
 prefix_mask(lengths, T), window_size=w, top_k=k, block_size=b)` for self-attention on every row
-that sees a key. The selection is that function's, redone in plain jnp (`select_blocks`: pooled
-keys, scores, lax.top_k -> int32 key blocks and a validity flag per batch, head and query block;
-no gradient). The kernels are pallas_window's, looping over lists of blocks instead of the band:
-forward and dq over each query block's valid selected blocks, then its local blocks (causal mask
-only: the window rounded out to whole blocks, as the reference does); dk/dv over the query blocks
-that list each key block (the inverse lists). Both lists are built in jnp, compacted to the front,
-counted and padded with the sentinel Q (one past the last block, never read).
+that sees a key. The selection is that function's own (`select_blocks` calls
+sparse_attention.selection_queries and top_blocks: pooled keys, scores, lax.top_k -> int32 key
+blocks and a validity flag per batch, head and query block; no gradient). The kernels are
+pallas_window's, looping over lists of blocks instead of the band: forward and dq over each
+query block's valid selected blocks, then its local blocks (causal mask only: the window rounded
+out to whole blocks, as the reference does); dk/dv over the query blocks that list each key
+block (the inverse lists). Both lists are built in jnp, compacted to the front, counted and
+padded with the sentinel Q (one past the last block, never read).
 
 Rows that see no key (the reference leaves them unspecified) get dense_attention's mean of all
 values, as in pallas_window. The kernel's blocks are the selection's blocks, so block_size must be
@@ -23,10 +24,10 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.experimental import pallas as pl
 
 from phase1_jax.model import pallas_window as pw
+from phase1_jax.model import sparse_attention
 
 
 def _local_prev(num_blocks: int, window_size: int, block_size: int) -> int:
@@ -34,22 +35,10 @@ def _local_prev(num_blocks: int, window_size: int, block_size: int) -> int:
   return min(-(-(window_size - 1) // block_size), num_blocks - 1)
 
 
-def _selection_queries(q_QxBxNxbxH, t):
-  """Per query block: the mean of the previous block's real queries and its own first query
-  (sparse_attention's choice, same arithmetic): QxBxNxH float32."""
-  num, b = q_QxBxNxbxH.shape[0], q_QxBxNxbxH.shape[3]
-  real_Qxb = np.arange(num * b).reshape(num, b) < t
-  q32 = q_QxBxNxbxH.astype(jnp.float32)
-  block_sums = jnp.einsum('kbnrh,kr->kbnh', q32, jnp.asarray(real_Qxb, jnp.float32))
-  prev_sums = jnp.pad(block_sums, ((1, 0), (0, 0), (0, 0), (0, 0)))[:-1]
-  prev_counts = np.concatenate([[0], real_Qxb.sum(1)[:-1]])
-  return ((prev_sums + q32[:, :, :, 0]) /
-          jnp.asarray(prev_counts + 1, jnp.float32)[:, None, None, None])
-
-
 def select_blocks(q_BxTxNxH, k_BxTxNxH, lengths_B, *, window_size: int, top_k: int,
                   block_size: int):
-  """sparse_attention's block selection: (block indices int32, valid bool), B x N x Q x k_eff,
+  """sparse_attention's block selection (its selection_queries and top_blocks, on this layout):
+  (block indices int32, valid bool), B x N x Q x k_eff,
   k_eff = min(top_k, Q - prev - 1). Eligible: entirely before the query block's local blocks and
   holding a key below the length; ranked by <selection query, mean of the block's valid keys>;
   slots beyond the eligible blocks are invalid. Inputs are held out of the gradient."""
@@ -60,22 +49,13 @@ def select_blocks(q_BxTxNxH, k_BxTxNxH, lengths_B, *, window_size: int, top_k: i
   if k_eff == 0:
     return (jnp.zeros((batch, heads, num, 0), jnp.int32),
             jnp.zeros((batch, heads, num, 0), bool))
-  blocks = lambda x: jnp.pad(lax.stop_gradient(x), ((0, 0), (0, num * b - t), (0, 0), (0, 0))
+  blocks = lambda x: jnp.pad(x, ((0, 0), (0, num * b - t), (0, 0), (0, 0))
                              ).reshape(batch, num, b, heads, h).transpose(1, 0, 3, 2, 4)
   ok_QxBxb = (jnp.arange(num * b)[None, :] < lengths_B[:, None]).reshape(
       batch, num, b).transpose(1, 0, 2)
-  counts_QxB = ok_QxBxb.sum(-1)
-  k32 = blocks(k_BxTxNxH).astype(jnp.float32)
-  pooled_QxBxNxH = ((k32 * ok_QxBxb.astype(jnp.float32)[:, :, None, :, None]).sum(3)
-                    / jnp.maximum(counts_QxB, 1)[:, :, None, None])
-  queries = _selection_queries(blocks(q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)), t)
-  scores_QxBxNxK = jnp.einsum('qbnh,kbnh->qbnk', queries, pooled_QxBxNxH)
-  qi, ki = np.arange(num)[:, None], np.arange(num)[None, :]
-  eligible = jnp.broadcast_to(
-      jnp.asarray(ki < qi - prev)[:, None, None, :] & (counts_QxB.T > 0)[None, :, None, :],
-      scores_QxBxNxK.shape)
-  _, idx = lax.top_k(jnp.where(eligible, scores_QxBxNxK, -jnp.inf), k_eff)
-  valid = jnp.take_along_axis(eligible, idx, axis=-1)
+  queries = sparse_attention.selection_queries(
+      blocks(q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)), 0, t)
+  idx, valid = sparse_attention.top_blocks(queries, blocks(k_BxTxNxH), ok_QxBxb, prev, k_eff)
   return idx.astype(jnp.int32).transpose(1, 2, 0, 3), valid.transpose(1, 2, 0, 3)
 
 

@@ -104,39 +104,13 @@ class _Blocks:
       return self.no_selection()
     kc, batch, heads = self.q.shape[:3]
     k, v, ok = self.k_pad[p:p + n], self.v_pad[p:p + n], self.ok_pad[p:p + n]
-    counts_KxB = ok.sum(-1)
-    ok_f = ok.astype(jnp.float32)[:, :, None, :, None]
-    k32 = jax.lax.stop_gradient(k).astype(jnp.float32)
-    pooled_KxBxNxH = (k32 * ok_f).sum(3) / jnp.maximum(counts_KxB, 1)[:, :, None, None]
-    scores_QxBxNxK = jnp.einsum('qbnh,kbnh->qbnk', self._selection_queries(), pooled_KxBxNxH)
-    # Selectable: entirely before the query block's local blocks, and holding a valid key.
-    qi, ki = np.arange(kc)[:, None], np.arange(n)[None, :]
-    eligible_QxBxNxK = jnp.broadcast_to(
-        jnp.asarray(ki < qi - p)[:, None, None, :] & (counts_KxB.T > 0)[None, :, None, :],
-        scores_QxBxNxK.shape)
-    scores_QxBxNxK = jnp.where(eligible_QxBxNxK, scores_QxBxNxK, -jnp.inf)
-    _, idx_QxBxNxk = jax.lax.top_k(scores_QxBxNxK, k_eff)
-    # Fewer eligible blocks than k_eff: the extra slots hold ineligible indices, masked here.
-    slot_ok = jnp.take_along_axis(eligible_QxBxNxK, idx_QxBxNxk, axis=-1)
+    queries = selection_queries(self.q, self.s - self.t, self.s)
+    idx_QxBxNxk, slot_ok = top_blocks(queries, k, ok, p, k_eff)
     bi = jnp.arange(batch)[None, :, None, None]
     ni = jnp.arange(heads)[None, None, :, None]
     take = lambda x: x[idx_QxBxNxk, bi, ni].reshape(kc, batch, heads, k_eff * b, -1)
     key_ok = (ok[idx_QxBxNxk, bi] & slot_ok[..., None]).reshape(kc, batch, heads, k_eff * b)
     return take(k), take(v), key_ok
-
-  def _selection_queries(self):
-    """Per query block: mean of the previous block's real queries and its own first real query
-    (real = not alignment/end padding): KcxBxNxH, float32, no gradient."""
-    kc, b, first_real = self.q.shape[0], self.b, self.s - self.t
-    pos_Kxb = np.arange(kc * b).reshape(kc, b)
-    real_Kxb = (pos_Kxb >= first_real) & (pos_Kxb < self.s)
-    q32 = jax.lax.stop_gradient(self.q).astype(jnp.float32)
-    block_sums = jnp.einsum('kbnrh,kr->kbnh', q32, jnp.asarray(real_Kxb, jnp.float32))
-    prev_sums = jnp.pad(block_sums, ((1, 0), (0, 0), (0, 0), (0, 0)))[:-1]
-    prev_counts = np.concatenate([[0], real_Kxb.sum(1)[:-1]])
-    first_pos = np.minimum(np.maximum(np.arange(kc) * b, first_real), kc * b - 1)
-    firsts = q32[first_pos // b, :, :, first_pos % b]
-    return (prev_sums + firsts) / jnp.asarray(prev_counts + 1, jnp.float32)[:, None, None, None]
 
   def attend(self, allowed_bxC, k_sel, v_sel, ok_sel):
     """Each query block over its local keys and its selected ones -> BxTxNxH."""
@@ -145,6 +119,40 @@ class _Blocks:
     batch, heads = out.shape[1:3]
     out_BxNxPxH = out.transpose(1, 2, 0, 3, 4).reshape(batch, heads, -1, out.shape[-1])
     return out_BxNxPxH[:, :, self.s - self.t:self.s].transpose(0, 2, 1, 3)
+
+
+def selection_queries(q_KxBxNxbxH, first_real: int, end: int):
+  """Per query block of the (scaled, padded) queries: the mean of the previous block's real
+  queries and its own first real query (real: positions [first_real, end), not alignment or end
+  padding): KxBxNxH, float32, no gradient."""
+  kc, b = q_KxBxNxbxH.shape[0], q_KxBxNxbxH.shape[3]
+  pos_Kxb = np.arange(kc * b).reshape(kc, b)
+  real_Kxb = (pos_Kxb >= first_real) & (pos_Kxb < end)
+  q32 = jax.lax.stop_gradient(q_KxBxNxbxH).astype(jnp.float32)
+  block_sums = jnp.einsum('kbnrh,kr->kbnh', q32, jnp.asarray(real_Kxb, jnp.float32))
+  prev_sums = jnp.pad(block_sums, ((1, 0), (0, 0), (0, 0), (0, 0)))[:-1]
+  prev_counts = np.concatenate([[0], real_Kxb.sum(1)[:-1]])
+  first_pos = np.minimum(np.maximum(np.arange(kc) * b, first_real), kc * b - 1)
+  firsts = q32[first_pos // b, :, :, first_pos % b]
+  return (prev_sums + firsts) / jnp.asarray(prev_counts + 1, jnp.float32)[:, None, None, None]
+
+
+def top_blocks(queries_QxBxNxH, k_KxBxNxbxH, ok_KxBxb, prev: int, k_eff: int):
+  """The selection: each query block's k_eff key blocks whose mean valid key (float32, no
+  gradient) best matches its selection query, among the blocks entirely before its local ones
+  that hold a valid key. (indices, slot valid), QxBxNxk_eff: with fewer eligible blocks than
+  k_eff the extra slots hold ineligible indices, marked invalid."""
+  counts_KxB = ok_KxBxb.sum(-1)
+  ok_f = ok_KxBxb.astype(jnp.float32)[:, :, None, :, None]
+  k32 = jax.lax.stop_gradient(k_KxBxNxbxH).astype(jnp.float32)
+  pooled_KxBxNxH = (k32 * ok_f).sum(3) / jnp.maximum(counts_KxB, 1)[:, :, None, None]
+  scores_QxBxNxK = jnp.einsum('qbnh,kbnh->qbnk', queries_QxBxNxH, pooled_KxBxNxH)
+  qi, ki = np.arange(scores_QxBxNxK.shape[0])[:, None], np.arange(k_KxBxNxbxH.shape[0])[None, :]
+  eligible_QxBxNxK = jnp.broadcast_to(
+      jnp.asarray(ki < qi - prev)[:, None, None, :] & (counts_KxB.T > 0)[None, :, None, :],
+      scores_QxBxNxK.shape)
+  _, idx_QxBxNxk = jax.lax.top_k(jnp.where(eligible_QxBxNxK, scores_QxBxNxK, -jnp.inf), k_eff)
+  return idx_QxBxNxk, jnp.take_along_axis(eligible_QxBxNxK, idx_QxBxNxk, axis=-1)
 
 
 def _chunk_parts(prev, g, c, k_pad, v_pad, ok_pad, allowed, k_sel, v_sel, ok_sel):
