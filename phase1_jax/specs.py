@@ -122,11 +122,12 @@ def run_spec(config: ml_collections.ConfigDict, *, validated: bool = False,
     config_validation.validate(config)
   if start_distributed:
     host.initialize_distributed(distributed_spec(config))
+  loss = loss_spec(config)   # reads the dataset's metadata: once, shared with eval
   return RunSpec(
       exp_name=config.exp_name, seed=config.seed, model=model_spec(config),
-      optimizer=optimizer_spec(config), loss=loss_spec(config), data=data_spec(config),
+      optimizer=optimizer_spec(config), loss=loss, data=data_spec(config),
       mesh=mesh_spec(config), train=train_spec(config), checkpoint=checkpoint_spec(config),
-      eval=eval_spec(config), config=config.to_dict(),
+      eval=eval_spec(config, loss), config=config.to_dict(),
       architecture=config_lib.architecture(config))
 
 
@@ -253,13 +254,15 @@ def render_eval_spec(config: ml_collections.ConfigDict) -> RenderEvalSpec | None
                         e.render_workers, spec)
 
 
-def eval_spec(config: ml_collections.ConfigDict) -> EvalSpec:
+def eval_spec(config: ml_collections.ConfigDict, loss: LossSpec | None = None) -> EvalSpec:
+  """`loss`: the run's LossSpec when already built (default: loss_spec(config))."""
   e = config.eval
   return EvalSpec(
       batch_size=e.batch_size, bleu_samples=e.bleu_samples,
       element_threshold=e.element_threshold,
       targets={'bleu': e.bleu_target, 'element_f1': e.element_f1_target,
                'semantic_accuracy': e.semantic_accuracy_target},
-      decode=decode_settings(config), decode_seed=config.decode.seed, loss=loss_spec(config),
+      decode=decode_settings(config), decode_seed=config.decode.seed,
+      loss=loss or loss_spec(config),
       vocab_size=config.model.vocab_size, generated_headline=bool(config.data.patch_size),
       render=render_eval_spec(config))
