@@ -285,3 +285,33 @@ def assert_lowers_for_triton(attend, kernel_names):
   text = exported.mlir_module()
   for name in kernel_names:
     assert f'name = "{name}"' in text
+
+
+def window_topk_no_key_rows(lengths, t, window_size, top_k, block_size):
+  """B x T: rows that see no key under a prefix mask. A row sees its local blocks' keys below
+  the length; when the local blocks start at or past a length > 0, block 0 holds a key and lies
+  before them, so it is selectable whenever any block is (min(top_k, Q - prev - 1) > 0)."""
+  num = -(-t // block_size)
+  prev = min(-(-(window_size - 1) // block_size), num - 1)
+  start_T = jnp.asarray(np.maximum(np.arange(t) // block_size - prev, 0) * block_size)
+  can_select = min(top_k, num - prev - 1) > 0
+  return (lengths[:, None] == 0) | ((start_T[None, :] >= lengths[:, None]) & (not can_select))
+
+
+@functools.partial(jax.jit, static_argnames=('window_size', 'top_k', 'block_size'))
+def window_topk_expected_vjp(q, k, v, lengths, cotangent, *, window_size, top_k, block_size):
+  """The reference on rows that see a key; on the others (which it leaves unspecified)
+  dense_attention's value for a fully masked row, the mean of all values."""
+  from phase1_jax.model import attention, sparse_attention
+  t = q.shape[1]
+  mask = attention.prefix_mask(lengths, t)
+  empty = window_topk_no_key_rows(lengths, t, window_size, top_k, block_size)[:, :, None, None]
+
+  def attend(q, k, v):
+    out = sparse_attention.window_topk_attention(q, k, v, mask, window_size=window_size,
+                                                 top_k=top_k, block_size=block_size)
+    mean = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True).astype(v.dtype)
+    return jnp.where(empty, mean, out)
+
+  out, vjp = jax.vjp(attend, q, k, v)
+  return out, vjp(cotangent)

@@ -16,9 +16,10 @@ from support import (
   assert_lowers_for_triton,
   assert_reads_only,
   kernel_inputs,
+  window_topk_expected_vjp,
 )
 
-from phase1_jax.model import attention, pallas_window_topk, sparse_attention
+from phase1_jax.model import pallas_window_topk
 
 B, N, _ = KERNEL_BNH
 STATIC = ('window_size', 'top_k', 'block_size')
@@ -29,35 +30,6 @@ def kernel_vjp(q, k, v, lengths, cotangent, *, window_size, top_k, block_size):
   attend = lambda q, k, v: pallas_window_topk.window_topk_attention(
       q, k, v, lengths, window_size=window_size, top_k=top_k, block_size=block_size,
       interpret=True)
-  out, vjp = jax.vjp(attend, q, k, v)
-  return out, vjp(cotangent)
-
-
-def no_key_rows(lengths, t, window_size, top_k, block_size):
-  """B x T: rows that see no key under a prefix mask. A row sees its local blocks' keys below
-  the length; when the local blocks start at or past a length > 0, block 0 holds a key and lies
-  before them, so it is selectable whenever any block is (min(top_k, Q - prev - 1) > 0)."""
-  num = -(-t // block_size)
-  prev = min(-(-(window_size - 1) // block_size), num - 1)
-  start_T = jnp.asarray(np.maximum(np.arange(t) // block_size - prev, 0) * block_size)
-  can_select = min(top_k, num - prev - 1) > 0
-  return (lengths[:, None] == 0) | ((start_T[None, :] >= lengths[:, None]) & (not can_select))
-
-
-@functools.partial(jax.jit, static_argnames=STATIC)
-def expected_vjp(q, k, v, lengths, cotangent, *, window_size, top_k, block_size):
-  """The reference on rows that see a key; on the others (which it leaves unspecified)
-  dense_attention's value for a fully masked row, the mean of all values."""
-  t = q.shape[1]
-  mask = attention.prefix_mask(lengths, t)
-  empty = no_key_rows(lengths, t, window_size, top_k, block_size)[:, :, None, None]
-
-  def attend(q, k, v):
-    out = sparse_attention.window_topk_attention(q, k, v, mask, window_size=window_size,
-                                                 top_k=top_k, block_size=block_size)
-    mean = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True).astype(v.dtype)
-    return jnp.where(empty, mean, out)
-
   out, vjp = jax.vjp(attend, q, k, v)
   return out, vjp(cotangent)
 
@@ -84,7 +56,7 @@ def test_matches_reference_forward_and_gradients(dtype, t, window, block, top_k,
   lengths = jnp.asarray(lengths, jnp.int32)
   kwargs = dict(window_size=window, top_k=top_k, block_size=block)
   out, grads = kernel_vjp(q, k, v, lengths, cotangent, **kwargs)
-  want_out, want_grads = expected_vjp(q, k, v, lengths, cotangent, **kwargs)
+  want_out, want_grads = window_topk_expected_vjp(q, k, v, lengths, cotangent, **kwargs)
   assert_kernel_matches(out, grads, want_out, want_grads, dtype, t)
 
 

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import KERNEL_BNH, assert_kernel_matches, kernel_inputs
-from test_pallas_window_topk import expected_vjp as topk_expected_vjp
+from support import KERNEL_BNH, assert_kernel_matches, kernel_inputs, window_topk_expected_vjp
 
 from phase1_jax.model import attention, pallas_window, pallas_window_topk, splash_window
 
@@ -96,7 +95,7 @@ def test_window_topk_matches_reference_forward_and_gradients(dtype, t, window, b
   lengths = jnp.asarray(lengths, jnp.int32)
   kwargs = dict(window_size=window, top_k=top_k, block_size=block)
   out, grads = topk_vjp(q, k, v, lengths, cotangent, **kwargs)
-  want_out, want_grads = topk_expected_vjp(q, k, v, lengths, cotangent, **kwargs)
+  want_out, want_grads = window_topk_expected_vjp(q, k, v, lengths, cotangent, **kwargs)
   assert_kernel_matches(out, grads, want_out, want_grads, dtype, t)
 
 
