@@ -15,7 +15,9 @@ Kinds:
   the call, XLA otherwise). Same masks, same result. Given lengths, cuDNN runs its padding mask
   and no mask tensor: 1.16x on the configs/default.py bf16 train step on an H100
   (docs/performance.md).
-- `window`, `window_topk`: block-sparse causal kinds, see sparse_attention.py.
+- `window`, `window_topk`: block-sparse causal kinds, see sparse_attention.py. On a GPU,
+  self-attention runs their Pallas kernels (long T) or cuDNN with the same mask (T <= 2048);
+  elsewhere sparse_attention's XLA code: sparse_dispatch.py decides.
 - `fused_cpu`: the same result as `dense` from a compiled C++ kernel (cpu_attention.py): the
   scores stay in cache-sized blocks, the masked causal half is skipped, and the backward pass
   recomputes the probabilities. CPU only; keys masked by lengths (prefixes) only.
@@ -38,7 +40,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from phase1_jax.model import cpu_attention, sparse_attention
+from phase1_jax.model import cpu_attention, sparse_attention, sparse_dispatch
 
 KINDS = ('dense', 'dot_product', 'window', 'window_topk', 'fused_cpu')
 SPARSE_KINDS = ('window', 'window_topk')
@@ -243,7 +245,7 @@ def _dispatch(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, *, kv_lengths_B, cau
     if kv_lengths_B.shape != k_BxSxNxH.shape[:1]:
       raise ValueError(f'kv_lengths_B: shape {kv_lengths_B.shape}, expected '
                        f'({k_BxSxNxH.shape[0]},), one length per batch row')
-    if kind not in LENGTH_KINDS:   # the others take the mask
+    if kind == 'dense':   # the others take lengths (the sparse kinds: their Pallas kernels)
       kv_mask_BxS = prefix_mask(kv_lengths_B, k_BxSxNxH.shape[1])
       kv_lengths_B = None
   if kind == 'fused_cpu':
@@ -261,13 +263,29 @@ def _dispatch(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, *, kv_lengths_B, cau
   if kind == 'dot_product':
     return dot_product_attention(*args, kv_lengths_B=kv_lengths_B, causal=causal,
                                  window_size=window_size)
-  if q_BxTxNxH.shape[1] > k_BxSxNxH.shape[1]:
-    raise ValueError(f'q_BxTxNxH: causal kind {kind!r} needs T <= S, got T='
-                     f'{q_BxTxNxH.shape[1]}, S={k_BxSxNxH.shape[1]}')
+  return _sparse(kind, *args, kv_lengths_B, window_size=window_size, top_k=top_k,
+                 block_size=block_size)
+
+
+def _sparse(kind, q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, kv_lengths_B, *, window_size,
+            top_k, block_size):
+  """A causal sparse kind through the implementation sparse_dispatch picks for this call: its
+  Pallas kernel, the dense fused kernel with the same mask, or sparse_attention's (XLA)."""
+  t, s = q_BxTxNxH.shape[1], k_BxSxNxH.shape[1]
+  if t > s:
+    raise ValueError(f'q_BxTxNxH: causal kind {kind!r} needs T <= S, got T={t}, S={s}')
   if block_size is None:
     block_size = sparse_attention.default_block_size(window_size)
-  if kind == 'window':
-    return sparse_attention.window_attention(*args, window_size=window_size,
-                                             block_size=block_size)
-  return sparse_attention.window_topk_attention(*args, window_size=window_size, top_k=top_k,
-                                                block_size=block_size)
+  options = dict(window_size=window_size, top_k=top_k, block_size=block_size)
+  chosen = sparse_dispatch.implementation(kind, t=t, s=s, head_dim=q_BxTxNxH.shape[-1],
+                                          dtype=q_BxTxNxH.dtype,
+                                          key_lengths=kv_mask_BxS is None, **options)
+  qkv = (q_BxTxNxH, k_BxSxNxH, v_BxSxNxH)
+  if chosen == 'pallas':
+    return sparse_dispatch.pallas_attention(kind, *qkv, kv_lengths_B, **options)
+  if chosen == 'cudnn':   # window_topk only where its mask is causal
+    return dot_product_attention(*qkv, kv_mask_BxS, kv_lengths_B=kv_lengths_B, causal=True,
+                                 window_size=window_size if kind == 'window' else None)
+  if kv_lengths_B is not None:
+    kv_mask_BxS = prefix_mask(kv_lengths_B, s)
+  return sparse_dispatch.xla_attention(kind, *qkv, kv_mask_BxS, **options)

@@ -14,8 +14,8 @@ the same bounds the kernels use.
 
 Triton needs power-of-two blocks and head dims (H is zero-padded to one here) and dot operands of
 at least 16 rows/columns, so use blocks >= 16 on GPU; interpret mode (CPU) takes any power of two.
-Tested in interpret mode and lowered (not run) for CUDA on CPU; not yet measured on a GPU, nor
-used by the model.
+Tested in interpret mode and lowered (not run) for CUDA on CPU; not yet measured on a GPU. The
+`window` kind runs it on a GPU at long T (sparse_dispatch.py).
 """
 from __future__ import annotations
 

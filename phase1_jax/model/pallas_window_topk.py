@@ -14,7 +14,8 @@ padded with the sentinel Q (one past the last block, never read).
 Rows that see no key (the reference leaves them unspecified) get dense_attention's mean of all
 values, as in pallas_window. The kernel's blocks are the selection's blocks, so block_size must be
 a power of two (>= 16 on GPU); the reference takes any block size. Tested in interpret mode and
-lowered (not run) for CUDA on CPU; not yet measured on a GPU, nor used by the model.
+lowered (not run) for CUDA on CPU; not yet measured on a GPU. The `window_topk` kind runs it on
+a GPU at long T (sparse_dispatch.py).
 """
 from __future__ import annotations
 

@@ -1,0 +1,111 @@
+"""Which implementation runs a block-sparse kind (`window`, `window_topk`) for a call; the calls.
+
+`implementation(...)` is the whole decision, one table, made at trace time from static shapes:
+- 'pallas': the Pallas flash kernels (pallas_window, pallas_window_topk), which visit only the
+  band's (and the selected) key blocks. On a GPU backend, self-attention (T == S) with keys
+  masked by lengths or not at all, T > FUSED_DENSE_MAX_T, and shapes Triton takes.
+- 'cudnn': on a GPU at T <= FUSED_DENSE_MAX_T in half precision, the dense fused kernel
+  (`attention.dot_product_attention`, cuDNN) with the same mask: the band for `window`; for
+  `window_topk` only where its top_k selects every eligible block, so its mask is causal (no
+  fused kernel expresses a top-k block selection).
+- 'xla': sparse_attention's implementation (today's): everywhere else, e.g. a CPU, T != S
+  (queries after a prefix), a key mask tensor, or shapes the kernels do not take.
+
+Why the threshold: at short T the band covers most of the causal triangle, and cuDNN's fused
+kernel should beat the Pallas one there (the issue's bar: nothing slower than before at
+T <= 2k). Its value is a placeholder, to be measured on a GPU (benchmarks/attention.py).
+`force_pallas()` runs the Pallas path wherever the kernels take the call on any backend
+(interpret mode off GPU), so CPU tests reach the wired path. The model runs under pmap or a
+one-device jit; a Pallas call is not partitioned by GSPMD (untested on several GPUs).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+import jax.numpy as jnp
+
+from phase1_jax.model import pallas_window, pallas_window_topk, sparse_attention
+
+# T at or below which a GPU runs the dense fused kernel instead: to be measured on a GPU.
+FUSED_DENSE_MAX_T = 2048
+# Pallas `window` tiles (block_q = block_k; its result does not depend on them, nor on the XLA
+# implementation's block_size): the tested default, to be tuned on a GPU.
+WINDOW_TILE = 64
+# Head dims the Pallas path takes: Triton's dot needs >= 16 columns (H is zero-padded to a power
+# of two); above 128 the kernels are untested.
+HEAD_DIMS = (16, 128)
+IMPLEMENTATIONS = ('pallas', 'cudnn', 'xla')
+_FORCE_PALLAS = contextvars.ContextVar('force_pallas', default=False)
+
+
+@contextlib.contextmanager
+def force_pallas():
+  """Within: 'pallas' wherever the kernels take the call, on any backend (interpret mode off a
+  GPU), for tests. Read at trace time, so a function jitted inside keeps its choice."""
+  token = _FORCE_PALLAS.set(True)
+  try:
+    yield
+  finally:
+    _FORCE_PALLAS.reset(token)
+
+
+def _pallas_takes(kind, head_dim, block_size):
+  """Shapes the kernels take: a head dim Triton tiles; for `window_topk` a power-of-two block
+  >= 16 (its blocks are the selection's, so they cannot be retiled)."""
+  if not HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1]:
+    return False
+  return kind == 'window' or (block_size >= 16 and block_size & (block_size - 1) == 0)
+
+
+def selects_every_block(t, window_size, top_k, block_size) -> bool:
+  """window_topk's top_k covers every block before the local ones: its mask is then causal."""
+  num = -(-t // block_size)
+  prev = min(-(-(window_size - 1) // block_size), num - 1)
+  return top_k >= num - prev - 1
+
+
+def implementation(kind, *, t, s, head_dim, dtype, window_size, block_size, top_k=None,
+                   key_lengths=True, backend=None) -> str:
+  """One of IMPLEMENTATIONS for a causal `window`/`window_topk` call of T queries over S keys.
+  key_lengths: keys masked by lengths or not at all (no mask tensor). backend: default
+  jax.default_backend()."""
+  backend = backend or jax.default_backend()
+  if t != s:
+    return 'xla'
+  pallas = key_lengths and _pallas_takes(kind, head_dim, block_size)
+  if _FORCE_PALLAS.get():
+    return 'pallas' if pallas else 'xla'
+  if backend != 'gpu':
+    return 'xla'
+  if t > FUSED_DENSE_MAX_T:
+    return 'pallas' if pallas else 'xla'
+  same_mask = kind == 'window' or selects_every_block(t, window_size, top_k, block_size)
+  # What cuDNN takes (half precision; head dims <= 128, a multiple of 8, on every GPU it runs).
+  cudnn = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
+  return 'cudnn' if same_mask and cudnn else 'xla'
+
+
+def pallas_attention(kind, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, *, window_size,
+                     top_k, block_size):
+  """The Pallas kernel of `kind` (interpret mode off a GPU), keys [0, length) or all."""
+  interpret = jax.default_backend() != 'gpu'
+  if kind == 'window':
+    return pallas_window.window_attention(
+        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size=window_size,
+        block_q=WINDOW_TILE, block_k=WINDOW_TILE, interpret=interpret)
+  return pallas_window_topk.window_topk_attention(
+      q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size=window_size, top_k=top_k,
+      block_size=block_size, interpret=interpret)
+
+
+def xla_attention(kind, q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, *, window_size, top_k,
+                  block_size):
+  """sparse_attention's implementation of `kind` (any backend, T <= S, any key mask)."""
+  args = (q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
+  if kind == 'window':
+    return sparse_attention.window_attention(*args, window_size=window_size,
+                                             block_size=block_size)
+  return sparse_attention.window_topk_attention(*args, window_size=window_size, top_k=top_k,
+                                                block_size=block_size)
