@@ -59,6 +59,12 @@ VARIANTS = {
                                   'loss.logits_chunk_pages': 2},
     'bfloat16_scan_dot_product': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': True,
                                   'model.attention.kind': 'dot_product'},
+    # configs/long_gpu.py's comparison (issue 29): the sparse kind against cuDNN's causal one.
+    'bfloat16_unrolled_window': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': False,
+                                 'model.attention.kind': 'window'},
+    'bfloat16_unrolled_dot_product': {'model.compute_dtype': 'bfloat16',
+                                      'model.scan_layers': False,
+                                      'model.attention.kind': 'dot_product'},
     'bfloat16_unrolled_dense': {'model.compute_dtype': 'bfloat16', 'model.scan_layers': False,
                                 'model.attention.kind': 'dense'},
     'float32_unrolled_dense': {'model.compute_dtype': 'float32', 'model.scan_layers': False,

@@ -36,6 +36,28 @@ def test_small_config_validates():
   assert config.model.d_model == 128 and config.model.num_unique_layers == 2
 
 
+def test_long_gpu_config_is_window_attention_over_full_16k_pages():
+  """configs/long_gpu.py, the GPU long-page config: T >= 16k, `window` attention in bfloat16,
+  which a GPU runs as the Pallas kernel; its pages fill most of T (with short pages the
+  `dot_product` comparison would skip the padding by its key lengths)."""
+  from phase1_jax.data import pipeline
+  from phase1_jax.model import sparse_dispatch
+  config = load_config_file('long_gpu')
+  validate(config)
+  model = specs.model_spec(config)
+  t = config.data.max_seq_len
+  assert t >= 16384 and model.attention.kind == 'window' and model.dtype == 'bfloat16'
+  assert sparse_dispatch.implementation(
+      'window', t=t, s=t, head_dim=model.d_model // model.num_heads, dtype=model.dtype,
+      window_size=model.attention.window_size, block_size=model.attention.block_size,
+      backend='gpu') == 'pallas'
+  config.data.train_samples = 4
+  source = pipeline.make_source(specs.data_spec(config), 'train')
+  batch = next(iter(pipeline.train_iterator(source, batch_size=4, seed=0, epoch=0)))
+  assert batch['inputs'].shape == (4, t)
+  assert batch['target_mask'].sum(1).min() > 0.85 * t
+
+
 # html.py and pixels*.py need a prepared directory (tests/test_config_validation.py validates
 # html.py on one, tests/test_encoder.py the pixel configs on a pixel dataset's dataset.json).
 CONFIG_FILES = sorted(p.stem for p in (REPO / 'configs').glob('*.py')
