@@ -1,6 +1,7 @@
 """The sparse kinds' implementation choice (sparse_dispatch.implementation's table, on CPU for any
-backend) and the wired Pallas path: `attend(kind='window'/'window_topk')` under force_pallas runs
-the interpret-mode kernels and equals dense_attention with the same mask (outputs and gradients).
+backend) and the wired kernel paths: `attend(kind='window'/'window_topk')` under
+force_implementation('pallas' | 'splash') runs the interpret-mode Pallas (GPU) or splash (TPU)
+kernels and equals dense_attention / the XLA kind with the same mask (outputs and gradients).
 The GPU tests (skipped elsewhere) check what a GPU runs and that it matches."""
 from __future__ import annotations
 
@@ -34,7 +35,18 @@ TABLE = [
     ({'dtype': F32}, 'pallas'),
     ({'backend': 'cpu'}, 'xla'),
     ({'backend': 'cpu', 'kind': 'window_topk'}, 'xla'),
-    ({'backend': 'tpu'}, 'xla'),
+    # A TPU: splash for self-attention with lengths, at any T (no short-T fallback).
+    ({'backend': 'tpu'}, 'splash'),
+    ({'backend': 'tpu', 't': SHORT}, 'splash'),
+    ({'backend': 'tpu', 't': 256, 'dtype': F32}, 'splash'),
+    ({'backend': 'tpu', 'head_dim': 256}, 'splash'),         # a whole-dim block: any head dim
+    ({'backend': 'tpu', 'block_size': 100}, 'splash'),       # window's tiles are its own
+    ({'backend': 'tpu', 'kind': 'window_topk'}, 'splash'),
+    ({'backend': 'tpu', 'kind': 'window_topk', 't': 256, 'block_size': 256}, 'splash'),
+    ({'backend': 'tpu', 'kind': 'window_topk', 'block_size': 64}, 'xla'),   # not 128 lanes
+    ({'backend': 'tpu', 's': LONG + 64}, 'xla'),
+    ({'backend': 'tpu', 'key_lengths': False}, 'xla'),
+    ({'backend': 'tpu', 'kind': 'window_topk', 'key_lengths': False}, 'xla'),
     ({'s': LONG + 64}, 'xla'),                            # queries after a prefix
     ({'t': 1, 's': LONG}, 'xla'),                         # one decoding position
     ({'key_lengths': False}, 'xla'),                      # a key mask tensor
@@ -61,13 +73,32 @@ def test_decision_table(changes, expected):
 
 
 def test_forced_pallas_wherever_the_kernels_take_the_call():
-  with sparse_dispatch.force_pallas():
+  with sparse_dispatch.force_pallas():   # force_implementation('pallas')
     assert choice(backend='cpu', t=64) == 'pallas'
     assert choice(backend='cpu', t=64, kind='window_topk', block_size=16) == 'pallas'
     assert choice(backend='cpu', t=64, head_dim=8) == 'xla'
     assert choice(backend='cpu', t=64, s=80) == 'xla'
     assert choice(backend='cpu', t=64, key_lengths=False) == 'xla'
+    assert choice(backend='tpu', t=64) == 'pallas'
   assert choice(backend='cpu', t=64) == 'xla'
+
+
+def test_forced_splash_wherever_splash_takes_the_call():
+  with sparse_dispatch.force_implementation('splash'):
+    assert choice(backend='cpu', t=64) == 'splash'
+    assert choice(backend='gpu', t=SHORT) == 'splash'
+    assert choice(backend='cpu', t=64, head_dim=8, block_size=12) == 'splash'
+    assert choice(backend='cpu', kind='window_topk', block_size=256) == 'splash'
+    assert choice(backend='cpu', kind='window_topk', block_size=16) == 'xla'
+    assert choice(backend='cpu', t=64, s=80) == 'xla'
+    assert choice(backend='cpu', t=64, key_lengths=False) == 'xla'
+    with sparse_dispatch.force_implementation('pallas'):   # the innermost one holds
+      assert choice(backend='cpu', t=64) == 'pallas'
+    assert choice(backend='cpu', t=64) == 'splash'
+  assert choice(backend='cpu', t=64) == 'xla'
+  with pytest.raises(ValueError, match='cudnn'):
+    with sparse_dispatch.force_implementation('cudnn'):
+      pass
 
 
 def test_selects_every_block():
@@ -94,24 +125,36 @@ def runs_pallas(attend, q, k, v):
   return 'pallas_call' in str(jax.make_jaxpr(attend)(q, k, v))
 
 
-# (kind, options, T, lengths): T not a multiple of the 64-position tiles, lengths < T (window:
-# rows past length - 1 + window see no key and get dense's mean of all values) and 0.
+def runs_kernel(impl, attend, q, k, v):
+  """A pallas_call of `impl` runs: splash's (splash_mha_*) or the Pallas GPU kernels'."""
+  text = str(jax.make_jaxpr(attend)(q, k, v))
+  return 'pallas_call' in text and ('splash_mha' in text) == (impl == 'splash')
+
+
+# (implementation, kind, options, T, lengths). Pallas: T not a multiple of the 64-position
+# tiles; splash: T not a multiple of its 128 blocks, a window above the block, window's
+# block_size (ignored: its tiles are its own). Lengths < T (window: rows past length - 1 +
+# window see no key and get dense's mean of all values) and 0.
 CASES = [
-    ('window', dict(window_size=37), 100, (100, 41)),
-    ('window', dict(window_size=5, block_size=12), 70, (0, 70)),
+    ('pallas', 'window', dict(window_size=37), 100, (100, 41)),
+    ('pallas', 'window', dict(window_size=5, block_size=12), 70, (0, 70)),
     # top_k covers every block: window_topk is causal dense.
-    ('window_topk', dict(window_size=20, top_k=8, block_size=16), 100, (100, 57)),
+    ('pallas', 'window_topk', dict(window_size=20, top_k=8, block_size=16), 100, (100, 57)),
+    ('splash', 'window', dict(window_size=37), 300, (300, 100)),
+    ('splash', 'window', dict(window_size=200, block_size=12), 256, (0, 256)),
+    # 3 blocks of 128, one local block before its own: top 1 is every block, causal dense.
+    ('splash', 'window_topk', dict(window_size=20, top_k=1, block_size=128), 384, (384, 200)),
 ]
 
 
-@pytest.mark.parametrize('kind,options,t,lengths', CASES)
-def test_forced_pallas_through_attend_equals_dense(kind, options, t, lengths):
+@pytest.mark.parametrize('impl,kind,options,t,lengths', CASES)
+def test_forced_kernel_through_attend_equals_dense(impl, kind, options, t, lengths):
   q, k, v, cotangent = inputs(t, seed=t)
   lengths = jnp.asarray(lengths, jnp.int32)
   spec = attention.AttentionSpec.of(kind, **{'top_k': None, 'block_size': None, **options})
-  with sparse_dispatch.force_pallas():
+  with sparse_dispatch.force_implementation(impl):
     wired = lambda q, k, v: spec(q, k, v, kv_lengths_B=lengths, causal=True)
-    assert runs_pallas(wired, q, k, v)
+    assert runs_kernel(impl, wired, q, k, v)
     got = jax.jit(functools.partial(out_and_grads, wired))(q, k, v, cotangent)
   window = options['window_size'] if kind == 'window' else None
   dense = lambda q, k, v: attention.dense_attention(
@@ -120,15 +163,20 @@ def test_forced_pallas_through_attend_equals_dense(kind, options, t, lengths):
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_forced_pallas_window_topk_equals_the_xla_kind():
-  """top_k below the selectable blocks: the selection matters; every row sees a key."""
-  t, options = 96, dict(window_size=20, top_k=2, block_size=16)
+# (implementation, T, block_size, top_k, lengths): top_k below the selectable blocks (Pallas: 2
+# of 3 at the last query block; splash: 1 of 2), so the selection matters; every row sees a key.
+TOPK_CASES = [('pallas', 96, 16, 2, (96, 70)), ('splash', 512, 128, 1, (512, 300))]
+
+
+@pytest.mark.parametrize('impl,t,block_size,top_k,lengths', TOPK_CASES)
+def test_forced_kernel_window_topk_equals_the_xla_kind(impl, t, block_size, top_k, lengths):
+  options = dict(window_size=20, top_k=top_k, block_size=block_size)
   q, k, v, cotangent = inputs(t, seed=5)
-  lengths = jnp.asarray([96, 70], jnp.int32)
+  lengths = jnp.asarray(lengths, jnp.int32)
   run = lambda q, k, v: attention.attend(q, k, v, kv_lengths_B=lengths, causal=True,
                                          kind='window_topk', **options)
-  with sparse_dispatch.force_pallas():
-    assert runs_pallas(run, q, k, v)
+  with sparse_dispatch.force_implementation(impl):
+    assert runs_kernel(impl, run, q, k, v)
     got = jax.jit(functools.partial(out_and_grads, run))(q, k, v, cotangent)
   reference = lambda q, k, v: sparse_attention.window_topk_attention(
       q, k, v, attention.prefix_mask(lengths, t), **options)
@@ -152,10 +200,11 @@ def test_cpu_runs_the_xla_kind_unchanged(kind, options):
   np.testing.assert_array_equal(jax.jit(run)(q, k, v), want)
 
 
-def test_forced_pallas_keeps_the_xla_kind_for_a_key_mask_or_a_prefix():
+@pytest.mark.parametrize('impl', sparse_dispatch.FORCEABLE)
+def test_forced_kernel_keeps_the_xla_kind_for_a_key_mask_or_a_prefix(impl):
   q, k, v, _ = inputs(40, seed=4)
   mask = jnp.asarray(np.random.default_rng(0).random((B, 40)) < 0.7)
-  with sparse_dispatch.force_pallas():
+  with sparse_dispatch.force_implementation(impl):
     assert not runs_pallas(lambda q, k, v: attention.attend(
         q, k, v, mask, causal=True, kind='window', window_size=6), q, k, v)
     assert not runs_pallas(lambda q, k, v: attention.attend(

@@ -16,8 +16,8 @@ Kinds:
   and no mask tensor: 1.16x on the configs/default.py bf16 train step on an H100
   (docs/performance.md).
 - `window`, `window_topk`: block-sparse causal kinds, see sparse_attention.py. On a GPU,
-  self-attention runs their Pallas kernels (long T) or cuDNN with the same mask (T <= 2048);
-  elsewhere sparse_attention's XLA code: sparse_dispatch.py decides.
+  self-attention runs their Pallas kernels (long T) or cuDNN with the same mask (T <= 2048); on
+  a TPU splash attention; elsewhere sparse_attention's XLA code: sparse_dispatch.py decides.
 - `fused_cpu`: the same result as `dense` from a compiled C++ kernel (cpu_attention.py): the
   scores stay in cache-sized blocks, the masked causal half is skipped, and the backward pass
   recomputes the probabilities. CPU only; keys masked by lengths (prefixes) only.
@@ -270,7 +270,8 @@ def _dispatch(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, *, kv_lengths_B, cau
 def _sparse(kind, q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, kv_lengths_B, *, window_size,
             top_k, block_size):
   """A causal sparse kind through the implementation sparse_dispatch picks for this call: its
-  Pallas kernel, the dense fused kernel with the same mask, or sparse_attention's (XLA)."""
+  Pallas (GPU) or splash (TPU) kernel, the dense fused kernel with the same mask, or
+  sparse_attention's (XLA)."""
   t, s = q_BxTxNxH.shape[1], k_BxSxNxH.shape[1]
   if t > s:
     raise ValueError(f'q_BxTxNxH: causal kind {kind!r} needs T <= S, got T={t}, S={s}')
@@ -283,6 +284,8 @@ def _sparse(kind, q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, kv_lengths_B, *,
   qkv = (q_BxTxNxH, k_BxSxNxH, v_BxSxNxH)
   if chosen == 'pallas':
     return sparse_dispatch.pallas_attention(kind, *qkv, kv_lengths_B, **options)
+  if chosen == 'splash':
+    return sparse_dispatch.splash_attention(kind, *qkv, kv_lengths_B, **options)
   if chosen == 'cudnn':   # window_topk only where its mask is causal
     return dot_product_attention(*qkv, kv_mask_BxS, kv_lengths_B=kv_lengths_B, causal=True,
                                  window_size=window_size if kind == 'window' else None)

@@ -4,6 +4,10 @@
 - 'pallas': the Pallas flash kernels (pallas_window, pallas_window_topk), which visit only the
   band's (and the selected) key blocks. On a GPU backend, self-attention (T == S) with keys
   masked by lengths or not at all, T > FUSED_DENSE_MAX_T, and shapes Triton takes.
+- 'splash': on a TPU backend, self-attention (T == S) with keys masked by lengths or not at all,
+  at any T, through JAX's splash attention kernel (splash_window): `window` in SPLASH_WINDOW_TILE
+  blocks, `window_topk` where its block_size is a multiple of 128 (splash's blocks are its
+  selection's), else 'xla'.
 - 'cudnn': on a GPU at T <= FUSED_DENSE_MAX_T in half precision, the dense fused kernel
   (`attention.dot_product_attention`, cuDNN) with the same mask: the band for `window`; for
   `window_topk` only where its top_k selects every eligible block, so its mask is causal (no
@@ -14,9 +18,13 @@
 Why the threshold: at short T the band covers most of the causal triangle, and cuDNN's fused
 kernel should beat the Pallas one there (the issue's bar: nothing slower than before at
 T <= 2k). Its value is a placeholder, to be measured on a GPU (benchmarks/attention.py).
-`force_pallas()` runs the Pallas path wherever the kernels take the call on any backend
-(interpret mode off GPU), so CPU tests reach the wired path. The model runs under pmap or a
-one-device jit; a Pallas call is not partitioned by GSPMD (untested on several GPUs).
+No threshold on a TPU: there the dense fused kernel is splash itself (jax.nn.dot_product_attention
+has no fused TPU implementation; XLA's materializes the T x S scores), and splash with the band
+mask visits a subset of the blocks splash with a causal mask would, so nothing shorter runs
+faster through another path (unmeasured: the per-call overhead at tiny T may favour XLA).
+`force_implementation('pallas' | 'splash')` runs that kernel wherever it takes the call on any
+backend (interpret mode off its device), so CPU tests reach the wired paths. The model runs under
+pmap or a one-device jit; a Pallas call is not partitioned by GSPMD (untested on several devices).
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
-from phase1_jax.model import pallas_window, pallas_window_topk, sparse_attention
+from phase1_jax.model import pallas_window, pallas_window_topk, sparse_attention, splash_window
 
 # T at or below which a GPU runs the dense fused kernel instead: to be measured on a GPU.
 FUSED_DENSE_MAX_T = 2048
@@ -36,19 +44,32 @@ WINDOW_TILE = 64
 # Head dims the Pallas path takes: Triton's dot needs >= 16 columns (H is zero-padded to a power
 # of two); above 128 the kernels are untested.
 HEAD_DIMS = (16, 128)
-IMPLEMENTATIONS = ('pallas', 'cudnn', 'xla')
-_FORCE_PALLAS = contextvars.ContextVar('force_pallas', default=False)
+# splash `window` blocks (block_q = block_k; the result does not depend on them): TPU lanes, the
+# least padding of T and of the band's edges; to be tuned on a TPU (larger blocks mean fewer grid
+# steps but more masked keys per query block).
+SPLASH_WINDOW_TILE = splash_window.LANES
+IMPLEMENTATIONS = ('pallas', 'splash', 'cudnn', 'xla')
+FORCEABLE = ('pallas', 'splash')   # kernels with an interpret mode
+_FORCED = contextvars.ContextVar('forced_implementation', default=None)
 
 
 @contextlib.contextmanager
-def force_pallas():
-  """Within: 'pallas' wherever the kernels take the call, on any backend (interpret mode off a
-  GPU), for tests. Read at trace time, so a function jitted inside keeps its choice."""
-  token = _FORCE_PALLAS.set(True)
+def force_implementation(name: str):
+  """Within: `name` (one of FORCEABLE) wherever its kernel takes the call, on any backend
+  (interpret mode off its device), for tests. Read at trace time, so a function jitted inside
+  keeps its choice."""
+  if name not in FORCEABLE:
+    raise ValueError(f'force_implementation({name!r}): one of {", ".join(FORCEABLE)}')
+  token = _FORCED.set(name)
   try:
     yield
   finally:
-    _FORCE_PALLAS.reset(token)
+    _FORCED.reset(token)
+
+
+def force_pallas():
+  """force_implementation('pallas')."""
+  return force_implementation('pallas')
 
 
 def _pallas_takes(kind, head_dim, block_size):
@@ -57,6 +78,12 @@ def _pallas_takes(kind, head_dim, block_size):
   if not HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1]:
     return False
   return kind == 'window' or (block_size >= 16 and block_size & (block_size - 1) == 0)
+
+
+def _splash_takes(kind, block_size):
+  """Shapes splash takes: any head dim (a whole-dim block); for `window_topk` a block that is a
+  multiple of 128 lanes (`window` tiles with its own SPLASH_WINDOW_TILE)."""
+  return kind == 'window' or block_size % splash_window.LANES == 0
 
 
 def selects_every_block(t, window_size, top_k, block_size) -> bool:
@@ -75,8 +102,12 @@ def implementation(kind, *, t, s, head_dim, dtype, window_size, block_size, top_
   if t != s:
     return 'xla'
   pallas = key_lengths and _pallas_takes(kind, head_dim, block_size)
-  if _FORCE_PALLAS.get():
-    return 'pallas' if pallas else 'xla'
+  splash = key_lengths and _splash_takes(kind, block_size)
+  forced = _FORCED.get()
+  if forced is not None:
+    return forced if {'pallas': pallas, 'splash': splash}[forced] else 'xla'
+  if backend == 'tpu':   # at any T: see the module docstring
+    return 'splash' if splash else 'xla'
   if backend != 'gpu':
     return 'xla'
   if t > FUSED_DENSE_MAX_T:
@@ -96,6 +127,19 @@ def pallas_attention(kind, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, *, win
         q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size=window_size,
         block_q=WINDOW_TILE, block_k=WINDOW_TILE, interpret=interpret)
   return pallas_window_topk.window_topk_attention(
+      q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size=window_size, top_k=top_k,
+      block_size=block_size, interpret=interpret)
+
+
+def splash_attention(kind, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, *, window_size,
+                     top_k, block_size):
+  """splash_window's kernel of `kind` (interpret mode off a TPU), keys [0, length) or all."""
+  interpret = jax.default_backend() != 'tpu'
+  if kind == 'window':
+    return splash_window.window_attention(
+        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size=window_size,
+        block_q=SPLASH_WINDOW_TILE, block_k=SPLASH_WINDOW_TILE, interpret=interpret)
+  return splash_window.window_topk_attention(
       q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size=window_size, top_k=top_k,
       block_size=block_size, interpret=interpret)
 
