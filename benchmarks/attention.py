@@ -7,9 +7,11 @@ one KV-cached decoding step against context length.
 Defaults follow the device: on a GPU the issue's measurement (bfloat16, T 4k..64k, window 512,
 window_topk top_k 8 of 128-blocks, against dot_product (cuDNN) and dense, 12 heads x 64); on a
 CPU the earlier float32 sweep (T 512..8192, window 256, block 256, top_k 4). A kind may name an
-implementation, e.g. `window:pallas`, `window:cudnn`, `window_topk:xla` (sparse_dispatch.py),
-to measure it where the kind would pick another one (the FUSED_DENSE_MAX_T threshold);
-`window_topk:cudnn` runs only where its mask is causal. The `impl` column says what ran.
+implementation, e.g. `window:pallas`, `window:splash`, `window:cudnn`, `window_topk:xla`
+(sparse_dispatch.py), to measure it where the kind would pick another one (the FUSED_DENSE_MAX_T
+threshold); `window_topk:cudnn` runs only where its mask is causal, `window_topk:splash` only
+with a --block that is a multiple of 128; pallas and splash run in interpret mode off their
+device (GPU, TPU). The `impl` column says what ran.
 
 For each T and kind, forward and forward+backward (grad of the summed outputs w.r.t. q, k, v),
 each AOT-compiled once: median of `repeats` runs after `warmup` runs, each timed to
@@ -92,6 +94,11 @@ def attend_fn(kind, t, args):
   if impl == 'pallas':
     return lambda q, k, v: sparse_dispatch.pallas_attention(base, q, k, v, None, **{
         'top_k': None, **opts})
+  if impl == 'splash':
+    if base == 'window_topk' and args.block % 128:
+      return 'skipped: window_topk:splash needs a block that is a multiple of 128'
+    return lambda q, k, v: sparse_dispatch.splash_attention(base, q, k, v, None, **{
+        'top_k': None, **opts})
   if impl == 'xla':
     return lambda q, k, v: sparse_dispatch.xla_attention(base, q, k, v, None, **{
         'top_k': None, **opts})
@@ -112,11 +119,13 @@ def context_keys(kind, t, args):
   b = args.block
   blocks = math.ceil(t / b)
   prev = min(math.ceil((args.window - 1) / b), blocks - 1)
-  if impl == 'pallas' and base == 'window':   # its own tiles over the band
-    tile = sparse_dispatch.WINDOW_TILE
+  if impl in ('pallas', 'splash') and base == 'window':   # its own tiles over the band
+    tile = sparse_dispatch.WINDOW_TILE if impl == 'pallas' else sparse_dispatch.SPLASH_WINDOW_TILE
     return (math.ceil((args.window - 1) / tile) + 1) * tile, math.ceil(t / tile) * tile
   per_chunk = min(blocks, max(1, sparse_attention.CHUNK_POSITIONS // b))
   padded = math.ceil(blocks / per_chunk) * per_chunk * b
+  if impl == 'splash':   # pads T to the blocks only (the XLA code: to whole chunks of blocks)
+    padded = blocks * b
   keys = (prev + 1) * b
   if base == 'window_topk':
     keys += min(args.top_k, max(blocks - prev - 1, 0)) * b
@@ -293,7 +302,7 @@ def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='smoke test: small T, 2 runs')
   parser.add_argument('--seq-lens')
-  parser.add_argument('--kinds', help='kinds, or kind:impl (impl: pallas, cudnn, xla)')
+  parser.add_argument('--kinds', help='kinds, or kind:impl (impl: pallas, splash, cudnn, xla)')
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--heads', type=int, default=12)
   parser.add_argument('--head-dim', type=int, default=64)
