@@ -24,7 +24,8 @@ q's dtype, as dense_attention), and T is padded to the blocks.
 
 Rows that see no key get dense_attention's mean of all values, outside the kernel (as the Pallas
 kernels). Blocks must be multiples of 128 (TPU lanes; splash checks it even in interpret mode),
-so window_topk's selection blocks are >= 128. Tested in interpret mode on CPU only.
+so window_topk's selection blocks are >= 128. The `window` and `window_topk` kinds run these on a
+TPU backend (sparse_dispatch.py). Tested in interpret mode on CPU only.
 """
 from __future__ import annotations
 
