@@ -5,23 +5,20 @@
 
 - majority elements: each element type predicted present when it is on most train pages;
 - majority section: every token gets the most frequent train section class;
-- constant page: one train page (the best of 40 candidates by BLEU on 200 train pages) as every
-  val page's answer;
-- nearest neighbour: the train page whose screenshot (each patch's mean colour, in reading
-  order) is nearest in L2; for a features dataset, the features.
+- constant page: one train page (constant_page) as every val page's answer;
+- nearest neighbour: the train page whose picture is nearest (nearest_pages).
 The two answering baselines are scored as a generated page: BLEU of the answer's markup, its
 element labels as the element prediction (element_f1, element_f1_macro), and its per-token
 section labels as the section classes of its tokens (semantic_accuracy, by
 metrics.aligned_semantic_counts: the answer's tokens aligned with the val page's).
 A ceiling rather than a baseline, on BPE datasets (a tokenizer.json):
 - layout oracle: each val page's own markup with every text node replaced by the train pages'
-  most frequent text node: the BLEU of a model that gets every tag and attribute right but
-  cannot read the page's words (their pixels are too small at the prepared resolution).
+  most frequent text node: a model that gets every tag and attribute right but reads no word.
 BLEU over BPE token strings, as training's evaluation. On a pixel dataset the markup baselines
 (constant page, nearest neighbour, layout oracle) are also rendered and scored with
 visual_metrics (`visual` of each) against the first --render_samples val pages' reference markup
-(their full decoded tokens), all at the dataset's render width; the references are rendered once
-for all (`visual_reference`). --render_samples 0 switches this off.
+(their full decoded tokens) at the dataset's render width, the references rendered once
+(`visual_reference`). --render_samples 0 switches this off.
 Prints one JSON object and writes it atomically to DIR/baselines.json (BASELINES_FILE; --output:
 elsewhere), where `load(DIR)` finds it; `comparison_table(model, baselines)` sets a model's
 evaluation result beside them as a text table.
@@ -45,7 +42,7 @@ BASELINES_FILE = 'baselines.json'   # in the prepared dataset's directory
 KEEP = ('targets', 'element_labels', 'semantic_labels', 'semantic_mask')
 
 
-def _pages(directory, split, max_seq_len, max_patches, pixels):
+def split_pages(directory, split, max_seq_len, max_patches, pixels):
   """A split's targets and labels, and each page's picture reduced to a vector: each real patch's
   mean colour (pixels) or its features, patch by patch in reading order."""
   src = records.FilePages(directory, split, max_seq_len=max_seq_len, num_patches=max_patches)
@@ -64,26 +61,18 @@ def baselines(directory: str, max_seq_len: int, max_patches: int, render_samples
   metrics on a pixel dataset with a tokenizer."""
   meta = records.read_metadata(directory)
   pixels = records.input_kind(meta) == 'pixels'
-  train, val = (_pages(directory, s, max_seq_len, max_patches, pixels) for s in ('train', 'val'))
-  strings = lambda ps: metrics.tokens_to_strings(
-      np.stack([p['targets'] for p in ps]), vocab.id_to_token(meta['vocab_size']),
-      eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
-  train_text, val_text = strings(train), strings(val)
+  train, val = (split_pages(directory, s, max_seq_len, max_patches, pixels)
+                for s in ('train', 'val'))
+  train_text, val_text = target_strings(meta, train), target_strings(meta, val)
   out = {'val_pages': len(val), 'train_pages': len(train), **_majority(meta, train, val)}
-  rng = np.random.default_rng(0)
-  probe = rng.choice(len(train), min(200, len(train)), replace=False)
-  candidates = rng.choice(len(train), min(40, len(train)), replace=False)
-  best = max(candidates, key=lambda c: metrics.bleu([train_text[c]] * len(probe),
-                                                     [train_text[i] for i in probe]))
-  train_x = np.stack([p['picture'] for p in train])
-  nearest = [int(np.argmin(((train_x - p['picture']) ** 2).sum(1))) for p in val]
+  best, nearest = constant_page(train, train_text), nearest_pages(train, val)
   out['constant_page'] = _answer_scores(train, val, [best] * len(val), train_text, val_text)
   out['nearest_neighbour'] = _answer_scores(train, val, nearest, train_text, val_text)
   tokenizer_path = os.path.join(directory, records.TOKENIZER_FILE)
   tok = bpe.load(tokenizer_path) if os.path.exists(tokenizer_path) else None
   if tok is not None:
-    out['layout_oracle'] = {'bleu': _layout_oracle_bleu(
-        tok, train, val, val_text, max_seq_len, strings)}
+    out['layout_oracle'] = {'bleu': _layout_oracle_bleu(tok, meta, train, val, val_text,
+                                                        max_seq_len)}
   if render_samples > 0 and pixels and tok is not None:
     answers = {'constant_page': lambda i: best, 'nearest_neighbour': lambda i: nearest[i]}
     _visual(out, directory, meta, tok, answers, _text_word(tok, train),
@@ -91,6 +80,30 @@ def baselines(directory: str, max_seq_len: int, max_patches: int, render_samples
   elif render_samples > 0:
     out['visual_metrics'] = 'off: needs a pixel dataset with a BPE tokenizer'
   return out
+
+
+def target_strings(meta, pages) -> list[str]:
+  """split_pages' targets as the token strings BLEU compares."""
+  return metrics.tokens_to_strings(
+      np.stack([p['targets'] for p in pages]), vocab.id_to_token(meta['vocab_size']),
+      eos_id=vocab.EOS_ID, pad_id=vocab.PAD_ID, bos_id=vocab.BOS_ID)
+
+
+def constant_page(train, train_text) -> int:
+  """The constant page's train index: of 40 random train pages, the best by BLEU against 200
+  others (seeded)."""
+  rng = np.random.default_rng(0)
+  probe = rng.choice(len(train), min(200, len(train)), replace=False)
+  candidates = rng.choice(len(train), min(40, len(train)), replace=False)
+  return int(max(candidates, key=lambda c: metrics.bleu([train_text[c]] * len(probe),
+                                                         [train_text[i] for i in probe])))
+
+
+def nearest_pages(train, val) -> list[int]:
+  """Each val page's nearest train page by picture in L2: its screenshot as each patch's mean
+  colour in reading order (split_pages), or its features."""
+  train_x = np.stack([p['picture'] for p in train])
+  return [int(np.argmin(((train_x - p['picture']) ** 2).sum(1))) for p in val]
 
 
 def _majority(meta, train, val) -> dict:
@@ -102,13 +115,11 @@ def _majority(meta, train, val) -> dict:
   classes = np.concatenate([p['semantic_labels'][p['semantic_mask']] for p in train])
   top = int(np.bincount(classes).argmax())
   sem = lambda key: np.stack([p[key] for p in val])
-  return {
-      'majority_elements': {k: scores[k] for k in ('element_f1', 'element_f1_macro')},
-      'majority_section': {
-          'class': meta['semantic_classes'][top],
-          'semantic_accuracy': metrics.semantic_accuracy(
-              np.full_like(sem('semantic_labels'), top), sem('semantic_labels'),
-              sem('semantic_mask'))}}
+  accuracy = metrics.semantic_accuracy(np.full_like(sem('semantic_labels'), top),
+                                       sem('semantic_labels'), sem('semantic_mask'))
+  return {'majority_elements': {k: scores[k] for k in ('element_f1', 'element_f1_macro')},
+          'majority_section': {'class': meta['semantic_classes'][top],
+                               'semantic_accuracy': accuracy}}
 
 
 def _answer_scores(train, val, answer_V, train_text, val_text) -> dict:
@@ -169,7 +180,7 @@ def _text_word(tok, train) -> str:
   return counts.most_common(1)[0][0] if counts else ''
 
 
-def _layout_oracle_bleu(tok, train, val, val_text, max_seq_len, strings) -> float:
+def _layout_oracle_bleu(tok, meta, train, val, val_text, max_seq_len) -> float:
   """BLEU of the val pages' markup with each text node replaced by the most frequent train
   text node, re-tokenized and cut to the scored length."""
   word = _text_word(tok, train)
@@ -178,7 +189,7 @@ def _layout_oracle_bleu(tok, train, val, val_text, max_seq_len, strings) -> floa
     ids = tok.encode(_TEXT_NODE.sub(word, bpe.decode(tok, p['targets']))).ids[:max_seq_len - 1]
     ids = ids + [vocab.EOS_ID] + [vocab.PAD_ID] * (max_seq_len - 1 - len(ids))
     pages.append({'targets': np.asarray(ids, np.int32)})
-  return metrics.bleu(strings(pages), val_text)
+  return metrics.bleu(target_strings(meta, pages), val_text)
 
 
 def write(path: str, out: dict) -> None:

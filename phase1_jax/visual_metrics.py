@@ -64,7 +64,8 @@ def _centres_Nx2(page: PageRender) -> np.ndarray:
   return np.stack([(x + w / 2) / max(page.width, 1e-9), (y + h / 2) / max(page.height, 1e-9)], 1)
 
 
-def _areas_N(page: PageRender) -> np.ndarray:
+def block_areas_N(page: PageRender) -> np.ndarray:
+  """Each text block's area in CSS px^2 (a negative width or height counts as 0)."""
   return np.asarray([max(b.box[2], 0.0) * max(b.box[3], 0.0) for b in page.blocks], np.float64)
 
 
@@ -97,7 +98,7 @@ def block_scores(generated: PageRender, reference: PageRender) -> dict[str, floa
   if not pairs:
     return dict.fromkeys(BLOCK_METRICS, 0.0)
   gi, ri, sims = (np.asarray(v) for v in zip(*pairs, strict=True))
-  area_g, area_r = _areas_N(generated), _areas_N(reference)
+  area_g, area_r = block_areas_N(generated), block_areas_N(reference)
   total = area_g.sum() + area_r.sum()
   block_match = (area_g[gi].sum() + area_r[ri].sum()) / total if total > 0 else 1.0
   shift = np.abs(_centres_Nx2(generated)[gi] - _centres_Nx2(reference)[ri]).max(-1)
