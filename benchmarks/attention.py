@@ -91,13 +91,10 @@ def attend_fn(kind, t, args):
   opts = options(base, args)
   if impl is None:
     return lambda q, k, v: attention.attend(q, k, v, causal=True, kind=base, **opts)
-  if impl == 'pallas':
-    return lambda q, k, v: sparse_dispatch.pallas_attention(base, q, k, v, None, **{
-        'top_k': None, **opts})
-  if impl == 'splash':
-    if base == 'window_topk' and args.block % 128:
-      return 'skipped: window_topk:splash needs a block that is a multiple of 128'
-    return lambda q, k, v: sparse_dispatch.splash_attention(base, q, k, v, None, **{
+  if impl == 'splash' and base == 'window_topk' and args.block % 128:
+    return 'skipped: window_topk:splash needs a block that is a multiple of 128'
+  if impl in ('pallas', 'splash'):
+    return lambda q, k, v: sparse_dispatch.kernel_attention(impl, base, q, k, v, None, **{
         'top_k': None, **opts})
   if impl == 'xla':
     return lambda q, k, v: sparse_dispatch.xla_attention(base, q, k, v, None, **{

@@ -315,3 +315,15 @@ def window_topk_expected_vjp(q, k, v, lengths, cotangent, *, window_size, top_k,
 
   out, vjp = jax.vjp(attend, q, k, v)
   return out, vjp(cotangent)
+
+
+@functools.partial(jax.jit, static_argnames=('window_size',))
+def window_expected_vjp(q, k, v, lengths, cotangent, *, window_size):
+  """The `window` kernels' reference: dense_attention with the prefix mask and the band."""
+  from phase1_jax.model import attention
+  mask = attention.prefix_mask(lengths, q.shape[1])
+  attend = lambda q, k, v: attention.dense_attention(q, k, v, mask, causal=True,
+                                                     window_size=window_size)
+  out, vjp = jax.vjp(attend, q, k, v)
+  return out, vjp(cotangent)
+

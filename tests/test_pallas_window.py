@@ -16,6 +16,7 @@ from support import (
   assert_lowers_for_triton,
   assert_reads_only,
   kernel_inputs,
+  window_expected_vjp,
 )
 
 from phase1_jax.model import attention, pallas_window
@@ -28,15 +29,6 @@ STATIC = ('window_size', 'block_q', 'block_k')
 def kernel_vjp(q, k, v, lengths, cotangent, *, window_size, block_q, block_k):
   attend = lambda q, k, v: pallas_window.window_attention(
       q, k, v, lengths, window_size=window_size, block_q=block_q, block_k=block_k, interpret=True)
-  out, vjp = jax.vjp(attend, q, k, v)
-  return out, vjp(cotangent)
-
-
-@functools.partial(jax.jit, static_argnames=('window_size',))
-def dense_vjp(q, k, v, lengths, cotangent, *, window_size):
-  mask = attention.prefix_mask(lengths, q.shape[1])
-  attend = lambda q, k, v: attention.dense_attention(q, k, v, mask, causal=True,
-                                                     window_size=window_size)
   out, vjp = jax.vjp(attend, q, k, v)
   return out, vjp(cotangent)
 
@@ -63,7 +55,7 @@ def test_matches_dense_forward_and_gradients(dtype, t, window, block_q, block_k,
   lengths = jnp.asarray(lengths, jnp.int32)
   out, grads = kernel_vjp(q, k, v, lengths, cotangent, window_size=window, block_q=block_q,
                           block_k=block_k)
-  want_out, want_grads = dense_vjp(q, k, v, lengths, cotangent, window_size=window)
+  want_out, want_grads = window_expected_vjp(q, k, v, lengths, cotangent, window_size=window)
   assert_kernel_matches(out, grads, want_out, want_grads, dtype, t)
 
 

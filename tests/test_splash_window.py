@@ -13,9 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import KERNEL_BNH, assert_kernel_matches, kernel_inputs, window_topk_expected_vjp
+from support import (
+  KERNEL_BNH,
+  assert_kernel_matches,
+  kernel_inputs,
+  window_expected_vjp,
+  window_topk_expected_vjp,
+)
 
-from phase1_jax.model import attention, pallas_window, pallas_window_topk, splash_window
+from phase1_jax.model import pallas_window, pallas_window_topk, splash_window
 
 B, N, _ = KERNEL_BNH
 
@@ -24,15 +30,6 @@ B, N, _ = KERNEL_BNH
 def window_vjp(q, k, v, lengths, cotangent, *, window_size, block_q, block_k):
   attend = lambda q, k, v: splash_window.window_attention(
       q, k, v, lengths, window_size=window_size, block_q=block_q, block_k=block_k, interpret=True)
-  out, vjp = jax.vjp(attend, q, k, v)
-  return out, vjp(cotangent)
-
-
-@functools.partial(jax.jit, static_argnames=('window_size',))
-def dense_vjp(q, k, v, lengths, cotangent, *, window_size):
-  mask = attention.prefix_mask(lengths, q.shape[1])
-  attend = lambda q, k, v: attention.dense_attention(q, k, v, mask, causal=True,
-                                                     window_size=window_size)
   out, vjp = jax.vjp(attend, q, k, v)
   return out, vjp(cotangent)
 
@@ -57,7 +54,7 @@ def test_window_matches_dense_forward_and_gradients(dtype, t, window, block_q, b
   lengths = jnp.asarray(lengths, jnp.int32)
   out, grads = window_vjp(q, k, v, lengths, cotangent, window_size=window, block_q=block_q,
                           block_k=block_k)
-  want_out, want_grads = dense_vjp(q, k, v, lengths, cotangent, window_size=window)
+  want_out, want_grads = window_expected_vjp(q, k, v, lengths, cotangent, window_size=window)
   assert_kernel_matches(out, grads, want_out, want_grads, dtype, t)
 
 

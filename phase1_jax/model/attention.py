@@ -282,10 +282,8 @@ def _sparse(kind, q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, kv_lengths_B, *,
                                           dtype=q_BxTxNxH.dtype,
                                           key_lengths=kv_mask_BxS is None, **options)
   qkv = (q_BxTxNxH, k_BxSxNxH, v_BxSxNxH)
-  if chosen == 'pallas':
-    return sparse_dispatch.pallas_attention(kind, *qkv, kv_lengths_B, **options)
-  if chosen == 'splash':
-    return sparse_dispatch.splash_attention(kind, *qkv, kv_lengths_B, **options)
+  if chosen in ('pallas', 'splash'):
+    return sparse_dispatch.kernel_attention(chosen, kind, *qkv, kv_lengths_B, **options)
   if chosen == 'cudnn':   # window_topk only where its mask is causal
     return dot_product_attention(*qkv, kv_mask_BxS, kv_lengths_B=kv_lengths_B, causal=True,
                                  window_size=window_size if kind == 'window' else None)

@@ -243,7 +243,15 @@ def _flash_bwd(g, residuals, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _check(q, k, v, kv_lengths_B, window_size, **blocks):
+def _power_of_two(block: int) -> bool:
+  return block & (block - 1) == 0
+
+
+def check_arguments(q, k, v, kv_lengths_B, window_size, *,
+                    block_rule=(_power_of_two, 'a power of two (Triton tiles)'), **blocks):
+  """ValueErrors naming the argument, before anything traces: self-attention shapes, lengths,
+  window_size, and each named block an int >= 1 that block_rule's predicate accepts (the
+  kernels' tiling; the description goes in the message)."""
   if not q.shape == k.shape == v.shape or q.ndim != 4:
     raise ValueError(f'q, k, v: need equal [B, T, N, H] shapes (self-attention), got '
                      f'{q.shape}, {k.shape}, {v.shape}')
@@ -252,10 +260,11 @@ def _check(q, k, v, kv_lengths_B, window_size, **blocks):
   if isinstance(window_size, bool) or not isinstance(window_size, numbers.Integral) or (
       window_size < 1):
     raise ValueError(f'window_size={window_size!r}: must be an int >= 1')
+  accepts, rule = block_rule
   for name, block in blocks.items():
     if (isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1
-        or block & (block - 1)):
-      raise ValueError(f'{name}={block!r}: must be a power of two (Triton tiles)')
+        or not accepts(block)):
+      raise ValueError(f'{name}={block!r}: must be {rule}')
 
 
 def window_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, *, window_size: int,
@@ -265,8 +274,8 @@ def window_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, *, window_si
   float32, scale H**-0.5; a row with no such key gets the mean of all T values, as in
   dense_attention. Differentiable (reverse mode) in q, k, v. block_q, block_k: powers of two
   (>= 16 on GPU); T is padded to them. interpret=True runs the kernels on CPU."""
-  _check(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size, block_q=block_q,
-         block_k=block_k)
+  check_arguments(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size, block_q=block_q,
+                  block_k=block_k)
   batch, t, heads, h = q_BxTxNxH.shape
   g = _Geometry(t, heads, int(window_size), int(block_q), int(block_k), h ** -0.5, interpret)
   full = kv_lengths_B is None

@@ -142,7 +142,8 @@ def attend_selected(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, idx_BxNxQxK, 
   """Each query block over its local blocks and its valid listed blocks (`select_blocks`'
   output), causal and key < length (None: T), through the Pallas kernels; rows that see no key
   get the mean of all values. Differentiable (reverse mode) in q, k, v."""
-  pw._check(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size, block_size=block_size)
+  pw.check_arguments(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size,
+                     block_size=block_size)
   batch, t, heads, h = q_BxTxNxH.shape
   b, num = int(block_size), -(-t // block_size)
   prev = _local_prev(num, window_size, b)
@@ -171,7 +172,8 @@ def window_topk_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, *, wind
   j < kv_lengths_B[b] (None: all). [B, T, N, H] -> [B, T, N, H] in q's dtype, softmax in
   float32, scale H**-0.5. block_size: a power of two (>= 16 on GPU); T is padded to it.
   interpret=True runs the kernels on CPU."""
-  pw._check(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size, block_size=block_size)
+  pw.check_arguments(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size,
+                     block_size=block_size)
   if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
     raise ValueError(f'top_k={top_k!r}: must be an int >= 0')
   batch, t = q_BxTxNxH.shape[:2]

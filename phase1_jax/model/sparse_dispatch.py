@@ -118,30 +118,23 @@ def implementation(kind, *, t, s, head_dim, dtype, window_size, block_size, top_
   return 'cudnn' if same_mask and cudnn else 'xla'
 
 
-def pallas_attention(kind, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, *, window_size,
-                     top_k, block_size):
-  """The Pallas kernel of `kind` (interpret mode off a GPU), keys [0, length) or all."""
-  interpret = jax.default_backend() != 'gpu'
-  if kind == 'window':
-    return pallas_window.window_attention(
-        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size=window_size,
-        block_q=WINDOW_TILE, block_k=WINDOW_TILE, interpret=interpret)
-  return pallas_window_topk.window_topk_attention(
-      q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size=window_size, top_k=top_k,
-      block_size=block_size, interpret=interpret)
+# Each kernel implementation: (window module, window_topk module, its backend, window tiles).
+_KERNELS = {'pallas': (pallas_window, pallas_window_topk, 'gpu', WINDOW_TILE),
+            'splash': (splash_window, splash_window, 'tpu', SPLASH_WINDOW_TILE)}
 
 
-def splash_attention(kind, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, *, window_size,
-                     top_k, block_size):
-  """splash_window's kernel of `kind` (interpret mode off a TPU), keys [0, length) or all."""
-  interpret = jax.default_backend() != 'tpu'
+def kernel_attention(chosen, kind, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, *,
+                     window_size, top_k, block_size):
+  """The `chosen` kernel ('pallas' or 'splash') of `kind`, keys [0, length) or all; interpret
+  mode off the kernel's backend."""
+  window, topk, backend, tile = _KERNELS[chosen]
+  interpret = jax.default_backend() != backend
+  args = (q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B)
   if kind == 'window':
-    return splash_window.window_attention(
-        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size=window_size,
-        block_q=SPLASH_WINDOW_TILE, block_k=SPLASH_WINDOW_TILE, interpret=interpret)
-  return splash_window.window_topk_attention(
-      q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size=window_size, top_k=top_k,
-      block_size=block_size, interpret=interpret)
+    return window.window_attention(*args, window_size=window_size, block_q=tile, block_k=tile,
+                                   interpret=interpret)
+  return topk.window_topk_attention(*args, window_size=window_size, top_k=top_k,
+                                    block_size=block_size, interpret=interpret)
 
 
 def xla_attention(kind, q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, *, window_size, top_k,

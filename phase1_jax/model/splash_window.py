@@ -40,24 +40,15 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as info
 
-from phase1_jax.model import pallas_window_topk
+from phase1_jax.model import pallas_window, pallas_window_topk
 
 LANES = 128   # splash's block_kv (and, with segment ids, block_q) must be multiples of this
 
 
 def _check(q, k, v, kv_lengths_B, window_size, **blocks):
-  if not q.shape == k.shape == v.shape or q.ndim != 4:
-    raise ValueError(f'q, k, v: need equal [B, T, N, H] shapes (self-attention), got '
-                     f'{q.shape}, {k.shape}, {v.shape}')
-  if kv_lengths_B is not None and kv_lengths_B.shape != q.shape[:1]:
-    raise ValueError(f'kv_lengths_B: shape {kv_lengths_B.shape}, expected ({q.shape[0]},)')
-  if isinstance(window_size, bool) or not isinstance(window_size, numbers.Integral) or (
-      window_size < 1):
-    raise ValueError(f'window_size={window_size!r}: must be an int >= 1')
-  for name, block in blocks.items():
-    if (isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1
-        or block % LANES):
-      raise ValueError(f'{name}={block!r}: must be a positive multiple of {LANES} (TPU lanes)')
+  pallas_window.check_arguments(
+      q, k, v, kv_lengths_B, window_size, **blocks,
+      block_rule=(lambda b: b % LANES == 0, f'a positive multiple of {LANES} (TPU lanes)'))
 
 
 def _block_sizes(block_q: int, block_k: int):
