@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 import tqdm
 
-from phase1_jax.data import bpe, records, vocab
+from phase1_jax.data import bpe, patches, records, vocab
 
 ENCODE_BATCH = 256
 PARTS_DIR = 'parts'
@@ -64,14 +64,25 @@ def _input_arrays(entry: dict) -> dict:
       entry['num_patches'], -1)}
 
 
-def _page_record(entry, enc, max_tokens: int, open_tag_ids: np.ndarray) -> dict:
+def _patch_words(tok, entries) -> list:
+  """Each entry's patch_words pairs (patches.word_pairs: its visible text blocks tokenized by
+  the dataset's BPE, on the patches under each), None for one without text blocks (features,
+  a spill from before them)."""
+  texts = [text for e in entries for text, _ in e.get('text_blocks', ())]
+  ids = iter([enc.ids for enc in tok.encode_batch(texts)] if texts else [])
+  return [None if 'text_blocks' not in e else patches.word_pairs(
+      [p for _, p in e['text_blocks']], [next(ids) for _ in e['text_blocks']]) for e in entries]
+
+
+def _page_record(entry, enc, max_tokens: int, open_tag_ids: np.ndarray, words=None) -> dict:
   ids = np.array(enc.ids[:max_tokens], np.int32)
   runs = np.array(entry['runs'], np.int64).reshape(-1, 2)
   char_classes = np.repeat(runs[:, 1], runs[:, 0]).astype(np.int8)
   starts = np.array([s for s, _ in enc.offsets[:max_tokens]], np.int64)
   semantic = char_classes[np.minimum(starts, len(char_classes) - 1)]
   element_labels = np.isin(open_tag_ids, ids).astype(np.uint8)
-  return {**_input_arrays(entry), 'tokens': ids, 'semantic_labels': semantic,
+  words = {} if words is None else {'patch_words': words}
+  return {**_input_arrays(entry), **words, 'tokens': ids, 'semantic_labels': semantic,
           'element_labels': element_labels, 'source_id': entry['id']}
 
 
@@ -103,7 +114,7 @@ def assemble(out: str, spill_paths: list[str], *, scheme_lists: dict, vocab_size
   open_tag_ids = np.array([tok.token_to_id(t) for t in open_tags(scheme_lists['element_types'])])
   writers = {s: records.ShardWriter(out, s, records_per_shard) for s in ('train', 'val')}
   stats = {'lengths': [], 'stored': [], 'classes': Counter(), 'types': Counter(),
-           'without_patch_labels': 0}
+           'without_patch_labels': 0, 'without_patch_words': 0}
   bar = tqdm.tqdm(total=len(splits), desc='Writing', disable=not progress, unit='page')
   batch = []
   for entry in (*read_spill(spill_paths), None):
@@ -111,14 +122,15 @@ def assemble(out: str, spill_paths: list[str], *, scheme_lists: dict, vocab_size
       batch.append(entry)
     if batch and (entry is None or len(batch) == ENCODE_BATCH):
       encodings = tok.encode_batch([e['markup'] for e in batch])
-      for e, enc in zip(batch, encodings, strict=True):
-        page = _page_record(e, enc, max_tokens, open_tag_ids)
+      for e, enc, words in zip(batch, encodings, _patch_words(tok, batch), strict=True):
+        page = _page_record(e, enc, max_tokens, open_tag_ids, words)
         writers[splits[e['id']]].write(page)
         stats['lengths'].append(len(enc.ids))
         stats['stored'].append(len(page['tokens']))
         stats['types'].update(np.flatnonzero(page['element_labels']).tolist())
         stats['classes'].update(page['semantic_labels'].tolist())
         stats['without_patch_labels'] += 'patch_labels' not in page
+        stats['without_patch_words'] += 'patch_words' not in page
       bar.update(len(batch))
       batch = []
   bar.close()
@@ -137,9 +149,10 @@ def _metadata(tok, writers, stats, lists, open_tag_ids, input_info, summary, max
   classes, types = stats['classes'], stats['types']
   names_c, names_t = lists['semantic_classes'], lists['element_types']
   kind = input_info['input']
-  patch_labels = kind == 'pixels' and not stats['without_patch_labels']
-  array_fields = records.array_fields(kind) | (records.OPTIONAL_FIELDS[kind] if patch_labels
-                                               else {})
+  # An optional field is listed (and dataset.json says `name: true`) when every record has it.
+  optional = {name: dtype for name, dtype in records.OPTIONAL_FIELDS[kind].items()
+              if not stats[f'without_{name}']}
+  array_fields = records.array_fields(kind) | optional
   return {
       'format': records.FORMAT, 'version': records.VERSION,
       'record_encoding': 'msgpack map per ArrayRecord record; arrays as {dtype, shape, data}',
@@ -147,7 +160,8 @@ def _metadata(tok, writers, stats, lists, open_tag_ids, input_info, summary, max
                  for name, dtype in array_fields.items()} | {
                      'source_id': {'dtype': 'str', 'shape': []}},
       **input_info,
-      'patch_labels': patch_labels,   # every record has them: loss.patch_weight can train
+      'patch_labels': 'patch_labels' in optional,   # loss.patch_weight can train
+      'patch_words': 'patch_words' in optional,     # loss.patch_words_weight can train
       'tokenizer': records.TOKENIZER_FILE, 'vocab_size': tok.get_vocab_size(),
       'max_tokens': max_tokens,
       'special_ids': {'pad': vocab.PAD_ID, 'bos': vocab.BOS_ID, 'eos': vocab.EOS_ID,

@@ -1,10 +1,11 @@
 """Pass 1 of prepare.py: each page to its spill entry, and the entries into a part file.
 
-An entry is a page's normalised markup, its label runs and its input (the screenshot's patches
-and patch labels with --render, else the user's features), or {'id', 'skipped': reason}. The
-work runs in worker processes (render_pool's, one browser each, or a spawn pool parsing pages);
-only entries cross to the main process, which appends them to the part's msgpack spill file for
-assemble.py (pass 2). A part's files appear atomically, its summary (part-*.json) last.
+An entry is a page's normalised markup, its label runs and its input (with --render, the
+screenshot's patches, patch labels and visible text blocks with the patches under each; else the
+user's features), or {'id', 'skipped': reason}. The work runs in worker processes (render_pool's,
+one browser each, or a spawn pool parsing pages); only entries cross to the main process, which
+appends them to the part's msgpack spill file for assemble.py (pass 2). A part's files appear
+atomically, its summary (part-*.json) last.
 """
 from __future__ import annotations
 
@@ -76,9 +77,13 @@ def _rendered_entry(rel, shot, *, scheme, max_chars, patch_size, max_patches) ->
                                                   max_patches=max_patches)
   labels_Px2 = patches.patch_labels(page.boxes_Nx6, positions_Px2, height=image_HxWx3.shape[0],
                                     width=image_HxWx3.shape[1])
+  # The visible text with the patches it lies on; assemble.py tokenizes it (the BPE trains there).
+  on_patches = patches.block_patches([b.box for b in shot.text_blocks], positions_Px2,
+                                     height=image_HxWx3.shape[0], width=image_HxWx3.shape[1])
+  text_blocks = [[b.text, p] for b, p in zip(shot.text_blocks, on_patches, strict=True) if p]
   return {**_entry(rel, page, {'patches': patches_PxD.tobytes(),
                                'positions': positions_Px2.astype(np.int16).tobytes(),
-                               'patch_labels': labels_Px2.tobytes(),
+                               'patch_labels': labels_Px2.tobytes(), 'text_blocks': text_blocks,
                                'num_patches': len(patches_PxD)}), 'blocked': shot.blocked}
 
 

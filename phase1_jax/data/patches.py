@@ -60,6 +60,18 @@ def to_patches(image_HxWx3: np.ndarray, *, patch_size: int,
   return np.ascontiguousarray(patches_PxD), positions_Px2
 
 
+def _overlap_PxN(boxes_Nx4, positions_Px2, height: int, width: int):
+  """(overlap_PxN: CSS px^2 of each box (x, y, w, h) inside each patch, patch area): the patch
+  grid mapped back onto the height x width screenshot it was cut from."""
+  rows, cols = (int(v) + 1 for v in positions_Px2.max(axis=0))
+  patch_h, patch_w = height / rows, width / cols
+  top_P, left_P = positions_Px2[:, 0] * patch_h, positions_Px2[:, 1] * patch_w
+  x, y, w, h = np.asarray(boxes_Nx4, np.float64).reshape(-1, 4).T
+  span = lambda lo_P, size, start, length: np.clip(
+      np.minimum(lo_P[:, None] + size, start + length) - np.maximum(lo_P[:, None], start), 0, None)
+  return span(left_P, patch_w, x, w) * span(top_P, patch_h, y, h), patch_h * patch_w
+
+
 def patch_labels(boxes_Nx6: np.ndarray, positions_Px2: np.ndarray, *, height: int,
                  width: int) -> np.ndarray:
   """Each patch's (section class, element type), int8 [P, 2], -1 for none: the label of the
@@ -69,15 +81,9 @@ def patch_labels(boxes_Nx6: np.ndarray, positions_Px2: np.ndarray, *, height: in
   out_Px2 = np.full((len(positions_Px2), 2), -1, np.int8)
   if not len(boxes_Nx6):
     return out_Px2
-  rows, cols = (int(v) + 1 for v in positions_Px2.max(axis=0))
-  patch_h, patch_w = height / rows, width / cols
-  top_P, left_P = positions_Px2[:, 0] * patch_h, positions_Px2[:, 1] * patch_w
-  x, y, w, h = boxes_Nx6[:, :4].T
-  span = lambda lo_P, size, start, length: np.clip(
-      np.minimum(lo_P[:, None] + size, start + length) - np.maximum(lo_P[:, None], start), 0, None)
-  overlap_PxN = span(left_P, patch_w, x, w) * span(top_P, patch_h, y, h)
-  area_N = w * h
-  covers_PxN = ((overlap_PxN >= 0.25 * patch_h * patch_w) | (overlap_PxN >= 0.5 * area_N)) & (
+  overlap_PxN, patch_area = _overlap_PxN(boxes_Nx6[:, :4], positions_Px2, height, width)
+  area_N = boxes_Nx6[:, 2] * boxes_Nx6[:, 3]
+  covers_PxN = ((overlap_PxN >= 0.25 * patch_area) | (overlap_PxN >= 0.5 * area_N)) & (
       overlap_PxN > 0)
   for part in (0, 1):
     label_N = boxes_Nx6[:, 4 + part]
@@ -86,6 +92,27 @@ def patch_labels(boxes_Nx6: np.ndarray, positions_Px2: np.ndarray, *, height: in
     found_P = np.isfinite(area_PxN[np.arange(len(area_PxN)), smallest_P])
     out_Px2[found_P, part] = label_N[smallest_P[found_P]]
   return out_Px2
+
+
+def block_patches(boxes_Nx4, positions_Px2: np.ndarray, *, height: int,
+                  width: int) -> list[list[int]]:
+  """For each text block's box (x, y, w, h, CSS px: render.TextBlock.box), the indices of the
+  patches it overlaps at all (patch_labels' mapping of the grid onto the screenshot)."""
+  if not len(boxes_Nx4):
+    return []
+  overlap_PxN, _ = _overlap_PxN(boxes_Nx4, positions_Px2, height, width)
+  return [np.flatnonzero(overlap_N > 0).tolist() for overlap_N in overlap_PxN.T]
+
+
+def word_pairs(patches_per_block, token_ids_per_block) -> np.ndarray:
+  """The distinct (patch index, token id) pairs, int32 [num_pairs, 2] sorted: every BPE token of
+  each text block paired with every patch the block overlaps (block_patches)."""
+  pairs = [np.stack(np.meshgrid(p, t, indexing='ij'), -1).reshape(-1, 2)
+           for p, t in zip(patches_per_block, token_ids_per_block, strict=True)
+           if len(p) and len(t)]
+  if not pairs:
+    return np.zeros((0, 2), np.int32)
+  return np.unique(np.concatenate(pairs).astype(np.int32), axis=0)
 
 
 def from_patches(patches_PxD: np.ndarray, positions_Px2: np.ndarray, *,

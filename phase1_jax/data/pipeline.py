@@ -22,7 +22,8 @@ class DataSpec:
   """Where a run's pages come from and their shapes (specs.data_spec reads config.data).
   name: 'synthetic' (SyntheticPages of `page`, seeded by `seed`) or 'files' (the prepared
   directory `path`); num_patches: P per page; patch_labels: the loss trains on patch labels,
-  which a prepared directory must then hold."""
+  which a prepared directory must then hold; patch_words: V > 0, batches hold patch_words
+  float32 [P, V] (records.to_example), which a prepared directory must then hold."""
   name: str
   page: synthetic.PageSpec
   num_patches: int
@@ -31,6 +32,7 @@ class DataSpec:
   train_samples: int = 0
   val_samples: int = 0
   patch_labels: bool = False
+  patch_words: int = 0
 
 
 # One error type for unusable data, whether a prepared directory's files (records.py: dataset.json,
@@ -78,15 +80,26 @@ class CheckedSource:
     return record
 
 
+def check_patch_fields(data: DataSpec) -> None:
+  """DataError (one line naming dataset.json and the loss weight) when a patch loss is on and
+  the prepared directory's records lack what it trains on."""
+  meta = records.read_metadata(data.path)
+  for on, field, what, weight in ((data.patch_labels, 'patch_labels', 'patch labels',
+                                   'loss.patch_weight'),
+                                  (data.patch_words, 'patch_words', 'patch words',
+                                   'loss.patch_words_weight')):
+    if on and not meta.get(field):
+      raise DataError(f'{data.path}/{records.METADATA_FILE}: its records hold no {what}, which '
+                      f'{weight} > 0 trains on (prepare --render writes them; or set '
+                      f'{weight}=0)')
+
+
 def make_source(data: DataSpec, split: str):
   """The random-access page source of a split ('train' or 'val'), record-checked."""
   if data.name == 'files':
-    if data.patch_labels and not records.read_metadata(data.path).get('patch_labels'):
-      raise DataError(f'{data.path}/{records.METADATA_FILE}: its records hold no patch labels, '
-                      'which loss.patch_weight > 0 trains on (prepare --render writes them; or '
-                      'set loss.patch_weight=0)')
+    check_patch_fields(data)
     return records.FilePages(data.path, split, max_seq_len=data.page.max_seq_len,
-                             num_patches=data.num_patches)
+                             num_patches=data.num_patches, patch_word_vocab=data.patch_words)
   n = {'train': data.train_samples, 'val': data.val_samples}[split]
   pages = synthetic.SyntheticPages(data.page, num_samples=n, seed=data.seed, split=split)
   return CheckedSource(pages, f'{data.name} {split} split',

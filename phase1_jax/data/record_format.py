@@ -19,7 +19,7 @@ INPUT_FIELDS = {'features': {'features': 'float16'},
                 'pixels': {'patches': 'uint8', 'patch_positions': 'int16'}}
 LABEL_FIELDS = {'tokens': 'int32', 'semantic_labels': 'int8', 'element_labels': 'uint8'}
 # Fields a record of an input kind may hold besides array_fields(kind).
-OPTIONAL_FIELDS = {'features': {}, 'pixels': {'patch_labels': 'int8'}}
+OPTIONAL_FIELDS = {'features': {}, 'pixels': {'patch_labels': 'int8', 'patch_words': 'int32'}}
 
 
 def array_fields(kind: str = 'features') -> dict[str, str]:
@@ -32,7 +32,7 @@ PIXEL_ARRAY_FIELDS = array_fields('pixels')    # a pixel record
 KNOWN_FIELDS = ARRAY_FIELDS | PIXEL_ARRAY_FIELDS | OPTIONAL_FIELDS['pixels']
 FIELD_SHAPES = {'features': ['num_patches', 'feature_dim'],
                 'patches': ['num_patches', 'patch_pixels'], 'patch_positions': ['num_patches', 2],
-                'patch_labels': ['num_patches', 2],
+                'patch_labels': ['num_patches', 2], 'patch_words': ['num_pairs', 2],
                 'tokens': ['num_tokens'], 'semantic_labels': ['num_tokens'],
                 'element_labels': ['num_element_types']}
 

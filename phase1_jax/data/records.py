@@ -17,6 +17,9 @@ or, input 'pixels' (dataset.json also gives `patch_size` and `max_patches`):
                                              rendered boxes, -1 for none (optional: datasets
                                              prepared before it lack it; dataset.json says
                                              `patch_labels: true` when every record has it)
+  patch_words     int32   [num_pairs, 2]     distinct (patch index, BPE token id) pairs: each
+                                             token of the visible text on each patch it lies on
+                                             (optional as patch_labels: `patch_words: true`)
 and always:
   tokens          int32   [num_tokens]   detail token ids of the normalised markup (no BOS/EOS)
   semantic_labels int8    [num_tokens]   section class of each token, -1 outside every section
@@ -115,11 +118,23 @@ def page_features(page: dict, num_patches: int) -> np.ndarray:
   return np.concatenate([positions.reshape(len(positions), 2), pixels], axis=-1)
 
 
+def patch_word_targets(page: dict, num_patches: int, vocab_size: int) -> np.ndarray:
+  """float32 [num_patches, vocab_size] multi-hot of a pixel page's patch_words pairs (patches
+  past num_patches and ids past the vocabulary dropped; all zero for a page without them)."""
+  out_PxV = np.zeros((num_patches, vocab_size), np.float32)
+  pairs = page.get('patch_words', np.zeros((0, 2), np.int32))
+  keep = (pairs[:, 0] < min(num_patches, len(page['patches']))) & (pairs[:, 1] < vocab_size)
+  out_PxV[pairs[keep, 0], pairs[keep, 1]] = 1.0
+  return out_PxV
+
+
 def to_example(page: dict, *, max_seq_len: int, num_patches: int,
-               element_open_tag_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+               element_open_tag_ids: np.ndarray | None = None,
+               patch_word_vocab: int = 0) -> dict[str, np.ndarray]:
   """A record as SyntheticPages' example dict: tokens cut to max_seq_len - 1 (room for EOS),
   features (page_features) cut or zero-padded to num_patches (feature_mask marks the real
-  ones), float32; a pixel page adds patch_labels int32 [num_patches, 2] (-2 where it has none).
+  ones), float32; a pixel page adds patch_labels int32 [num_patches, 2] (-2 where it has none)
+  and, with `patch_word_vocab` V > 0, patch_words float32 [num_patches, V] (patch_word_targets).
   With `element_open_tag_ids` (the dataset's, one per element type), an element
   label holds only when its open tag is among the tokens kept: labels and target describe the
   same window of a long page."""
@@ -144,6 +159,8 @@ def to_example(page: dict, *, max_seq_len: int, num_patches: int,
     extra['patch_labels'] = np.full((num_patches, 2), -2, np.int32)
     if 'patch_labels' in page:
       extra['patch_labels'][:p] = page['patch_labels'][:num_patches]
+    if patch_word_vocab:
+      extra['patch_words'] = patch_word_targets(page, num_patches, patch_word_vocab)
   return {**extra,
       'features': features,
       'feature_mask': np.arange(num_patches) < p,
@@ -158,14 +175,17 @@ def to_example(page: dict, *, max_seq_len: int, num_patches: int,
 
 class FilePages:
   """Random-access source of a prepared split: `pages[i]` is SyntheticPages' example dict. Its
-  shards are checked when it is opened (check_shard: every record of a small split)."""
+  shards are checked when it is opened (check_shard: every record of a small split).
+  patch_word_vocab > 0: examples hold patch_words [num_patches, patch_word_vocab] (to_example)."""
 
-  def __init__(self, directory: str, split: str, *, max_seq_len: int, num_patches: int):
+  def __init__(self, directory: str, split: str, *, max_seq_len: int, num_patches: int,
+               patch_word_vocab: int = 0):
     meta = read_metadata(directory)
     if split not in meta['splits']:
       raise DatasetError(f'{directory}: no split {split!r} in {METADATA_FILE}')
     self.directory, self.split, self.metadata = directory, split, meta
     self.max_seq_len, self.num_patches = max_seq_len, num_patches
+    self.patch_word_vocab = patch_word_vocab
     ids = meta.get('element_open_tag_ids')
     self.element_open_tag_ids = None if ids is None else np.array(ids)
     self.shards = [os.path.join(directory, s) for s in meta['splits'][split]['shards']]
@@ -194,4 +214,5 @@ class FilePages:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return to_example(self.record(int(index)), max_seq_len=self.max_seq_len,
                       num_patches=self.num_patches,
-                      element_open_tag_ids=self.element_open_tag_ids)
+                      element_open_tag_ids=self.element_open_tag_ids,
+                      patch_word_vocab=self.patch_word_vocab)
