@@ -8,7 +8,10 @@ model.vocab_size (rounded up to a multiple of 128), the label counts, data.featu
 data.patch_size and data.max_patches (the patches per page it was prepared with) come from the
 directory's dataset.json, so the config always fits the data. A patch encoder of 2 layers reads
 the patches (model/encoder.py) and learns each patch's labels (loss.patch_weight: a dataset
-prepared without them needs --config.loss.patch_weight=0).
+prepared without them needs --config.loss.patch_weight=0). To have the encoder also learn to
+read, which BPE tokens of the visible text lie on each patch (a dataset prepared with patch
+words, dataset.json `patch_words: true`), add e.g. --config.loss.patch_words_weight=1.0 (off
+by default; its batches hold a float32 [max_patches, vocab] multi-hot per page).
 """
 from phase1_jax.config import base_config, fit_to_dataset
 

@@ -116,9 +116,10 @@ def _loss() -> ml_collections.ConfigDict:
   # their gradient in the same pass (detail_loss.fused_head_loss), so no B x T x V float32 logits
   # exist; rounded down to a divisor of the per-device batch. 0: whole logits.
   loss.logits_chunk_pages = 0
-  # Pixel input with boxes (a dataset prepared with --render): > 0 adds this times the patch
-  # head's loss (each patch's section class and element type), teaching the encoder the layout.
+  # Pixel input from --render datasets: > 0 adds this times the patch head's loss (each patch's
+  # section class and element type: layout) / the patch word head's (its visible BPE tokens).
   loss.patch_weight = 0.0
+  loss.patch_words_weight = 0.0
   return loss
 
 

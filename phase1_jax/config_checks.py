@@ -144,10 +144,11 @@ def check_loss(f: Fields) -> None:
   config = f.config
   f.one_of('loss.weighting', LOSS_WEIGHTINGS)
   f.positive('loss.logits_chunk_pages', allow_zero=True)
-  f.in_range('loss.patch_weight', 0, float('inf'))
-  if config.loss.patch_weight and not config.data.patch_size:
-    raise fail('loss.patch_weight', 'must be 0 unless data.patch_size > 0 (patch labels come '
-               'with screenshots)', config.loss.patch_weight)
+  for name in ('patch_weight', 'patch_words_weight'):
+    f.in_range(f'loss.{name}', 0, float('inf'))
+    if config.loss[name] and not config.data.patch_size:
+      raise fail(f'loss.{name}', 'must be 0 unless data.patch_size > 0 (patch labels and words '
+                 'come with screenshots)', config.loss[name])
   for name in ('detail', 'semantic', 'element', 'consistency'):
     f.in_range(f'loss.{name}_weight', 0, float('inf'))
 

@@ -100,6 +100,22 @@ def patch_label_loss(patch_logits_BxPxK, patch_labels_BxPx2, feature_mask_BxP, p
   return 0.5 * (terms[0] + terms[1])
 
 
+def patch_word_loss(patch_word_logits_BxPxV, patch_words_BxPxV, feature_mask_BxP, page_mask_B,
+                    axis_name=None):
+  """Mean sigmoid binary cross-entropy of each (patch, token): whether the BPE token is among
+  the visible text on the patch (the patch word head, a dense reading signal for the encoder).
+
+  patch_word_logits_BxPxV: in the model's memory order (valid patches first).
+  patch_words_BxPxV: multi-hot targets in the batch's order (records.patch_word_targets). Only
+  valid patches of real pages (page_mask_B) count; float32.
+  """
+  targets_BxPxV, lengths_B = valid_patches_first(patch_words_BxPxV, feature_mask_BxP)
+  real_BxP = (jnp.arange(targets_BxPxV.shape[1])[None] < lengths_B[:, None]) & page_mask_B[:, None]
+  bce_BxPxV = optax.sigmoid_binary_cross_entropy(patch_word_logits_BxPxV.astype(jnp.float32),
+                                                 targets_BxPxV.astype(jnp.float32))
+  return masked_mean(bce_BxPxV.mean(axis=-1), real_BxP, axis_name)
+
+
 def task_weights(*, weighting: str, weights: dict, log_vars_4=None, axis_name=None):
   """(effective weight of each task, regularizer): the total loss is sum_i w_i L_i + regularizer.
 

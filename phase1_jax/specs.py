@@ -151,7 +151,7 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
       scan_layers=scan_layers(m.scan_layers, m.num_layers), remat=m.remat,
       remat_policy=m.remat_policy, patch_size=d.patch_size,
       max_patches=d.max_patches if d.patch_size else 0, encoder_layers=m.encoder_layers,
-      patch_labels=config.loss.patch_weight > 0)
+      patch_labels=config.loss.patch_weight > 0, patch_words=config.loss.patch_words_weight > 0)
 
 
 def optimizer_spec(config: ml_collections.ConfigDict) -> OptimizerSpec:
@@ -182,14 +182,15 @@ def data_spec(config: ml_collections.ConfigDict) -> pipeline.DataSpec:
       name=d.name, page=page_spec(config),
       num_patches=d.max_patches if d.patch_size > 0 else d.grid_rows * d.grid_cols,
       path=d.path, seed=d.seed, train_samples=d.train_samples, val_samples=d.val_samples,
-      patch_labels=config.loss.patch_weight > 0)
+      patch_labels=config.loss.patch_weight > 0,
+      patch_words=config.model.vocab_size if config.loss.patch_words_weight > 0 else 0)
 
 
 def loss_spec(config: ml_collections.ConfigDict) -> LossSpec:
   loss = config.loss
   return LossSpec(loss.weighting, tuple((task, loss[f'{task}_weight']) for task in TASKS),
                   pipeline.element_open_tag_ids(data_spec(config)), loss.logits_chunk_pages,
-                  loss.patch_weight, config.model.num_semantic_classes)
+                  loss.patch_weight, config.model.num_semantic_classes, loss.patch_words_weight)
 
 
 def mesh_spec(config: ml_collections.ConfigDict) -> MeshSpec:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:   # specs imports this module
   from phase1_jax.specs import RunSpec
 
 SCALAR_KEYS = ('loss', 'loss_detail', 'loss_semantic', 'loss_element', 'loss_consistency')
-OPTIONAL_SCALAR_KEYS = ('loss_patch',)   # with loss.patch_weight > 0
+OPTIONAL_SCALAR_KEYS = ('loss_patch', 'loss_patch_words')   # with their loss weights > 0
 
 
 # The scores that read the model's markup; on a pixel dataset the generated ones are the headline

@@ -35,7 +35,8 @@ class Phase1Decoder(nnx.Module):
   position tables of `max_patches`) in place of the feature projection; its self-attention sees
   the valid patches only, in training and in decoding alike. With `patch_labels`, a linear
   patch head on the memory adds patch_logits_BxPx(C+E+2) (valid patches first: see
-  valid_patches_first), which losses.patch_label_loss scores. patch_size = 0: fused features
+  valid_patches_first), which losses.patch_label_loss scores; with `patch_words`, another adds
+  patch_word_logits_BxPxV (losses.patch_word_loss). patch_size = 0: fused features
   through one Dense (`feature_proj`).
   """
 
@@ -75,6 +76,10 @@ class Phase1Decoder(nnx.Module):
     self.patch_head = (Dense(s.d_model, s.num_semantic_classes + s.num_element_types + 2,
                              dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
                        if s.patch_labels and self.patch_encoder is not None else None)
+    # And a dense reading target: which BPE tokens of the visible text lie on each patch.
+    self.patch_word_head = (Dense(s.d_model, s.vocab_size, dtype=dtype, param_dtype=jnp.float32,
+                                  rngs=rngs)
+                            if s.patch_words and self.patch_encoder is not None else None)
 
   def encode_memory(self, features_BxPxF, lengths_B=None, dropout_key=None):
     """The decoder's memory [batch, patches, d_model]: projected, normalized features, or the
@@ -103,6 +108,8 @@ class Phase1Decoder(nnx.Module):
     outputs = {'element_logits': self.element_classifier(h_BxTxD, token_mask_BxT)}
     if self.patch_head is not None:   # in memory order: valid patches first
       outputs['patch_logits'] = self.patch_head(memory_BxPxD).astype(jnp.float32)
+    if self.patch_word_head is not None:   # the same order
+      outputs['patch_word_logits'] = self.patch_word_head(memory_BxPxD).astype(jnp.float32)
     if detail_logits:
       outputs['detail_logits'], outputs['semantic_logits'] = self.heads(
           h_BxTxD, self.token_embed.embedding[...])

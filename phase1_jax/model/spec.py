@@ -23,7 +23,8 @@ class ModelSpec:
   patches read by a patch encoder of `encoder_layers` layers over at most `max_patches` patches;
   0: fused features through one projection. dtype: the compute dtype (params stay float32).
   attention: the decoder's self-attention (the cross-attention and the encoder run its
-  bidirectional form). patch_labels: a patch head for the encoder's patch-label loss.
+  bidirectional form). patch_labels: a patch head for the encoder's patch-label loss;
+  patch_words: a patch word head (each patch's visible BPE tokens) for the patch-word loss.
   """
   vocab_size: int
   num_semantic_classes: int
@@ -47,6 +48,7 @@ class ModelSpec:
   max_patches: int = 0
   encoder_layers: int = 0
   patch_labels: bool = False
+  patch_words: bool = False
 
   def __post_init__(self):
     if self.dtype not in DTYPES:

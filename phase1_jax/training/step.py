@@ -23,6 +23,7 @@ class LossSpec:
   logits_chunk_pages: int = 0   # > 0: detail logits that many pages at a time (fused_head_loss)
   patch_weight: float = 0.0     # > 0: + this times the patch-label loss (pixel input)
   num_semantic_classes: int = 0
+  patch_words_weight: float = 0.0   # > 0: + this times the patch-word loss (pixel input)
 
   def __call__(self, outputs, batch, log_vars_4, axis_name=None):
     total, aux = losses.multitask_loss(
@@ -34,6 +35,11 @@ class LossSpec:
           outputs['patch_logits'], batch['patch_labels'], batch['feature_mask'],
           losses.page_mask(batch), self.num_semantic_classes, axis_name)
       total = aux['loss'] = total + self.patch_weight * aux['loss_patch']
+    if self.patch_words_weight and 'patch_word_logits' in outputs:
+      aux['loss_patch_words'] = losses.patch_word_loss(
+          outputs['patch_word_logits'], batch['patch_words'], batch['feature_mask'],
+          losses.page_mask(batch), axis_name)
+      total = aux['loss'] = total + self.patch_words_weight * aux['loss_patch_words']
     return total, aux
 
 
