@@ -113,6 +113,28 @@ def test_patch_labels_show_where_the_sections_and_elements_are(rendered):
           ['patch_labels'] == -2).all()
 
 
+def test_patch_words_pair_the_visible_tokens_with_their_patches(rendered):
+  """Each visible text's BPE tokens sit on the patches of its rendered box: the twins share
+  them, the title's lie in the header's rows, the paragraph's in the main's."""
+  _, out, meta, by_id = rendered
+  assert meta['patch_words'] is True and 'patch_words' in meta['fields']
+  plain, dressed = by_id['twin-plain.html'], by_id['twin-dressed.html']
+  np.testing.assert_array_equal(plain['patch_words'], dressed['patch_words'])
+  words = plain['patch_words']
+  assert words.dtype == np.int32 and len(words) == len(np.unique(words, axis=0))
+  assert words[:, 0].max() < len(plain['patches']) and words[:, 1].max() < meta['vocab_size']
+  tok = bpe.load(os.path.join(out, records.TOKENIZER_FILE))
+  on_patches = {}
+  for p, t in words:
+    on_patches.setdefault(int(p), set()).add(int(t))
+  rows_of_text = lambda text: {int(plain['patch_positions'][p, 0]) for p, ids in on_patches.items()
+                               if set(tok.encode(text).ids) <= ids}
+  label_rows = lambda name: set(plain['patch_positions'][
+      plain['patch_labels'][:, 0] == meta['semantic_classes'].index(name), 0].tolist())
+  assert rows_of_text('Title') and rows_of_text('Title') <= label_rows('header')
+  assert rows_of_text('Some words here.') and rows_of_text('Some words here.') <= label_rows('main')
+
+
 def test_patch_weight_needs_patch_labels(rendered, tmp_path):
   """loss.patch_weight > 0 on a pixel dataset without patch labels: one line naming its
   dataset.json, before anything compiles."""
@@ -138,7 +160,7 @@ def test_trains_on_pixels(rendered, tmp_path):
   c.data.max_seq_len = 64
   c.train.batch_size, c.train.num_epochs, c.train.warmup_steps = 4, 1, 1
   c.train.stop_when_targets_met = False
-  c.loss.patch_weight = 1.0
+  c.loss.patch_weight = c.loss.patch_words_weight = 1.0
   c.eval.batch_size, c.eval.bleu_samples, c.eval.render_samples = 4, 2, 2
   c.parallel.mode, c.checkpoint.async_save = 'jit', False
   config_validation.validate(c)
@@ -146,9 +168,10 @@ def test_trains_on_pixels(rendered, tmp_path):
   history = json.load(open(tmp_path / 'run' / 'training_history.json'))
   assert all(np.isfinite(r['loss']) for r in history if r['kind'] == 'train')
   assert all(np.isfinite(r['loss_patch']) for r in history if r['kind'] == 'train')
+  assert all(np.isfinite(r['loss_patch_words']) for r in history if r['kind'] == 'train')
   metrics = report['metrics']
-  for k in ('val_loss', 'val_loss_patch', 'bleu', 'element_f1', 'semantic_accuracy',
-            'element_f1_teacher_forced', 'semantic_accuracy_teacher_forced'):
+  for k in ('val_loss', 'val_loss_patch', 'val_loss_patch_words', 'bleu', 'element_f1',
+            'semantic_accuracy', 'element_f1_teacher_forced', 'semantic_accuracy_teacher_forced'):
     assert np.isfinite(metrics[k]), k
   # On pixels the headline scores read the generated markup; the teacher-forced ones go beside.
   assert metrics['element_f1'] == metrics['element_f1_generated']
