@@ -327,3 +327,16 @@ def window_expected_vjp(q, k, v, lengths, cotangent, *, window_size):
   out, vjp = jax.vjp(attend, q, k, v)
   return out, vjp(cotangent)
 
+
+def kernel_vjp(attention_fn, q, k, v, lengths, cotangent, **options):
+  """(out, (dq, dk, dv)) of attention_fn(q, k, v, lengths, **options, interpret=True): a kernel
+  in interpret mode, jitted once per kernel and options."""
+  return _kernel_vjp(attention_fn, tuple(sorted(options.items())), q, k, v, lengths, cotangent)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _kernel_vjp(attention_fn, options, q, k, v, lengths, cotangent):
+  attend = lambda q, k, v: attention_fn(q, k, v, lengths, **dict(options), interpret=True)
+  out, vjp = jax.vjp(attend, q, k, v)
+  return out, vjp(cotangent)
+

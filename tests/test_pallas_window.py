@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,23 +15,13 @@ from support import (
   assert_lowers_for_triton,
   assert_reads_only,
   kernel_inputs,
+  kernel_vjp,
   window_expected_vjp,
 )
 
 from phase1_jax.model import attention, pallas_window
 
 B = KERNEL_BNH[0]
-STATIC = ('window_size', 'block_q', 'block_k')
-
-
-@functools.partial(jax.jit, static_argnames=STATIC)
-def kernel_vjp(q, k, v, lengths, cotangent, *, window_size, block_q, block_k):
-  attend = lambda q, k, v: pallas_window.window_attention(
-      q, k, v, lengths, window_size=window_size, block_q=block_q, block_k=block_k, interpret=True)
-  out, vjp = jax.vjp(attend, q, k, v)
-  return out, vjp(cotangent)
-
-
 # (T, window, block_q, block_k, lengths): T not a multiple of the blocks, window < block, window
 # > T, window 1, block_q != block_k, and lengths < T (rows past length - 1 + window see no key;
 # length 0: none does).
@@ -53,8 +42,8 @@ DTYPE_CASES = [(jnp.float32, *c) for c in CASES] + [(jnp.bfloat16, *c) for c in 
 def test_matches_dense_forward_and_gradients(dtype, t, window, block_q, block_k, lengths):
   q, k, v, cotangent = kernel_inputs(t, dtype)
   lengths = jnp.asarray(lengths, jnp.int32)
-  out, grads = kernel_vjp(q, k, v, lengths, cotangent, window_size=window, block_q=block_q,
-                          block_k=block_k)
+  out, grads = kernel_vjp(pallas_window.window_attention, q, k, v, lengths, cotangent,
+                          window_size=window, block_q=block_q, block_k=block_k)
   want_out, want_grads = window_expected_vjp(q, k, v, lengths, cotangent, window_size=window)
   assert_kernel_matches(out, grads, want_out, want_grads, dtype, t)
 
@@ -88,7 +77,8 @@ def test_visits_only_listed_blocks():
   """Every block a program should not visit poisoned (NaN): its rows stay finite and exact."""
   t, window, block = 64, 10, 16
   num = t // block
-  run = functools.partial(kernel_vjp, lengths=jnp.full((B,), t, jnp.int32), window_size=window,
+  run = functools.partial(kernel_vjp, pallas_window.window_attention,
+                          lengths=jnp.full((B,), t, jnp.int32), window_size=window,
                           block_q=block, block_k=block)
   by_query, by_key = pallas_window.visited_blocks(t, window, block, block)
   assert len(by_query) < num * (num + 1) // 2   # fewer than the causal blocks

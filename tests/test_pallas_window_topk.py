@@ -16,24 +16,13 @@ from support import (
   assert_lowers_for_triton,
   assert_reads_only,
   kernel_inputs,
+  kernel_vjp,
   window_topk_expected_vjp,
 )
 
 from phase1_jax.model import pallas_window_topk
 
 B, N, _ = KERNEL_BNH
-STATIC = ('window_size', 'top_k', 'block_size')
-
-
-@functools.partial(jax.jit, static_argnames=STATIC)
-def kernel_vjp(q, k, v, lengths, cotangent, *, window_size, top_k, block_size):
-  attend = lambda q, k, v: pallas_window_topk.window_topk_attention(
-      q, k, v, lengths, window_size=window_size, top_k=top_k, block_size=block_size,
-      interpret=True)
-  out, vjp = jax.vjp(attend, q, k, v)
-  return out, vjp(cotangent)
-
-
 # (T, window, block, top_k, lengths): window < block (one local block before its own), T not a
 # multiple of the block, window > block, top_k above the eligible blocks (k_eff = 2, and block 3
 # has one), length 0; window > T (nothing selectable: causal); top_k 0 with window 1 (rows past
@@ -55,7 +44,8 @@ def test_matches_reference_forward_and_gradients(dtype, t, window, block, top_k,
   q, k, v, cotangent = kernel_inputs(t, dtype)
   lengths = jnp.asarray(lengths, jnp.int32)
   kwargs = dict(window_size=window, top_k=top_k, block_size=block)
-  out, grads = kernel_vjp(q, k, v, lengths, cotangent, **kwargs)
+  out, grads = kernel_vjp(pallas_window_topk.window_topk_attention, q, k, v, lengths, cotangent,
+                          **kwargs)
   want_out, want_grads = window_topk_expected_vjp(q, k, v, lengths, cotangent, **kwargs)
   assert_kernel_matches(out, grads, want_out, want_grads, dtype, t)
 

@@ -17,6 +17,7 @@ from support import (
   KERNEL_BNH,
   assert_kernel_matches,
   kernel_inputs,
+  kernel_vjp,
   window_expected_vjp,
   window_topk_expected_vjp,
 )
@@ -24,14 +25,6 @@ from support import (
 from phase1_jax.model import pallas_window, pallas_window_topk, splash_window
 
 B, N, _ = KERNEL_BNH
-
-
-@functools.partial(jax.jit, static_argnames=('window_size', 'block_q', 'block_k'))
-def window_vjp(q, k, v, lengths, cotangent, *, window_size, block_q, block_k):
-  attend = lambda q, k, v: splash_window.window_attention(
-      q, k, v, lengths, window_size=window_size, block_q=block_q, block_k=block_k, interpret=True)
-  out, vjp = jax.vjp(attend, q, k, v)
-  return out, vjp(cotangent)
 
 
 # (T, window, block_q, block_k, lengths): T not a multiple of the blocks (padded), window < block,
@@ -52,19 +45,10 @@ WINDOW_DTYPE_CASES = ([(jnp.float32, *c) for c in WINDOW_CASES]
 def test_window_matches_dense_forward_and_gradients(dtype, t, window, block_q, block_k, lengths):
   q, k, v, cotangent = kernel_inputs(t, dtype)
   lengths = jnp.asarray(lengths, jnp.int32)
-  out, grads = window_vjp(q, k, v, lengths, cotangent, window_size=window, block_q=block_q,
-                          block_k=block_k)
+  out, grads = kernel_vjp(splash_window.window_attention, q, k, v, lengths, cotangent,
+                          window_size=window, block_q=block_q, block_k=block_k)
   want_out, want_grads = window_expected_vjp(q, k, v, lengths, cotangent, window_size=window)
   assert_kernel_matches(out, grads, want_out, want_grads, dtype, t)
-
-
-@functools.partial(jax.jit, static_argnames=('window_size', 'top_k', 'block_size'))
-def topk_vjp(q, k, v, lengths, cotangent, *, window_size, top_k, block_size):
-  attend = lambda q, k, v: splash_window.window_topk_attention(
-      q, k, v, lengths, window_size=window_size, top_k=top_k, block_size=block_size,
-      interpret=True)
-  out, vjp = jax.vjp(attend, q, k, v)
-  return out, vjp(cotangent)
 
 
 # (T, window, block, top_k, lengths): five blocks, one local block before its own, k_eff = 2;
@@ -91,7 +75,8 @@ def test_window_topk_matches_reference_forward_and_gradients(dtype, t, window, b
   q, k, v, cotangent = kernel_inputs(t, dtype)
   lengths = jnp.asarray(lengths, jnp.int32)
   kwargs = dict(window_size=window, top_k=top_k, block_size=block)
-  out, grads = topk_vjp(q, k, v, lengths, cotangent, **kwargs)
+  out, grads = kernel_vjp(splash_window.window_topk_attention, q, k, v, lengths, cotangent,
+                          **kwargs)
   want_out, want_grads = window_topk_expected_vjp(q, k, v, lengths, cotangent, **kwargs)
   assert_kernel_matches(out, grads, want_out, want_grads, dtype, t)
 
