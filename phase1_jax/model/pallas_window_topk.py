@@ -31,11 +31,6 @@ from phase1_jax.model import pallas_window as pw
 from phase1_jax.model import sparse_attention
 
 
-def _local_prev(num_blocks: int, window_size: int, block_size: int) -> int:
-  """Key blocks before its own in a query block's local part (as sparse_attention)."""
-  return min(-(-(window_size - 1) // block_size), num_blocks - 1)
-
-
 def select_blocks(q_BxTxNxH, k_BxTxNxH, lengths_B, *, window_size: int, top_k: int,
                   block_size: int):
   """sparse_attention's block selection (its selection_queries and top_blocks, on this layout):
@@ -45,7 +40,7 @@ def select_blocks(q_BxTxNxH, k_BxTxNxH, lengths_B, *, window_size: int, top_k: i
   slots beyond the eligible blocks are invalid. Inputs are held out of the gradient."""
   batch, t, heads, h = q_BxTxNxH.shape
   b, num = block_size, -(-t // block_size)
-  prev = _local_prev(num, window_size, b)
+  prev = sparse_attention.local_blocks_before(num, window_size, b)
   k_eff = min(top_k, max(num - prev - 1, 0))
   if k_eff == 0:
     return (jnp.zeros((batch, heads, num, 0), jnp.int32),
@@ -146,7 +141,7 @@ def attend_selected(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, idx_BxNxQxK, 
                      block_size=block_size)
   batch, t, heads, h = q_BxTxNxH.shape
   b, num = int(block_size), -(-t // block_size)
-  prev = _local_prev(num, window_size, b)
+  prev = sparse_attention.local_blocks_before(num, window_size, b)
   # window_size = padded T: pallas_window's mask reduces to causal and key < length.
   g = pw._Geometry(t, heads, num * b, b, b, h ** -0.5, interpret)
   lengths = (jnp.full((batch,), t, jnp.int32) if kv_lengths_B is None

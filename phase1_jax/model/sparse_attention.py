@@ -49,6 +49,12 @@ def default_block_size(window_size: int) -> int:
   return min(128, max(16, window_size))
 
 
+def local_blocks_before(num_blocks: int, window_size: int, block_size: int) -> int:
+  """Key blocks before its own that a query block's window reaches (none beyond the sequence
+  start): the local part of `window` and `window_topk`, in every implementation."""
+  return min(-(-(window_size - 1) // block_size), num_blocks - 1)
+
+
 class _Blocks:
   """Static geometry and block-major inputs (Kc query blocks of b positions, x_KcxBxNxbxH).
 
@@ -64,8 +70,7 @@ class _Blocks:
     s = k_BxSxNxH.shape[1]
     self.t, self.s, self.b = t, s, block_size
     self.num = math.ceil(s / block_size)   # blocks holding real positions
-    # Key blocks before its own that a query block needs (none beyond the sequence start).
-    self.prev = min(math.ceil((window_size - 1) / block_size), self.num - 1)
+    self.prev = local_blocks_before(self.num, window_size, block_size)
     self.per_chunk = min(self.num, max(1, chunk_positions // block_size))
     padded = math.ceil(self.num / self.per_chunk) * self.per_chunk * block_size
     front = self.prev * block_size

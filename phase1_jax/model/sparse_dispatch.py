@@ -89,8 +89,7 @@ def _splash_takes(kind, block_size):
 def selects_every_block(t, window_size, top_k, block_size) -> bool:
   """window_topk's top_k covers every block before the local ones: its mask is then causal."""
   num = -(-t // block_size)
-  prev = min(-(-(window_size - 1) // block_size), num - 1)
-  return top_k >= num - prev - 1
+  return top_k >= num - sparse_attention.local_blocks_before(num, window_size, block_size) - 1
 
 
 def implementation(kind, *, t, s, head_dim, dtype, window_size, block_size, top_k=None,

@@ -40,7 +40,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as info
 
-from phase1_jax.model import pallas_window, pallas_window_topk
+from phase1_jax.model import pallas_window, pallas_window_topk, sparse_attention
 
 LANES = 128   # splash's block_kv (and, with segment ids, block_q) must be multiples of this
 
@@ -182,7 +182,7 @@ def attend_selected(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, idx_BxNxQxK, 
   _check(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, window_size, block_size=block_size)
   batch, t, heads, h = q_BxTxNxH.shape
   b, num = int(block_size), -(-t // block_size)
-  prev = pallas_window_topk._local_prev(num, window_size, b)
+  prev = sparse_attention.local_blocks_before(num, window_size, b)
   lengths = _lengths(kv_lengths_B, batch, t)
   keys, _, queries, _ = pallas_window_topk.visit_lists(idx_BxNxQxK, valid_BxNxQxK, prev)
   fwd, dkv = mask_infos(keys, queries, lengths, heads, b, num)
