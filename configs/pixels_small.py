@@ -11,7 +11,7 @@ the patches (model/encoder.py) and learns each patch's labels (loss.patch_weight
 prepared without them needs --config.loss.patch_weight=0). To have the encoder also learn to
 read, which BPE tokens of the visible text lie on each patch (a dataset prepared with patch
 words, dataset.json `patch_words: true`), add e.g. --config.loss.patch_words_weight=1.0 (off
-by default; its batches hold a float32 [max_patches, vocab] multi-hot per page).
+by default; its batches hold each page's (patch, token) pairs).
 """
 from phase1_jax.config import base_config, fit_to_dataset
 

@@ -100,20 +100,34 @@ def patch_label_loss(patch_logits_BxPxK, patch_labels_BxPx2, feature_mask_BxP, p
   return 0.5 * (terms[0] + terms[1])
 
 
-def patch_word_loss(patch_word_logits_BxPxV, patch_words_BxPxV, feature_mask_BxP, page_mask_B,
+def patch_word_loss(patch_word_logits_BxPxV, patch_words_BxKx2, feature_mask_BxP, page_mask_B,
                     axis_name=None):
   """Mean sigmoid binary cross-entropy of each (patch, token): whether the BPE token is among
-  the visible text on the patch (the patch word head, a dense reading signal for the encoder).
+  the visible text on the patch (the patch word head, a dense reading signal for the encoder),
+  averaged over the vocabulary and the valid patches of real pages (page_mask_B).
 
   patch_word_logits_BxPxV: in the model's memory order (valid patches first).
-  patch_words_BxPxV: multi-hot targets in the batch's order (records.patch_word_targets). Only
-  valid patches of real pages (page_mask_B) count; float32.
+  patch_words_BxKx2: distinct (patch, token) pairs in the batch's patch order, (-1, -1) rows for
+  padding (records.patch_word_pairs). With y the multi-hot of the pairs, the cross-entropy
+  softplus(z) - y * z needs z only at the pairs: a gather, never a [P, V] target.
   """
-  targets_BxPxV, lengths_B = valid_patches_first(patch_words_BxPxV, feature_mask_BxP)
-  real_BxP = (jnp.arange(targets_BxPxV.shape[1])[None] < lengths_B[:, None]) & page_mask_B[:, None]
-  bce_BxPxV = optax.sigmoid_binary_cross_entropy(patch_word_logits_BxPxV.astype(jnp.float32),
-                                                 targets_BxPxV.astype(jnp.float32))
-  return masked_mean(bce_BxPxV.mean(axis=-1), real_BxP, axis_name)
+  logits_BxPxV = patch_word_logits_BxPxV.astype(jnp.float32)
+  b, p, v = logits_BxPxV.shape
+  lengths_B = feature_mask_BxP.sum(axis=-1, dtype=jnp.int32)
+  real_BxP = (jnp.arange(p)[None] < lengths_B[:, None]) & page_mask_B[:, None]
+  patch_BxK, token_BxK = patch_words_BxKx2[..., 0], patch_words_BxKx2[..., 1]
+  patch_BxK_safe = jnp.clip(patch_BxK, 0, p - 1)
+  # A pair counts when it names a valid patch and a token of the vocabulary.
+  scored_BxK = ((patch_BxK >= 0) & (patch_BxK < p) & (token_BxK >= 0) & (token_BxK < v)
+                & jnp.take_along_axis(feature_mask_BxP, patch_BxK_safe, axis=1))
+  # The batch's patch index -> its row in the model's order (valid patches first).
+  row_BxK = jnp.take_along_axis(jnp.cumsum(feature_mask_BxP, axis=1) - 1, patch_BxK_safe, axis=1)
+  rows_Bx1 = jnp.arange(b)[:, None]
+  z_BxK = logits_BxPxV[rows_Bx1, row_BxK, jnp.clip(token_BxK, 0, v - 1)]
+  hits_BxP = jnp.zeros((b, p), jnp.float32).at[rows_Bx1, row_BxK].add(
+      jnp.where(scored_BxK, z_BxK, 0.0))
+  bce_BxP = jax.nn.softplus(logits_BxPxV).mean(axis=-1) - hits_BxP / v
+  return masked_mean(bce_BxP, real_BxP, axis_name)
 
 
 def task_weights(*, weighting: str, weights: dict, log_vars_4=None, axis_name=None):

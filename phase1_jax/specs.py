@@ -183,7 +183,7 @@ def data_spec(config: ml_collections.ConfigDict) -> pipeline.DataSpec:
       num_patches=d.max_patches if d.patch_size > 0 else d.grid_rows * d.grid_cols,
       path=d.path, seed=d.seed, train_samples=d.train_samples, val_samples=d.val_samples,
       patch_labels=config.loss.patch_weight > 0,
-      patch_words=config.model.vocab_size if config.loss.patch_words_weight > 0 else 0)
+      patch_words=config.loss.patch_words_weight > 0)
 
 
 def loss_spec(config: ml_collections.ConfigDict) -> LossSpec:

@@ -1,11 +1,13 @@
 """Patch words, the encoder's dense reading target: which BPE tokens of the visible text lie on
-each patch, from the text blocks' boxes (prepare) to the multi-hot batch field, the model's patch
-word head, its loss and the config and dataset checks that guard it."""
+each patch, from the text blocks' boxes (prepare) to the batch's (patch, token) pairs, the model's
+patch word head, its loss and the config and dataset checks that guard it."""
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from support import TINY, abstract_call, make_tiny, sds
 from test_encoder import (
@@ -22,6 +24,7 @@ from test_encoder import (
 from phase1_jax import losses, specs
 from phase1_jax.config import base_config
 from phase1_jax.data import assemble, bpe, patches, pipeline, records
+from phase1_jax.model.phase1 import valid_patches_first
 
 
 def test_text_blocks_give_the_tokens_on_each_patch():
@@ -45,21 +48,20 @@ def test_text_blocks_give_the_tokens_on_each_patch():
   assert patches.word_pairs([[1], []], [[], [5]]).shape == (0, 2)
 
 
-def test_patch_word_targets_are_a_multi_hot_per_patch():
+def test_patch_word_pairs_are_padded_to_the_datasets_maximum():
   rec = pixel_record(np.random.default_rng(0), 6)
   rec['patch_words'] = np.array([[0, 5], [0, 9], [3, 5], [5, 2], [7, 1], [2, 64]], np.int32)
-  v = 64
-  ex = records.to_example(rec, max_seq_len=16, num_patches=4, patch_word_vocab=v)
+  ex = records.to_example(rec, max_seq_len=16, num_patches=4, max_patch_words=6)
   words = ex['patch_words']
-  assert words.shape == (4, v) and words.dtype == np.float32
-  want = np.zeros((4, v), np.float32)
-  want[0, [5, 9]] = want[3, 5] = 1     # patch 5 is cut (num_patches 4); 7 and id 64 are out
-  np.testing.assert_array_equal(words, want)
+  assert words.shape == (6, 2) and words.dtype == np.int32
+  # Patch 5 is cut (num_patches 4) and 7 is past the page's 6 patches; token 64 stays (the loss
+  # drops ids past the model's vocabulary).
+  np.testing.assert_array_equal(words, [[0, 5], [0, 9], [3, 5], [2, 64], [-1, -1], [-1, -1]])
   got = records.decode_record(records.encode_record(rec))
   np.testing.assert_array_equal(got['patch_words'], rec['patch_words'])
   without = {k: v for k, v in rec.items() if k != 'patch_words'}
-  assert not records.to_example(without, max_seq_len=16, num_patches=P,
-                                patch_word_vocab=v)['patch_words'].any()
+  assert (records.to_example(without, max_seq_len=16, num_patches=P,
+                             max_patch_words=3)['patch_words'] == -1).all()
   assert 'patch_words' not in records.to_example(rec, max_seq_len=16, num_patches=P)
 
 
@@ -69,24 +71,45 @@ def _words_config(path):
   return config
 
 
-def test_pipeline_batches_hold_patch_words_of_the_model_vocab(tmp_path):
+def _words_dataset(path, pages, **meta):
+  write_dataset(path, {'input': 'pixels', 'patch_size': PS, 'max_patches': P, 'patch_words': True,
+                       'element_open_tag_ids': [4, 5, 6, 7], **meta}, pages)
+
+
+def test_pipeline_batches_hold_the_pairs_padded_to_max_patch_words(tmp_path):
   rng = np.random.default_rng(1)
   pages = [{**pixel_record(rng, n), 'patch_words': np.array([[0, 7], [n - 1, 3]], np.int32)}
-           for n in (3, 11)]
-  write_dataset(tmp_path, {'input': 'pixels', 'patch_size': PS, 'max_patches': P,
-                           'patch_words': True, 'element_open_tag_ids': [4, 5, 6, 7]}, pages)
+           for n in (3, 11)]          # the second page's patch 10 is cut at P = 8
+  _words_dataset(tmp_path, pages, max_patch_words=2)
   config = _words_config(tmp_path)
   data = specs.data_spec(config)
-  assert data.patch_words == config.model.vocab_size
+  assert data.patch_words
   assert specs.model_spec(config).patch_words and specs.loss_spec(config).patch_words_weight == 1
   source = pipeline.make_source(data, 'train')
   batch = next(pipeline.eval_batches(source, batch_size=2))[0]
   words = batch['patch_words']
-  assert words.shape == (2, P, config.model.vocab_size) and words.dtype == np.float32
-  assert words.sum() == 3 and words[0, 0, 7] == words[0, 2, 3] == words[1, 0, 7] == 1
+  assert words.shape == (2, 2, 2) and words.dtype == np.int32
+  np.testing.assert_array_equal(words, [[[0, 7], [2, 3]], [[0, 7], [-1, -1]]])
   config.loss.patch_words_weight = 0.0
-  assert specs.data_spec(config).patch_words == 0
+  assert not specs.data_spec(config).patch_words
   assert not specs.model_spec(config).patch_words
+
+
+@pytest.mark.parametrize('max_patch_words', [None, 1])
+def test_max_patch_words_missing_or_too_small_is_one_line(max_patch_words, tmp_path):
+  """dataset.json without max_patch_words: named when the source opens; a record holding more
+  pairs than it says: named with the split and the record."""
+  pages = [{**pixel_record(np.random.default_rng(2), 4),
+            'patch_words': np.array([[0, 7], [1, 3]], np.int32)}]
+  meta = {} if max_patch_words is None else {'max_patch_words': max_patch_words}
+  _words_dataset(tmp_path, pages, **meta)
+  data = specs.data_spec(_words_config(tmp_path))
+  want = (r'dataset.json: no max_patch_words' if max_patch_words is None else
+          r'train record 0 holds 2 patch words, more than the max_patch_words 1 of its '
+          r'dataset.json')
+  with pytest.raises(pipeline.DataError, match=want) as info:
+    pipeline.make_source(data, 'train')[0]
+  assert '\n' not in str(info.value)
 
 
 def test_patch_words_weight_needs_a_dataset_with_patch_words(tmp_path):
@@ -125,22 +148,38 @@ def test_patch_word_head_shape_and_dtype(dtype):
   assert 'patch_word_logits' not in features     # the head reads the patch encoder's output
 
 
-def test_patch_word_loss_is_the_mean_bce_of_valid_patches():
-  """Sigmoid cross-entropy per (patch, token), averaged over tokens and the valid patches of real
-  pages; the logits are in the model's order (valid patches first), the targets the batch's."""
-  rng = np.random.default_rng(3)
-  b, p, v = 3, 5, 4
-  logits = rng.standard_normal((b, p, v)).astype(np.float32)
-  targets = (rng.random((b, p, v)) < 0.3).astype(np.float32)
+def test_patch_word_loss_from_pairs_equals_the_dense_multi_hot_bce():
+  """Sigmoid cross-entropy per (patch, token) against the multi-hot of the pairs, averaged over
+  tokens and the valid patches of real pages; the logits are in the model's order (valid patches
+  first), the pairs in the batch's. Pairs on padding patches, past the vocabulary or of padding
+  pages count nowhere; (-1, -1) rows pad."""
+  rng = np.random.default_rng()
+  b, p, v, k = 3, 6, 5, 12
+  logits = (3 * rng.standard_normal((b, p, v))).astype(np.float32)
   mask = rng.random((b, p)) < 0.6
   mask[:, 0] = True
   page_mask = np.array([True, True, False])
-  got = losses.patch_word_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
-                               jnp.asarray(page_mask))
+  pairs = np.full((b, k, 2), -1, np.int32)
+  dense = np.zeros((b, p, v))
+  for i in range(b):
+    cells = rng.permutation(p * (v + 1))[:rng.integers(1, k + 1)]
+    pairs[i, :len(cells)] = np.stack(np.divmod(cells, v + 1), axis=1)   # token v: out of vocab
+    for patch, token in pairs[i, :len(cells)]:
+      if token < v:
+        dense[i, patch, token] = 1
+  args = jnp.asarray(pairs), jnp.asarray(mask), jnp.asarray(page_mask)
+  got, grad = jax.value_and_grad(losses.patch_word_loss)(jnp.asarray(logits), *args)
   assert got.dtype == jnp.float32
+
+  def dense_loss(logits_BxPxV):     # the multi-hot the pairs stand for, in the model's order
+    targets, lengths = valid_patches_first(jnp.asarray(dense, jnp.float32), args[1])
+    real = (jnp.arange(p)[None] < lengths[:, None]) & args[2][:, None]
+    bce = optax.sigmoid_binary_cross_entropy(logits_BxPxV, targets).mean(-1)
+    return (bce * real).sum() / real.sum()
+  np.testing.assert_allclose(grad, jax.grad(dense_loss)(jnp.asarray(logits)), atol=1e-7)
   terms = []
   for i in range(2):
-    valid = targets[i][mask[i]]                    # valid patches first, in order
+    valid = dense[i][mask[i]]                    # valid patches first, in order
     z = logits[i, :len(valid)].astype(np.float64)
     bce = np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0) - z * valid
     terms += list(bce.mean(-1))

@@ -118,6 +118,7 @@ def test_patch_words_pair_the_visible_tokens_with_their_patches(rendered):
   them, the title's lie in the header's rows, the paragraph's in the main's."""
   _, out, meta, by_id = rendered
   assert meta['patch_words'] is True and 'patch_words' in meta['fields']
+  assert meta['max_patch_words'] == max(len(r['patch_words']) for r in by_id.values())
   plain, dressed = by_id['twin-plain.html'], by_id['twin-dressed.html']
   np.testing.assert_array_equal(plain['patch_words'], dressed['patch_words'])
   words = plain['patch_words']

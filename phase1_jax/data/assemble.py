@@ -114,7 +114,7 @@ def assemble(out: str, spill_paths: list[str], *, scheme_lists: dict, vocab_size
   open_tag_ids = np.array([tok.token_to_id(t) for t in open_tags(scheme_lists['element_types'])])
   writers = {s: records.ShardWriter(out, s, records_per_shard) for s in ('train', 'val')}
   stats = {'lengths': [], 'stored': [], 'classes': Counter(), 'types': Counter(),
-           'without_patch_labels': 0, 'without_patch_words': 0}
+           'without_patch_labels': 0, 'without_patch_words': 0, 'max_patch_words': 0}
   bar = tqdm.tqdm(total=len(splits), desc='Writing', disable=not progress, unit='page')
   batch = []
   for entry in (*read_spill(spill_paths), None):
@@ -131,6 +131,7 @@ def assemble(out: str, spill_paths: list[str], *, scheme_lists: dict, vocab_size
         stats['classes'].update(page['semantic_labels'].tolist())
         stats['without_patch_labels'] += 'patch_labels' not in page
         stats['without_patch_words'] += 'patch_words' not in page
+        stats['max_patch_words'] = max(stats['max_patch_words'], len(page.get('patch_words', ())))
       bar.update(len(batch))
       batch = []
   bar.close()
@@ -162,6 +163,8 @@ def _metadata(tok, writers, stats, lists, open_tag_ids, input_info, summary, max
       **input_info,
       'patch_labels': 'patch_labels' in optional,   # loss.patch_weight can train
       'patch_words': 'patch_words' in optional,     # loss.patch_words_weight can train
+      # The most pairs any record holds: the length batches pad patch_words to.
+      **({'max_patch_words': stats['max_patch_words']} if 'patch_words' in optional else {}),
       'tokenizer': records.TOKENIZER_FILE, 'vocab_size': tok.get_vocab_size(),
       'max_tokens': max_tokens,
       'special_ids': {'pad': vocab.PAD_ID, 'bos': vocab.BOS_ID, 'eos': vocab.EOS_ID,

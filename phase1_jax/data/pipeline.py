@@ -22,8 +22,8 @@ class DataSpec:
   """Where a run's pages come from and their shapes (specs.data_spec reads config.data).
   name: 'synthetic' (SyntheticPages of `page`, seeded by `seed`) or 'files' (the prepared
   directory `path`); num_patches: P per page; patch_labels: the loss trains on patch labels,
-  which a prepared directory must then hold; patch_words: V > 0, batches hold patch_words
-  float32 [P, V] (records.to_example), which a prepared directory must then hold."""
+  which a prepared directory must then hold; patch_words: batches hold patch_words int32
+  [K, 2] (patch, token) pairs (records.patch_word_pairs), which it must then hold too."""
   name: str
   page: synthetic.PageSpec
   num_patches: int
@@ -32,7 +32,7 @@ class DataSpec:
   train_samples: int = 0
   val_samples: int = 0
   patch_labels: bool = False
-  patch_words: int = 0
+  patch_words: bool = False
 
 
 # One error type for unusable data, whether a prepared directory's files (records.py: dataset.json,
@@ -99,7 +99,7 @@ def make_source(data: DataSpec, split: str):
   if data.name == 'files':
     check_patch_fields(data)
     return records.FilePages(data.path, split, max_seq_len=data.page.max_seq_len,
-                             num_patches=data.num_patches, patch_word_vocab=data.patch_words)
+                             num_patches=data.num_patches, patch_words=data.patch_words)
   n = {'train': data.train_samples, 'val': data.val_samples}[split]
   pages = synthetic.SyntheticPages(data.page, num_samples=n, seed=data.seed, split=split)
   return CheckedSource(pages, f'{data.name} {split} split',

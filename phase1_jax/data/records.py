@@ -118,23 +118,25 @@ def page_features(page: dict, num_patches: int) -> np.ndarray:
   return np.concatenate([positions.reshape(len(positions), 2), pixels], axis=-1)
 
 
-def patch_word_targets(page: dict, num_patches: int, vocab_size: int) -> np.ndarray:
-  """float32 [num_patches, vocab_size] multi-hot of a pixel page's patch_words pairs (patches
-  past num_patches and ids past the vocabulary dropped; all zero for a page without them)."""
-  out_PxV = np.zeros((num_patches, vocab_size), np.float32)
+def patch_word_pairs(page: dict, num_patches: int, max_pairs: int) -> np.ndarray:
+  """int32 [max_pairs, 2]: a pixel page's (patch, token) patch_words pairs on its first
+  num_patches patches, padded with (-1, -1) rows (none for a page without them; it holds at most
+  max_pairs). The pairs, not a [patches, vocab] multi-hot, travel in the batch: a page holds a
+  few hundred, the multi-hot a million floats."""
   pairs = page.get('patch_words', np.zeros((0, 2), np.int32))
-  keep = (pairs[:, 0] < min(num_patches, len(page['patches']))) & (pairs[:, 1] < vocab_size)
-  out_PxV[pairs[keep, 0], pairs[keep, 1]] = 1.0
-  return out_PxV
+  pairs = pairs[pairs[:, 0] < min(num_patches, len(page['patches']))]
+  out_Kx2 = np.full((max_pairs, 2), -1, np.int32)
+  out_Kx2[:len(pairs)] = pairs
+  return out_Kx2
 
 
 def to_example(page: dict, *, max_seq_len: int, num_patches: int,
                element_open_tag_ids: np.ndarray | None = None,
-               patch_word_vocab: int = 0) -> dict[str, np.ndarray]:
+               max_patch_words: int = 0) -> dict[str, np.ndarray]:
   """A record as SyntheticPages' example dict: tokens cut to max_seq_len - 1 (room for EOS),
   features (page_features) cut or zero-padded to num_patches (feature_mask marks the real
   ones), float32; a pixel page adds patch_labels int32 [num_patches, 2] (-2 where it has none)
-  and, with `patch_word_vocab` V > 0, patch_words float32 [num_patches, V] (patch_word_targets).
+  and, with `max_patch_words` K > 0, patch_words int32 [K, 2] (patch_word_pairs).
   With `element_open_tag_ids` (the dataset's, one per element type), an element
   label holds only when its open tag is among the tokens kept: labels and target describe the
   same window of a long page."""
@@ -159,8 +161,8 @@ def to_example(page: dict, *, max_seq_len: int, num_patches: int,
     extra['patch_labels'] = np.full((num_patches, 2), -2, np.int32)
     if 'patch_labels' in page:
       extra['patch_labels'][:p] = page['patch_labels'][:num_patches]
-    if patch_word_vocab:
-      extra['patch_words'] = patch_word_targets(page, num_patches, patch_word_vocab)
+    if max_patch_words:
+      extra['patch_words'] = patch_word_pairs(page, num_patches, max_patch_words)
   return {**extra,
       'features': features,
       'feature_mask': np.arange(num_patches) < p,
@@ -176,16 +178,20 @@ def to_example(page: dict, *, max_seq_len: int, num_patches: int,
 class FilePages:
   """Random-access source of a prepared split: `pages[i]` is SyntheticPages' example dict. Its
   shards are checked when it is opened (check_shard: every record of a small split).
-  patch_word_vocab > 0: examples hold patch_words [num_patches, patch_word_vocab] (to_example)."""
+  patch_words: examples hold patch_words int32 [K, 2], K = dataset.json's max_patch_words
+  (to_example)."""
 
   def __init__(self, directory: str, split: str, *, max_seq_len: int, num_patches: int,
-               patch_word_vocab: int = 0):
+               patch_words: bool = False):
     meta = read_metadata(directory)
     if split not in meta['splits']:
       raise DatasetError(f'{directory}: no split {split!r} in {METADATA_FILE}')
     self.directory, self.split, self.metadata = directory, split, meta
     self.max_seq_len, self.num_patches = max_seq_len, num_patches
-    self.patch_word_vocab = patch_word_vocab
+    self.max_patch_words = meta.get('max_patch_words', 0) if patch_words else 0
+    if patch_words and not self.max_patch_words:
+      raise DatasetError(f'{directory}/{METADATA_FILE}: no max_patch_words (the length batches '
+                         'pad patch_words to): prepare the directory again')
     ids = meta.get('element_open_tag_ids')
     self.element_open_tag_ids = None if ids is None else np.array(ids)
     self.shards = [os.path.join(directory, s) for s in meta['splits'][split]['shards']]
@@ -212,7 +218,12 @@ class FilePages:
     return decode_at(path, local, data)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return to_example(self.record(int(index)), max_seq_len=self.max_seq_len,
+    page = self.record(int(index))
+    if len(page.get('patch_words', ())) > self.max_patch_words > 0:
+      raise DatasetError(f'{self.directory}: {self.split} record {index} holds '
+                         f'{len(page["patch_words"])} patch words, more than the max_patch_words '
+                         f'{self.max_patch_words} of its {METADATA_FILE}')
+    return to_example(page, max_seq_len=self.max_seq_len,
                       num_patches=self.num_patches,
                       element_open_tag_ids=self.element_open_tag_ids,
-                      patch_word_vocab=self.patch_word_vocab)
+                      max_patch_words=self.max_patch_words)
