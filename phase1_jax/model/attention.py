@@ -255,8 +255,9 @@ def _dispatch(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, *, kv_lengths_B, cau
     if causal and q_BxTxNxH.shape[1] > k_BxSxNxH.shape[1]:
       raise ValueError(f"q_BxTxNxH: causal kind 'fused_cpu' needs T <= S, got "
                        f'T={q_BxTxNxH.shape[1]}, S={k_BxSxNxH.shape[1]}')
-    return cpu_attention.fused_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_lengths_B,
-                                         causal=causal)
+    fused = lambda q, k, v, *lengths: cpu_attention.fused_attention(q, k, v, *lengths,
+                                                                    causal=causal)
+    return sparse_dispatch.over_pages(fused, q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_lengths_B)
   args = (q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS)
   if kind == 'dense':
     return dense_attention(*args, causal=causal, window_size=window_size)

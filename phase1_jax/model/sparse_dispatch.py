@@ -23,8 +23,14 @@ has no fused TPU implementation; XLA's materializes the T x S scores), and splas
 mask visits a subset of the blocks splash with a causal mask would, so nothing shorter runs
 faster through another path (unmeasured: the per-call overhead at tiny T may favour XLA).
 `force_implementation('pallas' | 'splash')` runs that kernel wherever it takes the call on any
-backend (interpret mode off its device), so CPU tests reach the wired paths. The model runs under
-pmap or a one-device jit; a Pallas call is not partitioned by GSPMD (untested on several devices).
+backend (interpret mode off its device), so CPU tests reach the wired paths.
+
+Several devices: under pmap each device calls the kernel on its own pages. Under a jit over a mesh
+GSPMD cannot partition a kernel (a custom call): it would gather the whole batch onto every
+device. `kernel_mesh(mesh)` (parallel.py enters it around its jitted steps) makes each kernel
+call (and `fused_cpu`'s FFI call, attention.py) a shard_map over the mesh (over_pages), every
+device attending over its own pages (the batch axis split
+over all mesh axes, as parallel.py splits batches; a batch the mesh does not divide stays whole).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import contextvars
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from phase1_jax.model import pallas_window, pallas_window_topk, sparse_attention, splash_window
 
@@ -51,6 +58,7 @@ SPLASH_WINDOW_TILE = splash_window.LANES
 IMPLEMENTATIONS = ('pallas', 'splash', 'cudnn', 'xla')
 FORCEABLE = ('pallas', 'splash')   # kernels with an interpret mode
 _FORCED = contextvars.ContextVar('forced_implementation', default=None)
+_MESH = contextvars.ContextVar('kernel_mesh', default=None)
 
 
 @contextlib.contextmanager
@@ -65,6 +73,18 @@ def force_implementation(name: str):
     yield
   finally:
     _FORCED.reset(token)
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh: jax.sharding.Mesh | None):
+  """Within: kernel calls split their batch over `mesh`, a mesh of Auto axes as parallel.py's
+  (shard_map reshards its inputs there; see the module docstring).
+  Read at trace time, as force_implementation."""
+  token = _MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _MESH.reset(token)
 
 
 def force_pallas():
@@ -125,15 +145,32 @@ _KERNELS = {'pallas': (pallas_window, pallas_window_topk, 'gpu', WINDOW_TILE),
 def kernel_attention(chosen, kind, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B, *,
                      window_size, top_k, block_size):
   """The `chosen` kernel ('pallas' or 'splash') of `kind`, keys [0, length) or all; interpret
-  mode off the kernel's backend."""
+  mode off the kernel's backend; a shard_map over the batch within kernel_mesh."""
   window, topk, backend, tile = _KERNELS[chosen]
   interpret = jax.default_backend() != backend
-  args = (q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B)
-  if kind == 'window':
-    return window.window_attention(*args, window_size=window_size, block_q=tile, block_k=tile,
-                                   interpret=interpret)
-  return topk.window_topk_attention(*args, window_size=window_size, top_k=top_k,
-                                    block_size=block_size, interpret=interpret)
+
+  def attend(q, k, v, *lengths):
+    lengths_B = lengths[0] if lengths else None
+    if kind == 'window':
+      return window.window_attention(q, k, v, lengths_B, window_size=window_size, block_q=tile,
+                                     block_k=tile, interpret=interpret)
+    return topk.window_topk_attention(q, k, v, lengths_B, window_size=window_size, top_k=top_k,
+                                      block_size=block_size, interpret=interpret)
+
+  return over_pages(attend, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kv_lengths_B)
+
+
+def over_pages(attend, *arrays):
+  """attend(*arrays) (None entries dropped), within kernel_mesh a shard_map splitting every
+  array's leading (pages) axis over the mesh: for a kernel GSPMD cannot partition (a Pallas or
+  FFI custom call). Without a mesh, or with a batch it does not divide, one call."""
+  args = tuple(a for a in arrays if a is not None)
+  mesh = _MESH.get()
+  if mesh is None or mesh.size == 1 or args[0].shape[0] % mesh.size:
+    return attend(*args)
+  pages = PartitionSpec(tuple(mesh.axis_names))
+  return jax.shard_map(attend, mesh=mesh, in_specs=(pages,) * len(args), out_specs=pages,
+                       check_vma=False)(*args)
 
 
 def xla_attention(kind, q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, kv_mask_BxS, *, window_size, top_k,

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from phase1_jax.config import ConfigError
 from phase1_jax.inference import decoding
+from phase1_jax.model import sparse_dispatch
 from phase1_jax.training import placement
 from phase1_jax.training import step as step_lib
 
@@ -193,7 +194,7 @@ class DataParallel:
       # activations' head axes and replicated them back and forth (2.3x slower at fsdp=8).
       fn = functools.partial(fn, gather_params=lambda p: jax.lax.with_sharding_constraint(
           p, jax.tree.map(lambda _: self.replicated, p)))
-    return jax.jit(fn, in_shardings=(shardings, self.batch_sharding),
+    return jax.jit(self._kernels_split(fn), in_shardings=(shardings, self.batch_sharding),
                    out_shardings=(shardings, self.replicated), donate_argnums=0)
 
   # --- evaluation ---------------------------------------------------------------------------
@@ -224,6 +225,14 @@ class DataParallel:
       return params
     return jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: self.replicated, params))
 
+  def _kernels_split(self, fn):
+    """fn with every attention kernel call split over the mesh by pages (shard_map): GSPMD
+    cannot partition a Pallas kernel (sparse_dispatch.kernel_mesh, read while jit traces fn)."""
+    def traced(*args):
+      with sparse_dispatch.kernel_mesh(self.mesh):
+        return fn(*args)
+    return traced
+
   def _on_mesh(self, fn, *, batch_args: int):
     """fn(params, *batch arrays, *replicated args) jitted over the mesh, outputs replicated. The
     param shardings follow each leaf's shape (fsdp_spec), so they are fixed at the first call.
@@ -234,7 +243,7 @@ class DataParallel:
     def call(params, *args):
       if not jitted:
         jitted['params'] = self.state_shardings(params)
-        jitted['fn'] = jax.jit(fn, in_shardings=(
+        jitted['fn'] = jax.jit(self._kernels_split(fn), in_shardings=(
             jitted['params'], *[self.batch_sharding] * batch_args,
             *[self.replicated] * (len(args) - batch_args)), out_shardings=self.replicated)
       placed = [self._to_global(params, jitted['params'])]
