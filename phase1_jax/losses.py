@@ -78,6 +78,13 @@ def task_losses(outputs, batch, element_token_ids_E, axis_name=None):
           **_semantic_and_element_losses(outputs, batch, page_mask_B, axis_name)}
 
 
+def _real_patches(feature_mask_BxP, page_mask_B):
+  """bool [B, P] in the model's memory order (valid patches first): the first (number of valid
+  patches) positions of each real page."""
+  lengths_B = feature_mask_BxP.sum(axis=-1, dtype=jnp.int32)
+  return (jnp.arange(feature_mask_BxP.shape[1])[None] < lengths_B[:, None]) & page_mask_B[:, None]
+
+
 def patch_label_loss(patch_logits_BxPxK, patch_labels_BxPx2, feature_mask_BxP, page_mask_B,
                      num_semantic_classes: int, axis_name=None):
   """Mean cross-entropy of each patch's section class and element type (the model's patch head,
@@ -88,8 +95,8 @@ def patch_label_loss(patch_logits_BxPxK, patch_labels_BxPx2, feature_mask_BxP, p
   the batch's order, -1 for none, -2 for no label (padding, a page without boxes): not scored,
   nor are the patches of padding pages (page_mask_B False).
   """
-  labels_BxPx2, lengths_B = valid_patches_first(patch_labels_BxPx2, feature_mask_BxP)
-  real_BxP = (jnp.arange(labels_BxPx2.shape[1])[None] < lengths_B[:, None]) & page_mask_B[:, None]
+  labels_BxPx2, _ = valid_patches_first(patch_labels_BxPx2, feature_mask_BxP)
+  real_BxP = _real_patches(feature_mask_BxP, page_mask_B)
   split = num_semantic_classes + 1
   terms = []
   for logits, labels_BxP in ((patch_logits_BxPxK[..., :split], labels_BxPx2[..., 0]),
@@ -113,8 +120,7 @@ def patch_word_loss(patch_word_logits_BxPxV, patch_words_BxKx2, feature_mask_BxP
   """
   logits_BxPxV = patch_word_logits_BxPxV.astype(jnp.float32)
   b, p, v = logits_BxPxV.shape
-  lengths_B = feature_mask_BxP.sum(axis=-1, dtype=jnp.int32)
-  real_BxP = (jnp.arange(p)[None] < lengths_B[:, None]) & page_mask_B[:, None]
+  real_BxP = _real_patches(feature_mask_BxP, page_mask_B)
   patch_BxK, token_BxK = patch_words_BxKx2[..., 0], patch_words_BxKx2[..., 1]
   patch_BxK_safe = jnp.clip(patch_BxK, 0, p - 1)
   # A pair counts when it names a valid patch and a token of the vocabulary.

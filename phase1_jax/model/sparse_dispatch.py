@@ -29,8 +29,8 @@ Several devices: under pmap each device calls the kernel on its own pages. Under
 GSPMD cannot partition a kernel (a custom call): it would gather the whole batch onto every
 device. `kernel_mesh(mesh)` (parallel.py enters it around its jitted steps) makes each kernel
 call (and `fused_cpu`'s FFI call, attention.py) a shard_map over the mesh (over_pages), every
-device attending over its own pages (the batch axis split
-over all mesh axes, as parallel.py splits batches; a batch the mesh does not divide stays whole).
+device attending over its own pages (the batch axis split over all mesh axes, as parallel.py
+splits batches; a batch the mesh does not divide stays whole).
 """
 from __future__ import annotations
 
