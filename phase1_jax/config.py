@@ -19,6 +19,7 @@ COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
 # The names of model/decoder.py's REMAT_POLICIES (config does not import the model).
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
 LOSS_WEIGHTINGS = ('fixed', 'uncertainty')
+PATCH_WORD_FORMS = ('softmax', 'sigmoid')   # losses.patch_word_loss
 DECODE_STRATEGIES = ('greedy', 'sample', 'beam')
 DATA_NAMES = ('synthetic', 'files')
 PARALLEL_MODES = ('jit', 'pmap')
@@ -120,6 +121,9 @@ def _loss() -> ml_collections.ConfigDict:
   # section class and element type: layout) / the patch word head's (its visible BPE tokens).
   loss.patch_weight = 0.0
   loss.patch_words_weight = 0.0
+  # The patch word loss: 'softmax' (cross-entropy against the patch's tokens, over the patches
+  # that show text) or 'sigmoid' (each vocabulary entry's binary cross-entropy, every patch).
+  loss.patch_words_form = 'softmax'
   return loss
 
 

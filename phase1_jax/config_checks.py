@@ -17,6 +17,7 @@ from phase1_jax.config import (
   LOSS_WEIGHTINGS,
   METRIC_MODES,
   PARALLEL_MODES,
+  PATCH_WORD_FORMS,
   REMAT_POLICIES,
   ConfigError,
 )
@@ -143,6 +144,7 @@ def check_loss(f: Fields) -> None:
   """config.loss: non-negative weights; the patch head only with pixel input."""
   config = f.config
   f.one_of('loss.weighting', LOSS_WEIGHTINGS)
+  f.one_of('loss.patch_words_form', PATCH_WORD_FORMS)
   f.positive('loss.logits_chunk_pages', allow_zero=True)
   for name in ('patch_weight', 'patch_words_weight'):
     f.in_range(f'loss.{name}', 0, float('inf'))

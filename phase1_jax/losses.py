@@ -107,33 +107,44 @@ def patch_label_loss(patch_logits_BxPxK, patch_labels_BxPx2, feature_mask_BxP, p
   return 0.5 * (terms[0] + terms[1])
 
 
-def patch_word_loss(patch_word_logits_BxPxV, patch_words_BxKx2, feature_mask_BxP, page_mask_B,
-                    axis_name=None):
-  """Mean sigmoid binary cross-entropy of each (patch, token): whether the BPE token is among
-  the visible text on the patch (the patch word head, a dense reading signal for the encoder),
-  averaged over the vocabulary and the valid patches of real pages (page_mask_B).
+def _pair_rows(patch_words_BxKx2, feature_mask_BxP, vocab_size: int):
+  """(row_BxK, token_BxK, scored_BxK) of the (patch, token) pairs: each pair's patch as its row
+  in the model's memory order (valid patches first), the token clipped into the vocabulary, and
+  whether the pair counts (a valid patch and a token of the vocabulary; (-1, -1) pads)."""
+  p = feature_mask_BxP.shape[1]
+  patch_BxK, token_BxK = patch_words_BxKx2[..., 0], patch_words_BxKx2[..., 1]
+  patch_BxK_safe = jnp.clip(patch_BxK, 0, p - 1)
+  scored_BxK = ((patch_BxK >= 0) & (patch_BxK < p) & (token_BxK >= 0) & (token_BxK < vocab_size)
+                & jnp.take_along_axis(feature_mask_BxP, patch_BxK_safe, axis=1))
+  row_BxK = jnp.take_along_axis(jnp.cumsum(feature_mask_BxP, axis=1) - 1, patch_BxK_safe, axis=1)
+  return row_BxK, jnp.clip(token_BxK, 0, vocab_size - 1), scored_BxK
 
-  patch_word_logits_BxPxV: in the model's memory order (valid patches first).
+
+def patch_word_loss(patch_word_logits_BxPxV, patch_words_BxKx2, feature_mask_BxP, page_mask_B,
+                    axis_name=None, *, form: str = 'softmax'):
+  """How well the patch word head reads each patch's visible BPE tokens (a dense reading signal
+  for the encoder). patch_word_logits_BxPxV: in the model's memory order (valid patches first).
   patch_words_BxKx2: distinct (patch, token) pairs in the batch's patch order, (-1, -1) rows for
-  padding (records.patch_word_pairs). With y the multi-hot of the pairs, the cross-entropy
-  softplus(z) - y * z needs z only at the pairs: a gather, never a [P, V] target.
+  padding (records.patch_word_pairs); with S_p the tokens on patch p, both forms need the logits
+  z only at the pairs (a gather and a scatter-add), never a [P, V] target:
+    softmax: cross-entropy against the uniform distribution over S_p, lse(z_p) - mean_{S_p} z,
+      averaged over the valid patches of real pages that show text;
+    sigmoid: binary cross-entropy of the multi-hot of S_p, softplus(z).mean - sum_{S_p} z / V,
+      averaged over all valid patches of real pages (page_mask_B).
   """
   logits_BxPxV = patch_word_logits_BxPxV.astype(jnp.float32)
   b, p, v = logits_BxPxV.shape
   real_BxP = _real_patches(feature_mask_BxP, page_mask_B)
-  patch_BxK, token_BxK = patch_words_BxKx2[..., 0], patch_words_BxKx2[..., 1]
-  patch_BxK_safe = jnp.clip(patch_BxK, 0, p - 1)
-  # A pair counts when it names a valid patch and a token of the vocabulary.
-  scored_BxK = ((patch_BxK >= 0) & (patch_BxK < p) & (token_BxK >= 0) & (token_BxK < v)
-                & jnp.take_along_axis(feature_mask_BxP, patch_BxK_safe, axis=1))
-  # The batch's patch index -> its row in the model's order (valid patches first).
-  row_BxK = jnp.take_along_axis(jnp.cumsum(feature_mask_BxP, axis=1) - 1, patch_BxK_safe, axis=1)
+  row_BxK, token_BxK, scored_BxK = _pair_rows(patch_words_BxKx2, feature_mask_BxP, v)
   rows_Bx1 = jnp.arange(b)[:, None]
-  z_BxK = logits_BxPxV[rows_Bx1, row_BxK, jnp.clip(token_BxK, 0, v - 1)]
-  hits_BxP = jnp.zeros((b, p), jnp.float32).at[rows_Bx1, row_BxK].add(
-      jnp.where(scored_BxK, z_BxK, 0.0))
-  bce_BxP = jax.nn.softplus(logits_BxPxV).mean(axis=-1) - hits_BxP / v
-  return masked_mean(bce_BxP, real_BxP, axis_name)
+  z_BxK = jnp.where(scored_BxK, logits_BxPxV[rows_Bx1, row_BxK, token_BxK], 0.0)
+  hits_BxP = jnp.zeros((b, p), jnp.float32).at[rows_Bx1, row_BxK].add(z_BxK)
+  if form == 'sigmoid':
+    bce_BxP = jax.nn.softplus(logits_BxPxV).mean(axis=-1) - hits_BxP / v
+    return masked_mean(bce_BxP, real_BxP, axis_name)
+  count_BxP = jnp.zeros((b, p), jnp.float32).at[rows_Bx1, row_BxK].add(scored_BxK)
+  ce_BxP = jax.nn.logsumexp(logits_BxPxV, axis=-1) - hits_BxP / jnp.maximum(count_BxP, 1.0)
+  return masked_mean(ce_BxP, real_BxP & (count_BxP > 0), axis_name)
 
 
 def task_weights(*, weighting: str, weights: dict, log_vars_4=None, axis_name=None):

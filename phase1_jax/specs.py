@@ -190,7 +190,8 @@ def loss_spec(config: ml_collections.ConfigDict) -> LossSpec:
   loss = config.loss
   return LossSpec(loss.weighting, tuple((task, loss[f'{task}_weight']) for task in TASKS),
                   pipeline.element_open_tag_ids(data_spec(config)), loss.logits_chunk_pages,
-                  loss.patch_weight, config.model.num_semantic_classes, loss.patch_words_weight)
+                  loss.patch_weight, config.model.num_semantic_classes, loss.patch_words_weight,
+                  loss.patch_words_form)
 
 
 def mesh_spec(config: ml_collections.ConfigDict) -> MeshSpec:

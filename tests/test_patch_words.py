@@ -148,39 +148,68 @@ def test_patch_word_head_shape_and_dtype(dtype):
   assert 'patch_word_logits' not in features     # the head reads the patch encoder's output
 
 
-def test_patch_word_loss_from_pairs_equals_the_dense_multi_hot_bce():
-  """Sigmoid cross-entropy per (patch, token) against the multi-hot of the pairs, averaged over
-  tokens and the valid patches of real pages; the logits are in the model's order (valid patches
-  first), the pairs in the batch's. Pairs on padding patches, past the vocabulary or of padding
-  pages count nowhere; (-1, -1) rows pad."""
-  rng = np.random.default_rng()
-  b, p, v, k = 3, 6, 5, 12
+def _random_pairs(rng, b, p, v, k):
+  """Random logits, a patch mask, a page mask with one padding page, distinct (patch, token)
+  pairs (some with token v: out of the vocabulary) and the multi-hot [b, p, v] they stand for."""
   logits = (3 * rng.standard_normal((b, p, v))).astype(np.float32)
   mask = rng.random((b, p)) < 0.6
   mask[:, 0] = True
-  page_mask = np.array([True, True, False])
+  page_mask = np.array([True] * (b - 1) + [False])
   pairs = np.full((b, k, 2), -1, np.int32)
   dense = np.zeros((b, p, v))
   for i in range(b):
     cells = rng.permutation(p * (v + 1))[:rng.integers(1, k + 1)]
-    pairs[i, :len(cells)] = np.stack(np.divmod(cells, v + 1), axis=1)   # token v: out of vocab
+    pairs[i, :len(cells)] = np.stack(np.divmod(cells, v + 1), axis=1)
     for patch, token in pairs[i, :len(cells)]:
       if token < v:
         dense[i, patch, token] = 1
-  args = jnp.asarray(pairs), jnp.asarray(mask), jnp.asarray(page_mask)
-  got, grad = jax.value_and_grad(losses.patch_word_loss)(jnp.asarray(logits), *args)
-  assert got.dtype == jnp.float32
+  return logits, mask, page_mask, pairs, dense
 
-  def dense_loss(logits_BxPxV):     # the multi-hot the pairs stand for, in the model's order
-    targets, lengths = valid_patches_first(jnp.asarray(dense, jnp.float32), args[1])
-    real = (jnp.arange(p)[None] < lengths[:, None]) & args[2][:, None]
-    bce = optax.sigmoid_binary_cross_entropy(logits_BxPxV, targets).mean(-1)
-    return (bce * real).sum() / real.sum()
-  np.testing.assert_allclose(grad, jax.grad(dense_loss)(jnp.asarray(logits)), atol=1e-7)
+
+def _dense_reference(dense, mask, page_mask, form):
+  """The loss from the [B, P, V] multi-hot, in the model's order (valid patches first)."""
+  def loss(logits_BxPxV):
+    targets, lengths = valid_patches_first(jnp.asarray(dense, jnp.float32), jnp.asarray(mask))
+    real = (jnp.arange(mask.shape[1])[None] < lengths[:, None]) & jnp.asarray(page_mask)[:, None]
+    if form == 'sigmoid':
+      per_patch = optax.sigmoid_binary_cross_entropy(logits_BxPxV, targets).mean(-1)
+    else:
+      count = targets.sum(-1)
+      real = real & (count > 0)
+      per_patch = optax.softmax_cross_entropy(logits_BxPxV,
+                                              targets / jnp.maximum(count, 1)[..., None])
+    return (per_patch * real).sum() / real.sum()
+  return loss
+
+
+@pytest.mark.parametrize('form', ['softmax', 'sigmoid'])
+def test_patch_word_loss_from_pairs_equals_the_dense_reference(form):
+  """Both forms from the pairs equal the dense multi-hot's loss in value and gradient: the logits
+  are in the model's order (valid patches first), the pairs in the batch's. Pairs on padding
+  patches, past the vocabulary or of padding pages count nowhere; (-1, -1) rows pad."""
+  rng = np.random.default_rng()
+  logits, mask, page_mask, pairs, dense = _random_pairs(rng, 3, 6, 5, 12)
+  args = jnp.asarray(pairs), jnp.asarray(mask), jnp.asarray(page_mask)
+  got, grad = jax.value_and_grad(
+      lambda z: losses.patch_word_loss(z, *args, form=form))(jnp.asarray(logits))
+  assert got.dtype == jnp.float32
+  reference = _dense_reference(dense, mask, page_mask, form)
+  np.testing.assert_allclose(grad, jax.grad(reference)(jnp.asarray(logits)), atol=1e-7)
   terms = []
   for i in range(2):
     valid = dense[i][mask[i]]                    # valid patches first, in order
     z = logits[i, :len(valid)].astype(np.float64)
-    bce = np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0) - z * valid
-    terms += list(bce.mean(-1))
+    if form == 'sigmoid':
+      bce = np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0) - z * valid
+      terms += list(bce.mean(-1))
+    else:
+      shown = valid.sum(-1) > 0
+      lse = np.log(np.exp(z).sum(-1))
+      terms += list((lse - (z * valid).sum(-1) / np.maximum(valid.sum(-1), 1))[shown])
   np.testing.assert_allclose(float(got), np.mean(terms), rtol=1e-5)
+
+
+def test_patch_words_form_is_checked():
+  config = base_config()
+  config.loss.patch_words_form = 'hinge'
+  assert_config_error(config, 'loss.patch_words_form')

@@ -24,6 +24,7 @@ class LossSpec:
   patch_weight: float = 0.0     # > 0: + this times the patch-label loss (pixel input)
   num_semantic_classes: int = 0
   patch_words_weight: float = 0.0   # > 0: + this times the patch-word loss (pixel input)
+  patch_words_form: str = 'softmax'   # losses.patch_word_loss's form
 
   def __call__(self, outputs, batch, log_vars_4, axis_name=None):
     total, aux = losses.multitask_loss(
@@ -38,7 +39,7 @@ class LossSpec:
     if self.patch_words_weight and 'patch_word_logits' in outputs:
       aux['loss_patch_words'] = losses.patch_word_loss(
           outputs['patch_word_logits'], batch['patch_words'], batch['feature_mask'],
-          losses.page_mask(batch), axis_name)
+          losses.page_mask(batch), axis_name, form=self.patch_words_form)
       total = aux['loss'] = total + self.patch_words_weight * aux['loss_patch_words']
     return total, aux
 
