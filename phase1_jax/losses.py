@@ -121,7 +121,7 @@ def _pair_rows(patch_words_BxKx2, feature_mask_BxP, vocab_size: int):
 
 
 def patch_word_loss(patch_word_logits_BxPxV, patch_words_BxKx2, feature_mask_BxP, page_mask_B,
-                    axis_name=None, *, form: str = 'softmax'):
+                    axis_name=None, *, form: str):
   """How well the patch word head reads each patch's visible BPE tokens (a dense reading signal
   for the encoder). patch_word_logits_BxPxV: in the model's memory order (valid patches first).
   patch_words_BxKx2: distinct (patch, token) pairs in the batch's patch order, (-1, -1) rows for

@@ -24,7 +24,7 @@ class LossSpec:
   patch_weight: float = 0.0     # > 0: + this times the patch-label loss (pixel input)
   num_semantic_classes: int = 0
   patch_words_weight: float = 0.0   # > 0: + this times the patch-word loss (pixel input)
-  patch_words_form: str = 'softmax'   # losses.patch_word_loss's form
+  patch_words_form: str = 'sigmoid'   # losses.patch_word_loss's form
 
   def __call__(self, outputs, batch, log_vars_4, axis_name=None):
     total, aux = losses.multitask_loss(
