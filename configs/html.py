@@ -7,7 +7,8 @@ The model is configs/small.py's; model.vocab_size (rounded up to a multiple of 1
 sizes (the dataset's section classes and element types) and data.feature_dim come from the
 directory's dataset.json, so the config always fits the data.
 """
-from phase1_jax.config import base_config, fit_to_dataset
+from phase1_jax.config import base_config
+from phase1_jax.config_dataset import fit_to_dataset
 
 
 def get_config(path: str = ''):

@@ -10,7 +10,8 @@ data.patch_size and data.max_patches (the patches per page it was prepared with)
 directory's dataset.json. bfloat16 compute and cuDNN's fused attention on a GPU (compute_dtype
 and attention kind auto).
 """
-from phase1_jax.config import base_config, fit_to_dataset
+from phase1_jax.config import base_config
+from phase1_jax.config_dataset import fit_to_dataset
 
 
 def get_config(path: str = ''):

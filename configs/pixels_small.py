@@ -13,7 +13,8 @@ read, which BPE tokens of the visible text lie on each patch (a dataset prepared
 words, dataset.json `patch_words: true`), add e.g. --config.loss.patch_words_weight=1.0 (off
 by default; its batches hold each page's (patch, token) pairs).
 """
-from phase1_jax.config import base_config, fit_to_dataset
+from phase1_jax.config import base_config
+from phase1_jax.config_dataset import fit_to_dataset
 
 
 def get_config(path: str = ''):

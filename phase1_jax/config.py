@@ -7,7 +7,6 @@ one line naming the first bad field.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import traceback
 
@@ -121,9 +120,7 @@ def _loss() -> ml_collections.ConfigDict:
   # section class and element type: layout) / the patch word head's (its visible BPE tokens).
   loss.patch_weight = 0.0
   loss.patch_words_weight = 0.0
-  # The patch word loss: 'softmax' (cross-entropy against the patch's tokens, over the patches
-  # that show text) or 'sigmoid' (each vocabulary entry's binary cross-entropy, every patch).
-  loss.patch_words_form = 'softmax'
+  loss.patch_words_form = 'sigmoid'   # softmax | sigmoid: losses.patch_word_loss
   return loss
 
 
@@ -236,33 +233,6 @@ def flatten(tree: dict, prefix: str = '') -> dict:
     else:
       flat[f'{prefix}{key}'] = value
   return flat
-
-
-def fit_to_dataset(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
-  """Points `config` at the prepared directory `path` and sizes it from its dataset.json: the
-  vocabulary (rounded up to a multiple of 128), the head sizes (the dataset's section classes and
-  element types), the input width and, for a pixel config on a pixel dataset, the patch layout.
-  A missing or unreadable directory, or a dataset of the other input kind, is left to validate(),
-  which names it in one line."""
-  config.data.name, config.data.path = 'files', path
-  metadata = os.path.join(path, 'dataset.json')
-  if not (path and os.path.isfile(metadata)):
-    return config
-  try:
-    with open(metadata) as f:
-      meta = json.load(f)
-    config.model.vocab_size = -(-meta['vocab_size'] // 128) * 128
-    config.model.num_semantic_classes = len(meta['semantic_classes'])
-    config.model.num_element_types = len(meta['element_types'])
-    pixel_config = config.data.patch_size > 0
-    if (meta.get('input') == 'pixels') == pixel_config:   # else validate() names the mismatch
-      config.data.feature_dim = meta['feature_dim']
-      if pixel_config:
-        config.data.patch_size = meta['patch_size']
-        config.data.max_patches = meta['max_patches']
-  except (OSError, ValueError, LookupError, TypeError, AttributeError, ArithmeticError):
-    pass    # an unreadable or damaged dataset.json: validate() names it
-  return config
 
 
 def load_file(path: str | os.PathLike, *args) -> ml_collections.ConfigDict:

@@ -17,8 +17,8 @@ from phase1_jax.model.attention import AttentionSpec, attend
 from phase1_jax.model.spec import ModelSpec
 
 # The CLIs and the config side may read the tree; every other module takes specs.
-CONFIG_SIDE = {'config.py', 'config_validation.py', 'config_checks.py', 'specs.py', 'train.py',
-               'evaluate.py', 'generate.py', 'baselines.py'}
+CONFIG_SIDE = {'config.py', 'config_dataset.py', 'config_validation.py', 'config_checks.py',
+               'specs.py', 'train.py', 'evaluate.py', 'generate.py', 'baselines.py'}
 
 
 def tiny():
