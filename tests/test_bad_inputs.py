@@ -298,7 +298,7 @@ CASES = [
          ('--num_samples=-1',)),
     Case('generate_features_of_wrong_width', GENERATE, bad_features,
          ('bad.npy', 'feature_dim 3 != data.feature_dim 16')),
-    # Their output cannot be written: after the work, still one line.
+    # Their output cannot be written: its folder is checked before anything loads.
     Case('generate_output_unwritable', GENERATE, output_under_a_file,
          ('pages.jsonl', 'cannot write')),
     Case('evaluate_results_past_file_size_limit', EVALUATE,

@@ -115,6 +115,12 @@ def generate_pages(run: RunSpec, workdir: str, *, num_samples: int | None,
   (default `<workdir>/generations.jsonl`). Returns (output path, pages written)."""
   if num_samples is not None and num_samples < 1:
     raise InputError(f'--num_samples={num_samples}: must be >= 1 (leave it out for all pages)')
+  output = output or os.path.join(workdir, 'generations.jsonl')
+  folder = os.path.dirname(output) or '.'
+  if not os.path.isdir(folder):   # before the checkpoint loads and the decoder compiles
+    raise InputError(f'{output}: cannot write (File exists: {folder} is not a folder)'
+                     if os.path.exists(folder) else
+                     f'{output}: cannot write (No such folder: {folder})')
   if features_path is not None:
     source = FeatureFile(features_path, run.model.feature_dim)
     source_name = lambda i: f'{source.name}:{i}'
@@ -148,6 +154,5 @@ def generate_pages(run: RunSpec, workdir: str, *, num_samples: int | None,
                                threshold=e.element_threshold, decode=decode):
       lines.append(json.dumps(record))
     done += real
-  output = output or os.path.join(workdir, 'generations.jsonl')
   reporting.atomic_write_text(output, ''.join(line + '\n' for line in lines))
   return output, done
