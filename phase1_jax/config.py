@@ -19,7 +19,7 @@ COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
 LOSS_WEIGHTINGS = ('fixed', 'uncertainty')
 PATCH_WORD_FORMS = ('softmax', 'sigmoid')   # losses.patch_word_loss
-DECODE_STRATEGIES = ('greedy', 'sample', 'beam')
+DECODE_STRATEGIES = ('greedy', 'sample', 'beam', 'mbr')
 DATA_NAMES = ('synthetic', 'files')
 PARALLEL_MODES = ('jit', 'pmap')
 DISTRIBUTED = ('off', 'auto', 'manual')
@@ -165,13 +165,14 @@ def _eval() -> ml_collections.ConfigDict:
 
 def _decode() -> ml_collections.ConfigDict:
   g = ml_collections.ConfigDict()
-  g.strategy = 'greedy'         # greedy | sample | beam
+  g.strategy = 'greedy'         # greedy | sample | beam | mbr (inference/mbr.py)
   g.max_len = 0                 # tokens per page incl. EOS (0: data.max_seq_len)
   g.temperature = 1.0           # sample
   g.top_k = 0                   # sample: only the k most likely tokens (0: all)
   g.top_p = 1.0                 # sample: nucleus, the smallest set with this much probability
   g.beam_size = 4               # beam
   g.length_penalty = 0.6        # beam: log_prob / ((5 + length) / 6) ** length_penalty
+  g.candidates = 8              # mbr: the greedy page + candidates - 1 samples, one kept
   g.seed = 0                    # sample: the same seed gives the same pages
   return g
 

@@ -191,6 +191,7 @@ def check_decode(f: Fields) -> None:
   f.in_range('decode.temperature', 0, float('inf'), lo_open=True)
   f.in_range('decode.top_p', 0, 1, lo_open=True)
   f.positive('decode.beam_size')
+  f.in_range('decode.candidates', 2, float('inf'))
   f.in_range('decode.length_penalty', 0, float('inf'))
 
 

@@ -2,10 +2,11 @@
 beside the dataset's baselines, when it has them) and writes evaluation_results.json.
 
   python -m phase1_jax.evaluate --workdir experiments/NAME [--bleu_samples N]
-      [--render_samples N] [--checkpoint best|latest]
+      [--render_samples N] [--strategy greedy|mbr] [--candidates 8] [--temperature T]
+      [--checkpoint best|latest]
 
-The run's config comes from <workdir>/config.json; the flags override its `eval` section
-(`--config path` instead reads a config file, with `--config.*` overrides).
+The run's config comes from <workdir>/config.json; the flags override its `eval` and `decode`
+sections (`--config path` instead reads a config file, with `--config.*` overrides).
 """
 import sys
 
@@ -21,9 +22,15 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, "Config file; default:
                                           'config.json.', lock_config=False)
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
 _EVAL = {
-    'bleu_samples': flags.DEFINE_integer('bleu_samples', None, 'Val pages decoded (greedy).'),
+    'bleu_samples': flags.DEFINE_integer('bleu_samples', None, 'Val pages decoded.'),
     'render_samples': flags.DEFINE_integer('render_samples', None, 'Of those, pages rendered and '
                                            'scored with the visual metrics (0: off).'),
+}
+_DECODE = {
+    'strategy': flags.DEFINE_enum('strategy', None, ['greedy', 'sample', 'beam', 'mbr'],
+                                  'How the val pages are decoded.'),
+    'candidates': flags.DEFINE_integer('candidates', None, 'mbr: pages decoded, one kept.'),
+    'temperature': flags.DEFINE_float('temperature', None, 'Sampling temperature.'),
 }
 flags.mark_flag_as_required('workdir')
 
@@ -36,9 +43,10 @@ def main(argv):
   try:
     config = (_CONFIG.value if _CONFIG.value is not None
               else specs.load_run_config(_WORKDIR.value))
-    for name, flag in _EVAL.items():
-      if flag.value is not None:
-        config.eval[name] = flag.value
+    for section, overrides in (('eval', _EVAL), ('decode', _DECODE)):
+      for name, flag in overrides.items():
+        if flag.value is not None:
+          config[section][name] = flag.value
     config_validation.validate(config)
   except (ConfigError, OSError) as e:
     sys.exit(f'error: {e}')

@@ -1,8 +1,9 @@
 """Decode pages with a trained checkpoint into JSON Lines (schemas/generation.schema.json).
 
   python -m phase1_jax.generate --workdir experiments/NAME [--num_samples N] [--output F]
-      [--features pages.npy] [--strategy greedy|sample|beam] [--beam_size 4] [--temperature 0.8]
-      [--top_k 50] [--top_p 0.9] [--length_penalty 0.6] [--seed 0] [--checkpoint best|latest]
+      [--features pages.npy] [--strategy greedy|sample|beam|mbr] [--beam_size 4] [--temperature 0.8]
+      [--top_k 50] [--top_p 0.9] [--length_penalty 0.6] [--candidates 8] [--seed 0]
+      [--checkpoint best|latest]
 
 The run's config comes from <workdir>/config.json; the decoding flags override its `decode`
 section (`--config path` instead reads a config file, with `--config.decode.*` overrides).
@@ -25,13 +26,15 @@ _FEATURES = flags.DEFINE_string('features', None, '.npy of features [pages, patc
                                 'feature_dim] to decode instead of the validation split.')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
 _DECODE = {
-    'strategy': flags.DEFINE_enum('strategy', None, ['greedy', 'sample', 'beam'], 'Decoding.'),
+    'strategy': flags.DEFINE_enum('strategy', None, ['greedy', 'sample', 'beam', 'mbr'],
+                                  'Decoding.'),
     'max_len': flags.DEFINE_integer('max_len', None, 'Tokens per page incl. EOS.'),
     'temperature': flags.DEFINE_float('temperature', None, 'Sampling temperature.'),
     'top_k': flags.DEFINE_integer('top_k', None, 'Sample from the k most likely tokens.'),
     'top_p': flags.DEFINE_float('top_p', None, 'Nucleus sampling mass.'),
     'beam_size': flags.DEFINE_integer('beam_size', None, 'Beam width.'),
     'length_penalty': flags.DEFINE_float('length_penalty', None, 'Beam length penalty alpha.'),
+    'candidates': flags.DEFINE_integer('candidates', None, 'mbr: pages decoded, one kept.'),
     'seed': flags.DEFINE_integer('seed', None, 'Sampling seed.'),
 }
 flags.mark_flag_as_required('workdir')

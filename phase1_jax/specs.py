@@ -234,7 +234,8 @@ def decode_settings(config: ml_collections.ConfigDict) -> DecodeSettings:
   d = config.decode
   return DecodeSettings(max_len=d.max_len or config.data.max_seq_len, strategy=d.strategy,
                         temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
-                        beam_size=d.beam_size, length_penalty=d.length_penalty)
+                        beam_size=d.beam_size, length_penalty=d.length_penalty,
+                        candidates=d.candidates)
 
 
 def render_eval_spec(config: ml_collections.ConfigDict) -> RenderEvalSpec | None:

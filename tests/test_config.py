@@ -101,6 +101,7 @@ BAD = {
     'top_p_zero': ([('decode.top_p', 0.0)], 'decode.top_p'),
     'beam_of_zero': ([('decode.beam_size', 0)], 'decode.beam_size'),
     'negative_length_penalty': ([('decode.length_penalty', -0.5)], 'decode.length_penalty'),
+    'one_mbr_candidate': ([('decode.candidates', 1)], 'decode.candidates'),
     'more_classes_than_pages_know': ([('model.num_semantic_classes', 51)],
                                      'model.num_semantic_classes'),
     'more_element_types_than_pages_know': ([('model.num_element_types', 31)],

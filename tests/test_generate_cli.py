@@ -67,6 +67,22 @@ def test_cli_beam_search_writes_schema_valid_lines(workdir, tmp_path):
   assert len({e['type'] for r in records for e in r['elements']}) >= 1
 
 
+def test_cli_mbr_writes_one_of_its_candidates(workdir, tmp_path):
+  """--strategy mbr keeps, for each page, the greedy page or one of the seeded samples."""
+  out, greedy = tmp_path / 'mbr.jsonl', tmp_path / 'greedy.jsonl'
+  proc = run_generate('--workdir', workdir, '--num_samples', '4', '--strategy', 'mbr',
+                      '--candidates', '3', '--temperature', '1.5', '--output', str(out))
+  assert proc.returncode == 0, proc.stderr
+  assert run_generate('--workdir', workdir, '--num_samples', '4', '--output',
+                      str(greedy)).returncode == 0
+  for r, g in zip(read_lines(out), read_lines(greedy), strict=True):
+    check_record(r)
+    assert r['settings']['strategy'] == 'mbr' and r['settings']['candidates'] == 3
+    assert r['source'] == g['source']
+    if r['token_ids'] == g['token_ids']:
+      assert r['score'] == pytest.approx(g['score'], rel=1e-5, abs=1e-5)
+
+
 def test_features_file_decodes_like_the_same_validation_pages(workdir, tmp_path):
   """Pages given as a .npy of the validation split's features (all patches valid there) decode
   to the same records as the split itself; sampling with one seed twice is identical."""

@@ -10,11 +10,12 @@ disjoint, equal-sized slice of every epoch's order (train.batch_size is then per
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import grain
 import numpy as np
 
-from phase1_jax.data import records, synthetic, vocab
+from phase1_jax.data import bpe, records, synthetic, vocab
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,3 +154,13 @@ def eval_batches(source, *, batch_size: int, limit: int | None = None):
                np.concatenate([v, np.repeat(v[-1:], batch_size - real, axis=0)])
                for k, v in batch.items()}
     yield batch, real
+
+
+def markup_decoder(data: DataSpec, vocab_size: int):
+  """token ids (before EOS) -> markup text: the fixed vocabulary's tokens joined by spaces, or
+  the prepared dataset's byte-level BPE (data.name='files')."""
+  if data.name == 'files':
+    tokenizer = bpe.load(os.path.join(data.path, records.TOKENIZER_FILE))
+    return lambda ids: bpe.decode(tokenizer, ids)
+  id_to_token = vocab.id_to_token(vocab_size)
+  return lambda ids: ' '.join(id_to_token[i] for i in ids)

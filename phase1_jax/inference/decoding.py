@@ -34,6 +34,7 @@ class DecodeSettings:
   top_p: float = 1.0           # sample: keep the smallest set with probability >= top_p
   beam_size: int = 4           # beam
   length_penalty: float = 0.6  # beam: score = log_prob / ((5 + length) / 6) ** length_penalty
+  candidates: int = 8          # mbr (inference/mbr.py, on the host): pages decoded, one kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +198,8 @@ def decode_tokens(model: Phase1Decoder, features_BxPxF, feature_mask_BxP, *,
   sampling, the length-penalised log-probability for beam search. `rng` (a PRNG key) is
   needed for sampling; the same key gives the same pages."""
   s = settings
+  if s.strategy == 'mbr':
+    raise ValueError("strategy='mbr' chooses among decoded pages on the host: inference/mbr.py")
   if s.strategy not in STRATEGIES:
     raise ValueError(f'strategy={s.strategy!r}: must be one of {", ".join(STRATEGIES)}')
   if s.strategy == 'sample' and rng is None:

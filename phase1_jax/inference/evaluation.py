@@ -13,7 +13,7 @@ import numpy as np
 from phase1_jax import baselines as baselines_lib
 from phase1_jax import metrics as metrics_lib
 from phase1_jax.data import pipeline, vocab
-from phase1_jax.inference import decoding, visual_evaluation
+from phase1_jax.inference import decoding, mbr, visual_evaluation
 from phase1_jax.training import parallel, reporting
 from phase1_jax.training import state as state_lib
 from phase1_jax.training.checkpoint import Checkpointer
@@ -54,7 +54,9 @@ class EvalSpec:
 class Evaluator:
   """Compiled eval step and greedy decoder for one model graph; call with params.
 
-  `source` (the val split) is needed only for rendered evaluation (spec.render):
+  `to_markup` (token ids -> markup: pipeline.markup_decoder) is needed only for
+  decode.strategy 'mbr', whose utility reads the candidates' markup. `source` (the val split) is
+  needed only for rendered evaluation (spec.render):
   its references are rendered once, at the first call. Results hold `pictures` ({name:
   HxWx3}) when pages were rendered; the caller logs and removes them. With `par` the steps are
   compiled for its layout (jit: over its mesh, the params as sharded as in training, each batch
@@ -63,16 +65,18 @@ class Evaluator:
   graphdef: object
   source: object = None
   par: parallel.DataParallel | None = None
+  to_markup: object = None
 
   def __post_init__(self):
     loss_spec, settings = self.spec.loss, self.spec.decode
     ids = decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID)
     if self.par is None:
       self.eval_step = parallel.jit_eval_step(graphdef=self.graphdef, loss_spec=loss_spec)
-      self.generate = parallel.jit_generate(graphdef=self.graphdef, settings=settings, ids=ids)
+      make = lambda s: parallel.jit_generate(graphdef=self.graphdef, settings=s, ids=ids)
     else:   # these take host batches and place them
       self.eval_step = self.par.eval_step(graphdef=self.graphdef, loss_spec=loss_spec)
-      self.generate = self.par.generate(graphdef=self.graphdef, settings=settings, ids=ids)
+      make = lambda s: self.par.generate(graphdef=self.graphdef, settings=s, ids=ids)
+    self.generate = mbr.generator(make, settings, to_markup=self.to_markup, eos_id=ids.eos)
     self.id_to_token = vocab.id_to_token(self.spec.vocab_size)
     self.judge = None if self.spec.render is None else visual_evaluation.PageJudge(
         self.spec.render, self.source)
@@ -196,7 +200,9 @@ def evaluate_checkpoint(run: RunSpec, workdir: str, *, which: str = 'best'):
   source = pipeline.make_source(run.data, 'val')
   graphdef, params, step, extra = load_trained(run, workdir, which=which, par=par)
   targets = run.eval.targets
-  result = with_targets(targets, Evaluator(run.eval, graphdef, source, par=par)(params, source))
+  evaluator = Evaluator(run.eval, graphdef, source, par=par,
+                        to_markup=pipeline.markup_decoder(run.data, run.model.vocab_size))
+  result = with_targets(targets, evaluator(params, source))
   pictures = result.pop('pictures', {})
   report = {
       'checkpoint_step': step,

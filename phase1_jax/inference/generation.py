@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from phase1_jax.data import bpe, pipeline, records, vocab
-from phase1_jax.inference import decoding, evaluation
+from phase1_jax.data import pipeline, vocab
+from phase1_jax.inference import decoding, evaluation, mbr
 from phase1_jax.training import parallel, reporting
 
 if TYPE_CHECKING:   # specs imports evaluation, which this module imports
@@ -60,16 +60,6 @@ class FeatureFile:
 
   def __getitem__(self, i):
     return {'features': self.features[i], 'feature_mask': np.ones(self.features.shape[1], bool)}
-
-
-def markup_decoder(data: pipeline.DataSpec, vocab_size: int):
-  """token ids (before EOS) -> markup text: the fixed vocabulary's tokens joined by spaces, or
-  the prepared dataset's byte-level BPE (data.name='files')."""
-  if data.name == 'files':
-    tokenizer = bpe.load(os.path.join(data.path, records.TOKENIZER_FILE))
-    return lambda ids: bpe.decode(tokenizer, ids)
-  id_to_token = vocab.id_to_token(vocab_size)
-  return lambda ids: ' '.join(id_to_token[i] for i in ids)
 
 
 def _sections(ids: list[int], semantic: np.ndarray, decode) -> list[dict]:
@@ -131,15 +121,16 @@ def generate_pages(run: RunSpec, workdir: str, *, num_samples: int | None,
   graphdef, params, step, _ = evaluation.load_trained(run, workdir, which=which, par=par)
   e = run.eval
   settings = e.decode
-  generate = par.generate(   # places the host batches itself
-      graphdef=graphdef, settings=settings,
-      ids=decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID))
+  ids = decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID)
+  decode = pipeline.markup_decoder(run.data, run.model.vocab_size)
+  generate = mbr.generator(   # par.generate places the host batches itself
+      lambda s: par.generate(graphdef=graphdef, settings=s, ids=ids), settings,
+      to_markup=decode, eos_id=ids.eos)
   record_settings = {
       **dataclasses.asdict(settings),
       'seed': e.decode_seed, 'element_threshold': e.element_threshold,
       'checkpoint_step': step, 'attention_kind': run.model.attention.kind,
   }
-  decode = markup_decoder(run.data, run.model.vocab_size)
   rng = jax.random.key(e.decode_seed)
   lines, done = [], 0
   for batch, real in pipeline.eval_batches(source, batch_size=e.batch_size,

@@ -129,8 +129,9 @@ class Trainer:
     train_step = self.par.train_step(graphdef=self.graphdef, tx=self.tx,
                                      loss_spec=self.spec.loss,
                                      abstract_state=self.abstract_state)
-    evaluator = evaluation.Evaluator(self.spec.eval, self.graphdef, self.val_source,
-                                     par=self.par)
+    evaluator = evaluation.Evaluator(
+        self.spec.eval, self.graphdef, self.val_source, par=self.par,
+        to_markup=pipeline.markup_decoder(self.spec.data, self.spec.model.vocab_size))
     try:
       # Several hosts: SIGTERM stays with jax.distributed's preemption notifier, which Orbax's
       # preemption sync (reached_preemption) reads; a Python handler would replace it.
