@@ -87,6 +87,8 @@ def test_generator_chooses_among_greedy_and_seeded_samples(tiny_model, tiny_batc
   for key, value in expected.items():
     np.testing.assert_array_equal(out[key], value)
   assert mbr.generator(make, greedy['settings'], to_markup=to_markup, eos_id=2).func is _generate
+  with pytest.raises(ValueError, match='to_markup'):
+    mbr.generator(make, settings, to_markup=None, eos_id=IDS.eos)
 
 
 def test_mbr_is_a_host_strategy_with_candidates_from_the_config(tiny_model, tiny_batch):

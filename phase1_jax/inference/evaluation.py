@@ -52,7 +52,7 @@ class EvalSpec:
 
 @dataclasses.dataclass
 class Evaluator:
-  """Compiled eval step and greedy decoder for one model graph; call with params.
+  """Compiled eval step and decoder (decode.strategy) for one model graph; call with params.
 
   `to_markup` (token ids -> markup: pipeline.markup_decoder) is needed only for
   decode.strategy 'mbr', whose utility reads the candidates' markup. `source` (the val split) is

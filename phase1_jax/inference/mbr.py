@@ -81,7 +81,8 @@ def choose_rows(candidates: Sequence[dict], to_markup: Callable[[list[int]], str
 
 
 def generator(make: Callable[[decoding.DecodeSettings], Callable],
-              settings: decoding.DecodeSettings, *, to_markup: Callable[[list[int]], str],
+              settings: decoding.DecodeSettings, *,
+              to_markup: Callable[[list[int]], str] | None,
               eos_id: int) -> Callable:
   """`make(settings)`: a compiled (params, features_BxPxF, feature_mask_BxP, rng) -> generate dict.
   For strategy 'mbr', a function of the same arguments returning the chosen pages (host numpy:
@@ -89,6 +90,8 @@ def generator(make: Callable[[decoding.DecodeSettings], Callable],
   make(settings) itself."""
   if settings.strategy != 'mbr':
     return make(settings)
+  if to_markup is None:
+    raise ValueError("decode.strategy='mbr' needs to_markup: its utility reads the markup")
   greedy = make(dataclasses.replace(settings, strategy='greedy'))
   sample = make(dataclasses.replace(settings, strategy='sample'))
 
