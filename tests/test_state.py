@@ -42,11 +42,12 @@ def test_gradient_accumulation_updates_every_k_micro_batches():
   spec = specs.loss_spec(config)
   start = jax.device_get(state.params)
 
-  def grads(batch):
+  @jax.jit   # compiled once for both batches: eager, the tiny model's backward took minutes
+  def grads(params, batch):
     def loss(params):
       out = step_lib.forward(graphdef, params['model'], batch)
       return spec(out, batch, params['loss_log_vars'])[0]
-    return jax.grad(loss)(start)
+    return jax.grad(loss)(params)
 
   state, _ = step(state, b1)
   chex.assert_trees_all_equal(jax.device_get(state.params), start)
@@ -55,7 +56,7 @@ def test_gradient_accumulation_updates_every_k_micro_batches():
   assert max(jax.tree.leaves(moved)) > 1e-3
   config.train.accumulate_grad_batches = 1
   inner, _ = state_lib.make_optimizer(specs.optimizer_spec(config), steps_per_epoch=8)
-  mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, grads(b1), grads(b2))
+  mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, grads(start, b1), grads(start, b2))
   _, want_state = inner.update(mean_grads, inner.init(start), start)
   mu = lambda s: optax.tree_utils.tree_get(s, 'mu')
   chex.assert_trees_all_close(jax.device_get(mu(state.opt_state)), mu(want_state), atol=1e-8,
