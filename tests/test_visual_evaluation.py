@@ -3,6 +3,7 @@ val pages' references rendered once and scored (inference/visual_evaluation.Page
 for TensorBoard, and a missing browser as one line. Skipped without Playwright or Chromium."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -13,8 +14,8 @@ from support import skip_module_without_browser
 from phase1_jax import config as config_lib
 from phase1_jax import render_metrics, specs, visual_metrics
 from phase1_jax.config import ConfigError
-from phase1_jax.data import records, render
-from phase1_jax.inference import visual_evaluation
+from phase1_jax.data import pipeline, records, render
+from phase1_jax.inference import evaluation, visual_evaluation
 
 skip_module_without_browser()
 
@@ -54,7 +55,9 @@ def _judge(dataset, samples=3, pictures=2):
   source = records.FilePages(dataset, 'val', max_seq_len=64, num_patches=96)
   settings = visual_evaluation.RenderEvalSpec(samples=samples, pictures=pictures, workers=2,
                                               spec=SPEC)
-  return visual_evaluation.PageJudge(settings, source), source
+  config = config_lib.load_file(os.path.join(REPO, 'configs', 'pixels_small.py'), dataset)
+  to_markup = pipeline.markup_decoder(specs.data_spec(config), config.model.vocab_size)
+  return visual_evaluation.PageJudge(settings, source, to_markup), source
 
 
 def test_reference_markup_judged_against_itself_scores_one(dataset):
@@ -107,3 +110,13 @@ def test_missing_browser_is_one_line_naming_the_field(dataset, monkeypatch):
     specs.render_eval_spec(config)
   config.eval.render_samples = 0
   assert specs.render_eval_spec(config) is None
+
+
+def test_rendered_evaluation_without_a_markup_decoder_is_an_error(dataset):
+  """The Evaluator says so when it is made, before anything compiles or renders."""
+  config = config_lib.load_file(os.path.join(REPO, 'configs', 'pixels_small.py'), dataset)
+  config.eval.render_samples = 0
+  settings = visual_evaluation.RenderEvalSpec(samples=2, pictures=0, workers=1, spec=SPEC)
+  spec = dataclasses.replace(specs.eval_spec(config), render=settings)
+  with pytest.raises(ValueError, match='needs to_markup'):
+    evaluation.Evaluator(spec, graphdef=None)

@@ -54,13 +54,12 @@ class EvalSpec:
 class Evaluator:
   """Compiled eval step and decoder (decode.strategy) for one model graph; call with params.
 
-  `to_markup` (token ids -> markup: pipeline.markup_decoder) is needed only for
-  decode.strategy 'mbr', whose utility reads the candidates' markup. `source` (the val split) is
-  needed only for rendered evaluation (spec.render):
-  its references are rendered once, at the first call. Results hold `pictures` ({name:
-  HxWx3}) when pages were rendered; the caller logs and removes them. With `par` the steps are
-  compiled for its layout (jit: over its mesh, the params as sharded as in training, each batch
-  split over the devices); without, plain jit on the params' devices."""
+  `to_markup` (token ids -> markup: pipeline.markup_decoder) is needed for decode.strategy 'mbr',
+  whose utility reads the candidates' markup, and for rendered evaluation (spec.render), as is
+  `source` (the val split), whose references are rendered once, at the first call. Results hold
+  `pictures` ({name: HxWx3}) when pages were rendered; the caller logs and removes them. With
+  `par` the steps are compiled for its layout (jit: over its mesh, the params as sharded as in
+  training, each batch split over the devices); without, plain jit on the params' devices."""
   spec: EvalSpec
   graphdef: object
   source: object = None
@@ -68,6 +67,8 @@ class Evaluator:
   to_markup: object = None
 
   def __post_init__(self):
+    if self.spec.render is not None and self.to_markup is None:
+      raise ValueError('rendered evaluation (spec.render) needs to_markup')
     loss_spec, settings = self.spec.loss, self.spec.decode
     ids = decoding.TokenIds(vocab.BOS_ID, vocab.EOS_ID, vocab.PAD_ID)
     if self.par is None:
@@ -79,7 +80,7 @@ class Evaluator:
     self.generate = mbr.generator(make, settings, to_markup=self.to_markup, eos_id=ids.eos)
     self.id_to_token = vocab.id_to_token(self.spec.vocab_size)
     self.judge = None if self.spec.render is None else visual_evaluation.PageJudge(
-        self.spec.render, self.source)
+        self.spec.render, self.source, self.to_markup)
 
   def __call__(self, params, source) -> dict[str, float]:
     c = self.spec

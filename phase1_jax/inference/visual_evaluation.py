@@ -11,14 +11,13 @@ render of the generated page.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from phase1_jax import render_metrics
-from phase1_jax.data import bpe, patches, records, render
+from phase1_jax.data import patches, records, render
 
 PICTURE_HEIGHT = 512   # px of each panel of a TensorBoard picture
 GAP = 8                # px between the panels
@@ -36,13 +35,14 @@ class RenderEvalSpec:
 class PageJudge:
   """Renders and scores the generated pages of one evaluation after another (`session`)."""
 
-  def __init__(self, settings: RenderEvalSpec, source: records.FilePages):
-    self.settings, self.source = settings, source
-    self.tokenizer = bpe.load(os.path.join(source.directory, records.TOKENIZER_FILE))
+  def __init__(self, settings: RenderEvalSpec, source: records.FilePages,
+               to_markup: Callable[[list[int]], str]):
+    """`to_markup`: token ids -> markup, the dataset's tokenizer (pipeline.markup_decoder)."""
+    self.settings, self.source, self.to_markup = settings, source, to_markup
     self.references: list | None = None   # PageRenders, after the first session
 
   def markup(self, token_ids: Sequence[int]) -> str:
-    return bpe.decode(self.tokenizer, list(token_ids))
+    return self.to_markup(list(token_ids))
 
   def session(self) -> JudgeSession:
     return JudgeSession(self)
