@@ -51,11 +51,16 @@ def test_stream_stops_cleanly_when_the_caller_fails():
   assert time.perf_counter() - start < 60
 
 
+def _pixels_config(dataset):
+  """configs/pixels_small.py on the rendered test dataset."""
+  return config_lib.load_file(os.path.join(REPO, 'configs', 'pixels_small.py'), dataset)
+
+
 def _judge(dataset, samples=3, pictures=2):
   source = records.FilePages(dataset, 'val', max_seq_len=64, num_patches=96)
   settings = visual_evaluation.RenderEvalSpec(samples=samples, pictures=pictures, workers=2,
                                               spec=SPEC)
-  config = config_lib.load_file(os.path.join(REPO, 'configs', 'pixels_small.py'), dataset)
+  config = _pixels_config(dataset)
   to_markup = pipeline.markup_decoder(specs.data_spec(config), config.model.vocab_size)
   return visual_evaluation.PageJudge(settings, source, to_markup), source
 
@@ -101,7 +106,7 @@ def test_side_by_side_scales_panels_to_one_height():
 
 
 def test_missing_browser_is_one_line_naming_the_field(dataset, monkeypatch):
-  config = config_lib.load_file(os.path.join(REPO, 'configs', 'pixels_small.py'), dataset)
+  config = _pixels_config(dataset)
   config.eval.render_samples = config.eval.bleu_samples = 2
   def unavailable(spec):
     raise render.RenderUnavailable('no Chromium found: install it')
@@ -114,7 +119,7 @@ def test_missing_browser_is_one_line_naming_the_field(dataset, monkeypatch):
 
 def test_rendered_evaluation_without_a_markup_decoder_is_an_error(dataset):
   """The Evaluator says so when it is made, before anything compiles or renders."""
-  config = config_lib.load_file(os.path.join(REPO, 'configs', 'pixels_small.py'), dataset)
+  config = _pixels_config(dataset)
   config.eval.render_samples = 0
   settings = visual_evaluation.RenderEvalSpec(samples=2, pictures=0, workers=1, spec=SPEC)
   spec = dataclasses.replace(specs.eval_spec(config), render=settings)
