@@ -302,7 +302,7 @@ CASES = [
     Case('generate_output_unwritable', GENERATE, output_under_a_file,
          ('pages.jsonl', 'cannot write')),
     # The size limit shows only when the results are written, after the evaluation has compiled
-    # and run (about 10 CPU s on a 2 GHz Xeon, 20 s when the machine is shared): a longer budget.
+    # and run (20.7 CPU s in a CI run on a shared 2-core 2 GHz Xeon): a longer budget.
     Case('evaluate_results_past_file_size_limit', EVALUATE,
          lambda b: ['--config', CONFIGS / 'tiny.py', '--workdir', b.workdir],
          ('evaluation_results.json', 'File too large'), ulimit_kb=1, seconds=60),
